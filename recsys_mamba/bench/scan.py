@@ -1,0 +1,185 @@
+"""`python -m recsys_mamba.bench scan`: forward and forward+backward tokens/s of every selective-scan
+backend, side by side in one run, against mambapy's parallel scan and the machine's elementwise ceiling.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from recsys_mamba.config import hydra_entry
+from recsys_mamba.ops import selective_scan
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+SLOW_CALL_S = 2.0  # a call slower than this is timed once (its warm-up), to keep the run short
+
+
+def _timed(fn: Callable[[], object], device: torch.device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def _median_seconds(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
+    first = _timed(fn, device)
+    if first > SLOW_CALL_S:
+        return first
+    return statistics.median(_timed(fn, device) for _ in range(repeats))
+
+
+def _inputs(batch: int, dim: int, length: int, d_state: int, device: torch.device) -> dict:
+    def r(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, device=device)
+
+    return {
+        "u": r(batch, dim, length),
+        "delta": r(batch, dim, length) * 0.5,
+        "A": -torch.rand(dim, d_state, device=device),
+        "B": r(batch, d_state, length),
+        "C": r(batch, d_state, length),
+        "D": r(dim),
+        "z": r(batch, dim, length),
+        "delta_bias": r(dim),
+    }
+
+
+def _ops_runner(backend: str) -> Callable[[dict], torch.Tensor]:
+    return lambda x: selective_scan(**x, delta_softplus=True, backend=backend)
+
+
+def _mambapy_runner() -> Callable[[dict], torch.Tensor] | None:
+    try:
+        from mambapy.pscan import pscan
+    except ImportError:
+        return None
+
+    def run(x: dict) -> torch.Tensor:
+        # mambapy's MambaBlock.selective_scan, in its (batch, length, dim) layout.
+        u = x["u"].transpose(1, 2)
+        delta = torch.nn.functional.softplus(x["delta"] + x["delta_bias"][:, None]).transpose(1, 2)
+        B, C = x["B"].transpose(1, 2), x["C"].transpose(1, 2)
+        deltaA = torch.exp(delta.unsqueeze(-1) * x["A"])
+        BX = delta.unsqueeze(-1) * B.unsqueeze(2) * u.unsqueeze(-1)
+        hs = pscan(deltaA, BX)
+        y = (hs @ C.unsqueeze(-1)).squeeze(3) + x["D"] * u
+        return (y * torch.nn.functional.silu(x["z"].transpose(1, 2))).transpose(1, 2)
+
+    return run
+
+
+def _mamba_ssm_runner() -> Callable[[dict], torch.Tensor] | None:
+    try:
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+    except ImportError:
+        return None
+    return lambda x: selective_scan_fn(**x, delta_softplus=True)
+
+
+def _ceiling_seconds(batch: int, dim: int, length: int, d_state: int, repeats: int,
+                     device: torch.device) -> float:
+    """exp + multiply-add over batch*dim*length*d_state state elements, in cache-sized slabs."""
+    slab = batch * dim * d_state * max(1, min(length, (1 << 20) // (batch * dim * d_state)))
+    x, h, b, a = (torch.randn(slab, device=device) for _ in range(4))
+    passes = max(1, round(batch * dim * length * d_state / slab))
+
+    def run() -> None:
+        for _ in range(passes):
+            torch.exp(x, out=a)
+            torch.addcmul(b, a, h, out=h)
+
+    return _median_seconds(run, repeats, device) * batch * dim * length * d_state / (slab * passes)
+
+
+def _time_backend(run: Callable[[dict], torch.Tensor], x: dict, repeats: int,
+                  device: torch.device) -> tuple[float, float]:
+    with torch.no_grad():
+        fwd = _median_seconds(lambda: run(x), repeats, device)
+    leaves = {k: v.clone().requires_grad_() for k, v in x.items()}
+
+    def fwd_bwd() -> None:
+        run(leaves).sum().backward()
+
+    return fwd, _median_seconds(fwd_bwd, repeats, device)
+
+
+def benchmark(cfg: DictConfig) -> list[dict]:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
+    torch.manual_seed(cfg.seed)
+    backends = list(cfg.backends) + (["triton", "mamba_ssm"] if device.type == "cuda" else [])
+    runners = {"cpu": _ops_runner("cpu"), "ref": _ops_runner("ref"), "triton": _ops_runner("triton"),
+               "mambapy": _mambapy_runner(), "mamba_ssm": _mamba_ssm_runner()}
+    rows = []
+    for d_state in cfg.d_states:
+        for case in cfg.cases:
+            length, batch = int(case.length), int(case.batch)
+            for name in backends:
+                row = {"backend": name, "length": length, "batch": batch, "dim": cfg.dim, "d_state": d_state}
+                if name == "ceiling":
+                    sec = _ceiling_seconds(batch, cfg.dim, length, d_state, cfg.repeats, device)
+                    rows.append(row | {"fwd_tok_s": batch * length / sec, "fwd_bwd_tok_s": None})
+                    continue
+                run = runners.get(name)
+                if run is None:
+                    rows.append(row | {"note": "not installed"})
+                    continue
+                if name == "ref" and length > cfg.ref_max_length:
+                    rows.append(row | {"note": f"skipped: length > ref_max_length={cfg.ref_max_length}"})
+                    continue
+                b = min(batch, cfg.ref_max_batch) if name == "ref" else batch
+                x = _inputs(b, cfg.dim, length, d_state, device)
+                fwd, fwd_bwd = _time_backend(run, x, cfg.repeats, device)
+                rows.append(row | {"batch": b, "fwd_tok_s": b * length / fwd,
+                                   "fwd_bwd_tok_s": b * length / fwd_bwd})
+                print(f"  {name:9s} L={length:5d} N={d_state}: fwd {fwd * 1e3:8.1f} ms, "
+                      f"fwd+bwd {fwd_bwd * 1e3:8.1f} ms", flush=True)
+    return rows
+
+
+def markdown_table(rows: list[dict]) -> str:
+    def fmt(v: float | None) -> str:
+        return "-" if v is None else f"{v:,.0f}"
+
+    ref = {(r["length"], r["d_state"]): r for r in rows if r["backend"] == "mambapy" and "fwd_tok_s" in r}
+    ceil = {(r["length"], r["d_state"]): r for r in rows if r["backend"] == "ceiling"}
+    lines = ["| d_state | L | batch | backend | fwd tok/s | fwd+bwd tok/s | fwd+bwd vs mambapy "
+             "| ceiling / fwd |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        key = (r["length"], r["d_state"])
+        if "fwd_tok_s" not in r:
+            lines.append(f"| {r['d_state']} | {r['length']} | {r['batch']} | {r['backend']} | "
+                         f"{r['note']} | | | |")
+            continue
+        vs_mp = (f"{r['fwd_bwd_tok_s'] / ref[key]['fwd_bwd_tok_s']:.1f}x"
+                 if key in ref and r["fwd_bwd_tok_s"] else "")
+        vs_ceil = f"{ceil[key]['fwd_tok_s'] / r['fwd_tok_s']:.2f}" if key in ceil else ""
+        lines.append(f"| {r['d_state']} | {r['length']} | {r['batch']} | {r['backend']} | "
+                     f"{fmt(r['fwd_tok_s'])} | {fmt(r['fwd_bwd_tok_s'])} | {vs_mp} | {vs_ceil} |")
+    return "\n".join(lines)
+
+
+@hydra_entry("bench_scan")
+def main(cfg: DictConfig) -> list[dict]:
+    rows = benchmark(cfg)
+    path = Path(cfg.output_json)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    result = {"device": device, "threads": torch.get_num_threads(), "rows": rows}
+    path.write_text(json.dumps(result, indent=1))
+    print(markdown_table(rows))
+    print(f"results: {path}")
+    return rows

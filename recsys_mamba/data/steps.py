@@ -1,0 +1,197 @@
+"""Cleaning and indexing steps: each one a plain function on LazyFrames of standard columns."""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+
+from recsys_mamba.errors import RecsysError
+
+CHRONO = ["user_id", "timestamp", "_row"]
+
+
+def positional_timestamps(lf: pl.LazyFrame) -> pl.LazyFrame:
+    """Timestamps for logs without times: the event's position in its user's file order."""
+    return lf.with_columns(pl.int_range(pl.len(), dtype=pl.Int64).over("user_id").alias("timestamp"))
+
+
+def chrono_sort(lf: pl.LazyFrame) -> pl.LazyFrame:
+    """Stable chronological order per user: (user, timestamp), ties keep the file order (`_row`).
+
+    Polars sorts one integer key several times faster than three columns, so with integer user ids
+    the columns are packed into one UInt64 when their ranges fit: (user, timestamp, row) sorted
+    unstably (the key is unique), else (user, timestamp) sorted stably (the frame is in file order);
+    otherwise the three-column sort. The permutation is computed first and then gathered, which
+    needs ~0.5 GB less at 20 M events than sorting the frame by an expression."""
+    if lf.collect_schema()["user_id"].is_integer():
+        b = lf.select(
+            (pl.col("user_id").max() - pl.col("user_id").min()).alias("users"),
+            (pl.col("timestamp").max() - pl.col("timestamp").min()).alias("span"),
+            pl.len().alias("rows"),
+        ).collect()
+        users, span, rows = b.row(0)
+        if users is not None:
+            user_bits, time_bits, row_bits = (int(x).bit_length() for x in (users, span, rows))
+            user = (pl.col("user_id") - pl.col("user_id").min()).cast(pl.UInt64)
+            time = (pl.col("timestamp") - pl.col("timestamp").min()).cast(pl.UInt64)
+            if user_bits + time_bits + row_bits <= 64:
+                key = (user * (1 << time_bits) + time) * (1 << row_bits) + pl.col("_row").cast(pl.UInt64)
+                return _gather(lf, key.arg_sort())
+            if user_bits + time_bits <= 64:
+                return _gather(lf, pl.arg_sort_by(user * (1 << time_bits) + time, maintain_order=True))
+    return _gather(lf, pl.arg_sort_by(CHRONO))
+
+
+def _gather(lf: pl.LazyFrame, order: pl.Expr) -> pl.LazyFrame:
+    permutation = lf.select(order).collect().to_series()
+    return lf.select(pl.all().gather(permutation))
+
+
+def deduplicate(lf: pl.LazyFrame, policy: str) -> pl.LazyFrame:
+    """'keep' all; 'exact': drop repeats of (user, item, timestamp, event_type); 'first'/'last': keep the
+    earliest/latest event of each (user, item). Expects chronological order."""
+    if policy == "keep":
+        return lf
+    if policy == "exact":
+        return lf.filter(pl.struct("user_id", "item_id", "timestamp", "event_type").is_first_distinct())
+    pair = pl.struct("user_id", "item_id")
+    return lf.filter(pair.is_first_distinct() if policy == "first" else pair.is_last_distinct())
+
+
+def time_window(lf: pl.LazyFrame, start: int | None, end: int | None) -> pl.LazyFrame:
+    """Keep events with start <= timestamp < end (either bound may be None)."""
+    cond = pl.lit(True)
+    if start is not None:
+        cond = cond & (pl.col("timestamp") >= start)
+    if end is not None:
+        cond = cond & (pl.col("timestamp") < end)
+    return lf.filter(cond)
+
+
+def _rare(pairs: pl.LazyFrame, col: str, minimum: int) -> pl.Series:
+    """Values of `col` with fewer than `minimum` rows (a group-by, much cheaper than a window)."""
+    if minimum <= 1:
+        return pl.Series(col, [])
+    return pairs.group_by(col).len().filter(pl.col("len") < minimum).select(col).collect().to_series()
+
+
+def kcore(
+    lf: pl.LazyFrame, min_user: int, min_item: int, iterative: bool
+) -> tuple[pl.LazyFrame, dict[str, int]]:
+    """Drop items with < min_item events, then users with < min_user events; with `iterative`
+    repeat until nothing changes (k-core). Returns the kept events and rows dropped per reason."""
+    dropped = {"min_item": 0, "min_user": 0}
+    if min_user <= 1 and min_item <= 1:
+        return lf, dropped
+    # counted straight from `lf`; the (user, item) pairs are only copied out once something drops
+    pairs = lf.select("user_id", "item_id")
+    gone_users, gone_items = [], []
+    while True:
+        changed = False
+        for col, minimum, reason, gone in (
+            ("item_id", min_item, "min_item", gone_items),
+            ("user_id", min_user, "min_user", gone_users),
+        ):
+            rare = _rare(pairs, col, minimum)
+            if rare.len():
+                before = pairs.select(pl.len()).collect().item()
+                kept = pairs.filter(~pl.col(col).is_in(rare.implode())).collect().lazy()
+                dropped[reason] += before - kept.select(pl.len()).collect().item()
+                pairs, changed = kept, True
+                gone.append(rare)
+        if not iterative or not changed:
+            break
+    keep = pl.lit(True)
+    if gone_users:
+        keep = keep & ~pl.col("user_id").is_in(pl.concat(gone_users).implode())
+    if gone_items:
+        keep = keep & ~pl.col("item_id").is_in(pl.concat(gone_items).implode())
+    return lf.filter(keep), dropped
+
+
+def index_map(values: pl.Series, idx_name: str, value_name: str) -> pl.DataFrame:
+    """Contiguous index 1..n over the sorted distinct values (0 stays free for padding)."""
+    uniq = values.drop_nulls().unique().sort()
+    return pl.DataFrame(
+        {idx_name: pl.int_range(1, uniq.len() + 1, dtype=pl.Int32, eager=True), value_name: uniq}
+    )
+
+
+def user_index(lf: pl.LazyFrame) -> pl.LazyFrame:
+    """`user_idx` for chronologically sorted events: users are numbered in sorted-id order, so a run
+    counter over the sorted column equals a join with the user map, without the join."""
+    new_user = pl.col("user_id") != pl.col("user_id").shift(1)
+    return lf.with_columns(new_user.fill_null(True).cum_sum().cast(pl.Int32).alias("user_idx"))
+
+
+_LOOKUP_LIMIT = 1 << 26
+
+
+def encode(lf: pl.LazyFrame, col: str, mapping: pl.DataFrame, idx_name: str) -> pl.LazyFrame:
+    """Add `idx_name`, the index of `col` in `mapping` (columns idx_name, value); unknown/null -> 0.
+
+    Integer values in a compact range use a lookup table (one gather, no hashing)."""
+    values, idx = (
+        mapping.get_column(next(c for c in mapping.columns if c != idx_name)),
+        mapping.get_column(idx_name),
+    )
+    if values.dtype.is_integer() and values.len() and values.max() - values.min() < _LOOKUP_LIMIT:
+        lo, hi = values.min(), values.max()
+        table = np.zeros(hi - lo + 1, dtype=np.int32)
+        table[(values - lo).to_numpy()] = idx.to_numpy()
+        inside = pl.col(col).is_between(lo, hi)
+        offset = pl.when(inside).then(pl.col(col) - lo).otherwise(0)
+        enc = pl.when(inside).then(pl.lit(pl.Series(table)).gather(offset)).otherwise(0)
+    else:
+        enc = pl.col(col).replace_strict(values, idx, default=0, return_dtype=pl.Int32)
+    return lf.with_columns(enc.fill_null(0).cast(pl.Int32).alias(idx_name))
+
+
+def encode_names(lf: pl.LazyFrame, col: str, names: list[str], idx_name: str) -> pl.LazyFrame:
+    """Add `idx_name` = 1 + position of the string `col` in `names` (null -> 0)."""
+    enc = pl.col(col).cast(pl.String).cast(pl.Enum(names)).to_physical().cast(pl.Int32) + 1
+    return lf.with_columns(enc.fill_null(0).alias(idx_name))
+
+
+def event_type_names(present: pl.Series, declared: list[str] | None) -> list[str]:
+    """Event type vocabulary: the declared order if given (every present type must be in it)."""
+    names = sorted(present.drop_nulls().unique().to_list())
+    if declared is None:
+        return names
+    unknown = sorted(set(names) - set(declared))
+    if unknown:
+        raise RecsysError(
+            f"event types {unknown} occur in the data but are not in data.event_types={list(declared)}; "
+            "add them to data.event_types"
+        )
+    return list(declared)
+
+
+def click_labels(lf: pl.LazyFrame, ctr: dict | None) -> pl.LazyFrame:
+    """`label` (Int8) from a rating threshold, from positive event types, or the file's label column."""
+    if ctr is None or ctr["label_from"] == "none":
+        return lf.with_columns(pl.lit(None, dtype=pl.Int8).alias("label"))
+    if ctr["label_from"] == "rating":
+        label = pl.col("rating") >= ctr["rating_threshold"]
+    elif ctr["label_from"] == "event_type":
+        if not ctr["positive_events"]:
+            raise RecsysError("data config: ctr.label_from=event_type needs ctr.positive_events=[...]")
+        label = pl.col("event_type").is_in(list(ctr["positive_events"]))
+    else:
+        label = pl.col("label") != 0
+    return lf.with_columns(label.cast(pl.Int8).alias("label"))
+
+
+def build_sequences(interactions: pl.DataFrame, columns: dict[str, str]) -> pl.DataFrame:
+    """One row per user with each column as a chronological list. `interactions` must be sorted by
+    `user_idx`: each user's rows are then one slice, and the lists are zero-copy views of it."""
+    runs = interactions.get_column("user_idx").rle()
+    lengths = runs.struct.field("len").to_numpy()
+    offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]), type=pa.int64())
+    lists = {
+        dst: pa.LargeListArray.from_arrays(offsets, interactions.get_column(src).to_arrow())
+        for dst, src in columns.items()
+    }
+    users = pl.DataFrame({"user_idx": runs.struct.field("value")})
+    return users.with_columns(pl.from_arrow(pa.table(lists)).with_columns(pl.all().cast(pl.List)))

@@ -1,0 +1,94 @@
+"""Ranking and CTR metrics: plain torch / numpy (+ scikit-learn for AUC); no data or model imports."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.metrics import roc_auc_score
+
+HR_KS: tuple[int, ...] = (1, 5, 10, 20)
+NDCG_KS: tuple[int, ...] = (5, 10, 20)
+MRR_K: int = 10
+
+
+def target_ranks(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """1-based rank of each row's target column among all columns of `scores` (B, N).
+
+    Ties are broken against the target (every other column with an equal score counts as ahead), so
+    a model that scores everything the same cannot look good.
+    """
+    target_scores = scores.gather(1, targets.long().unsqueeze(1))
+    ahead = (scores >= target_scores).sum(dim=1) - 1
+    # A NaN score compares false with everything and would otherwise rank first.
+    ahead = torch.where(target_scores.squeeze(1).isnan(), scores.shape[1] - 1, ahead)
+    return ahead + 1
+
+
+def ranking_metrics(
+    ranks: torch.Tensor | np.ndarray,
+    hr_ks: Sequence[int] = HR_KS,
+    ndcg_ks: Sequence[int] = NDCG_KS,
+    mrr_k: int = MRR_K,
+) -> dict[str, float]:
+    """HR@k, NDCG@k and MRR@k for one relevant item per row, from its 1-based rank."""
+    r = torch.as_tensor(ranks, dtype=torch.float64)
+    if r.numel() == 0:
+        return {}
+    out: dict[str, float] = {}
+    for k in hr_ks:
+        out[f"hr@{k}"] = (r <= k).double().mean().item()
+    gain = 1.0 / torch.log2(r + 1.0)
+    for k in ndcg_ks:
+        out[f"ndcg@{k}"] = torch.where(r <= k, gain, torch.zeros_like(gain)).mean().item()
+    out[f"mrr@{mrr_k}"] = torch.where(r <= mrr_k, 1.0 / r, torch.zeros_like(r)).mean().item()
+    return out
+
+
+def auc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """ROC AUC; NaN when only one class is present."""
+    labels = np.asarray(labels)
+    if labels.size == 0 or labels.min() == labels.max():
+        return float("nan")
+    return float(roc_auc_score(labels, np.asarray(scores, dtype=np.float64)))
+
+
+def gauc(users: np.ndarray, labels: np.ndarray, scores: np.ndarray) -> float:
+    """Per-user AUC averaged with the user's sample count as weight; users with one class are skipped."""
+    frame = pd.DataFrame(
+        {"user": np.asarray(users), "label": np.asarray(labels, dtype=np.int64), "score": np.asarray(scores)}
+    )
+    # Mann-Whitney U per user: AUC = (sum of positive ranks - P(P+1)/2) / (P N), ties get average ranks.
+    frame["rank"] = frame.groupby("user")["score"].rank(method="average")
+    frame["pos_rank"] = frame["rank"] * frame["label"]
+    per_user = frame.groupby("user").agg(
+        n=("label", "size"), pos=("label", "sum"), pos_rank=("pos_rank", "sum")
+    )
+    per_user = per_user[(per_user["pos"] > 0) & (per_user["pos"] < per_user["n"])]
+    if per_user.empty:
+        return float("nan")
+    neg = per_user["n"] - per_user["pos"]
+    user_auc = (per_user["pos_rank"] - per_user["pos"] * (per_user["pos"] + 1) / 2) / (per_user["pos"] * neg)
+    return float(np.average(user_auc, weights=per_user["n"]))
+
+
+def logloss(labels: np.ndarray, probs: np.ndarray, eps: float = 1e-7) -> float:
+    """Mean binary cross-entropy of probabilities (clipped to [eps, 1 - eps])."""
+    y = np.asarray(labels, dtype=np.float64)
+    if y.size == 0:
+        return float("nan")
+    p = np.clip(np.asarray(probs, dtype=np.float64), eps, 1.0 - eps)
+    return float(-np.mean(y * np.log(p) + (1.0 - y) * np.log1p(-p)))
+
+
+def ctr_metrics(users: np.ndarray, labels: np.ndarray, logits: np.ndarray) -> dict[str, float]:
+    """AUC, GAUC and LogLoss from raw logits."""
+    logits = np.asarray(logits, dtype=np.float64)
+    probs = 1.0 / (1.0 + np.exp(-logits))
+    return {
+        "auc": auc(labels, logits),
+        "gauc": gauc(users, labels, logits),
+        "logloss": logloss(labels, probs),
+    }

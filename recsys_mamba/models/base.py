@@ -1,0 +1,226 @@
+"""The contract every sequence encoder follows, and the pieces they all share.
+
+An encoder maps a right-padded batch of item ids (0 = padding) plus optional side inputs
+(category, event type) to hidden states (batch, length, d_model). Scores are dot products with the
+tied item embeddings. Streaming goes through `init_state` / `step`; a state is a dict of tensors,
+batch first, that `split_state` / `merge_states` cut into per-user states and `save_state` /
+`load_state` turn into bytes for a key-value store.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from recsys_mamba.errors import RecsysError
+
+State = dict[str, Tensor]
+
+
+class SequenceEncoder(nn.Module):
+    # Parameter names (last component) that AdamW must not decay, besides every 1-D parameter.
+    no_decay_names: tuple[str, ...] = ()
+
+    def __init__(
+        self,
+        n_items: int,
+        n_categories: int = 0,
+        n_event_types: int = 0,
+        d_model: int = 64,
+        n_layers: int = 2,
+        dropout: float = 0.2,
+        max_len: int = 200,
+        gradient_checkpointing: bool = False,
+    ) -> None:
+        super().__init__()
+        if n_items < 1:
+            raise RecsysError(f"n_items must be >= 1, got {n_items}")
+        self.n_items = n_items
+        self.n_categories = n_categories
+        self.n_event_types = n_event_types
+        self.d_model = d_model
+        self.n_layers = n_layers
+        self.max_len = max_len
+        self.gradient_checkpointing = gradient_checkpointing
+        # Row 0 is padding everywhere, so id i is row i and padded positions embed to zero.
+        self.item_emb = nn.Embedding(n_items + 1, d_model, padding_idx=0)
+        self.category_emb = (
+            nn.Embedding(n_categories + 1, d_model, padding_idx=0) if n_categories > 0 else None
+        )
+        self.event_type_emb = (
+            nn.Embedding(n_event_types + 1, d_model, padding_idx=0) if n_event_types > 0 else None
+        )
+        for emb in (self.item_emb, self.category_emb, self.event_type_emb):
+            if emb is not None:
+                nn.init.normal_(emb.weight, std=0.02)
+                with torch.no_grad():
+                    emb.weight[0].zero_()
+
+    # ---- inputs ---------------------------------------------------------------------------------
+
+    def check_inputs(
+        self, items: Tensor, categories: Tensor | None = None, event_types: Tensor | None = None
+    ) -> Tensor:
+        """Validate a right-padded batch and return its mask (batch, length), True at real events."""
+        if not isinstance(items, Tensor) or items.dim() != 2:
+            shape = tuple(items.shape) if isinstance(items, Tensor) else type(items).__name__
+            raise RecsysError(f"items must be a LongTensor of shape (batch, length), got {shape}")
+        if items.shape[0] == 0 or items.shape[1] == 0:
+            raise RecsysError(
+                f"empty sequence batch: items has shape {tuple(items.shape)}; need batch, length >= 1"
+            )
+        _check_ids("items", items, self.n_items)
+        mask = items != 0
+        if (mask[:, 1:] & ~mask[:, :-1]).any():
+            raise RecsysError(
+                "items must be right-padded: a real item (id > 0) follows a padding 0 in some row"
+            )
+        for name, ids, count in (
+            ("categories", categories, self.n_categories),
+            ("event_types", event_types, self.n_event_types),
+        ):
+            if ids is not None and count > 0:  # an encoder without that embedding ignores the input
+                if not isinstance(ids, Tensor) or ids.shape != items.shape:
+                    got = tuple(ids.shape) if isinstance(ids, Tensor) else type(ids).__name__
+                    raise RecsysError(f"{name} must have the shape of items {tuple(items.shape)}, got {got}")
+                _check_ids(name, ids, count)
+        return mask
+
+    def embed(
+        self, items: Tensor, categories: Tensor | None = None, event_types: Tensor | None = None
+    ) -> Tensor:
+        """Item embedding plus whichever side-feature embeddings this encoder has and were given."""
+        x = self.item_emb(items)
+        if categories is not None and self.category_emb is not None:
+            x = x + self.category_emb(categories)
+        if event_types is not None and self.event_type_emb is not None:
+            x = x + self.event_type_emb(event_types)
+        return x
+
+    def encode(self, batch: Mapping[str, Tensor]) -> Tensor:
+        """`forward` on a batch dict with "items" and optional "categories", "event_types"."""
+        return self(batch["items"], batch.get("categories"), batch.get("event_types"))
+
+    def forward(
+        self, items: Tensor, categories: Tensor | None = None, event_types: Tensor | None = None
+    ) -> Tensor:
+        raise NotImplementedError
+
+    def run_block(self, block: nn.Module, *args: Any) -> Any:
+        """`block(*args)`, recomputed in the backward pass when gradient checkpointing is on."""
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
+
+    # ---- scoring --------------------------------------------------------------------------------
+
+    def score_all(self, hidden: Tensor) -> Tensor:
+        """Scores of every item, (..., n_items + 1).
+
+        The issue's (batch, n_items) with the padding column kept so that column i is item id i;
+        column 0 is always -inf so padding is never ranked or predicted.
+        """
+        scores = hidden @ self.item_emb.weight.t()
+        scores[..., 0] = float("-inf")
+        return scores
+
+    def score_candidates(self, hidden: Tensor, items: Tensor) -> Tensor:
+        """Scores of given candidates: hidden (..., d_model), items (..., K) -> (..., K)."""
+        _check_ids("candidate items", items, self.n_items)
+        return (self.item_emb(items) @ hidden.unsqueeze(-1)).squeeze(-1)
+
+    # ---- optimisation ---------------------------------------------------------------------------
+
+    def no_weight_decay(self) -> set[str]:
+        """Full parameter names AdamW must not decay: biases, norms, and the model's `no_decay_names`."""
+        return {
+            name
+            for name, p in self.named_parameters()
+            if p.dim() < 2 or name.rsplit(".", 1)[-1] in self.no_decay_names
+        }
+
+    # ---- streaming ------------------------------------------------------------------------------
+
+    def init_state(
+        self, batch_size: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> State:
+        raise NotImplementedError
+
+    def step(
+        self, items: Tensor, state: State, categories: Tensor | None = None, event_types: Tensor | None = None
+    ) -> tuple[Tensor, State]:
+        raise NotImplementedError
+
+    def check_step_inputs(
+        self, items: Tensor, categories: Tensor | None = None, event_types: Tensor | None = None
+    ) -> Tensor:
+        """Validate one event per row, items (batch,); returns the mask of rows with a real event."""
+        if not isinstance(items, Tensor) or items.dim() != 1 or items.shape[0] == 0:
+            shape = tuple(items.shape) if isinstance(items, Tensor) else type(items).__name__
+            raise RecsysError(f"step takes items of shape (batch,) with batch >= 1, got {shape}")
+        column = (slice(None), None)
+        return self.check_inputs(items[column], select(categories, column), select(event_types, column))[:, 0]
+
+    # Every state tensor has the batch first, so a batch state splits into per-user states and back.
+
+    @staticmethod
+    def split_state(state: State) -> list[State]:
+        """One state per batch row (each with batch size 1), e.g. to store per user."""
+        batch = next(iter(state.values())).shape[0]
+        return [{k: v[i : i + 1] for k, v in state.items()} for i in range(batch)]
+
+    def merge_states(self, states: list[State]) -> State:
+        """Concatenate per-user states into one batch state (inverse of `split_state`)."""
+        return {k: torch.cat([st[k] for st in states]) for k in states[0]}
+
+    @staticmethod
+    def save_state(state: State) -> bytes:
+        """Serialise a state (dict of tensors) for a key-value store; tensors are moved to the CPU."""
+        buffer = io.BytesIO()
+        torch.save({k: v.detach().cpu() for k, v in state.items()}, buffer)
+        return buffer.getvalue()
+
+    @staticmethod
+    def load_state(data: bytes, device: torch.device | str | None = None) -> State:
+        """Inverse of `save_state`."""
+        state = torch.load(io.BytesIO(data), map_location=device, weights_only=True)
+        return dict(state)
+
+
+class FeedForward(nn.Module):
+    """Position-wise feed-forward: Linear -> GELU -> dropout -> Linear."""
+
+    def __init__(self, d_model: int, mult: int, dropout: float) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(d_model, mult * d_model),
+            nn.GELU(),
+            nn.Dropout(dropout),
+            nn.Linear(mult * d_model, d_model),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+def select(t: Tensor | None, index: Any) -> Tensor | None:
+    """`t[index]` for an optional side input."""
+    return None if t is None else t[index]
+
+
+def _check_ids(name: str, ids: Tensor, count: int) -> None:
+    if ids.dtype not in (torch.int64, torch.int32):
+        raise RecsysError(f"{name} must hold integer ids (torch.long), got dtype {ids.dtype}")
+    if ids.numel() == 0:
+        return
+    low, high = (int(v) for v in torch.aminmax(ids))
+    if low < 0 or high > count:
+        raise RecsysError(
+            f"{name} ids must lie in [0, {count}] (0 = padding), got values in [{low}, {high}]; "
+            f"check the vocabulary sizes passed to the encoder"
+        )

@@ -1,0 +1,288 @@
+"""Mamba encoder: residual blocks around a selective state-space mixer (Gu & Dao, 2023).
+
+Item embedding (+ side features) -> n_layers blocks -> final norm. A block is pre-norm -> mixer ->
+dropout -> residual, optionally followed by a pre-norm position-wise feed-forward sub-block. The
+mixer is in_proj to x and z -> causal depthwise conv1d -> SiLU -> x_proj to (dt, B, C) -> dt_proj
+-> selective scan (`recsys_mamba.ops`) with D skip and SiLU(z) gate -> out_proj.
+
+Everything is causal, so right padding cannot reach a real position; padding also gets dt = 0 (the
+SSM state passes through unchanged) and is kept out of the conv state, so a state carried out of
+a padded batch is the state after each row's last real event. That state (conv window + SSM state
+per layer) has a fixed size however long the history: `step` streams one event at a time and
+`encode_long` encodes very long histories chunk by chunk with bounded memory.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from recsys_mamba.errors import RecsysError
+from recsys_mamba.models.base import FeedForward, SequenceEncoder, State, select
+from recsys_mamba.ops import selective_scan, selective_state_update
+
+LayerState = tuple[Tensor, Tensor]  # conv window (B, d_inner, d_conv - 1), SSM state (B, d_inner, d_state)
+
+
+class MambaMixer(nn.Module):
+    def __init__(
+        self,
+        d_model: int,
+        d_state: int = 16,
+        d_conv: int = 4,
+        expand: int = 2,
+        dt_rank: int | str = "auto",
+        dt_min: float = 0.001,
+        dt_max: float = 0.1,
+        dt_init_floor: float = 1e-4,
+        scan_backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        self.d_inner = expand * d_model
+        self.d_state = d_state
+        self.d_conv = d_conv
+        self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
+        self.scan_backend = scan_backend
+        self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=False)
+        self.conv1d = nn.Conv1d(self.d_inner, self.d_inner, d_conv, groups=self.d_inner)
+        self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * d_state, bias=False)
+        self.dt_proj = nn.Linear(self.dt_rank, self.d_inner)
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=False)
+
+        # Mamba's initialisation: dt starts log-uniform in [dt_min, dt_max] (its bias is the
+        # inverse softplus of that), A = -(1..d_state) per channel (S4D-real), D = 1.
+        nn.init.uniform_(self.dt_proj.weight, -(self.dt_rank**-0.5), self.dt_rank**-0.5)
+        dt = torch.exp(torch.rand(self.d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+        dt = dt.clamp(min=dt_init_floor)
+        with torch.no_grad():
+            self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        A = torch.arange(1, d_state + 1, dtype=torch.float32).repeat(self.d_inner, 1)
+        self.A_log = nn.Parameter(torch.log(A))
+        self.D = nn.Parameter(torch.ones(self.d_inner))
+
+    def _ssm_inputs(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x (..., d_inner) after the conv -> dt (..., d_inner), B and C (..., d_state)."""
+        dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        return F.softplus(self.dt_proj(dt)), B, C
+
+    def forward(
+        self, h: Tensor, mask: Tensor, state: LayerState | None = None
+    ) -> tuple[Tensor, LayerState | None]:
+        """h (B, L, d_model), mask (B, L) -> (B, L, d_model) and, when a state came in, the state after it."""
+        batch = h.shape[0]
+        x, z = self.in_proj(h).transpose(1, 2).chunk(2, dim=1)  # (B, d_inner, L) each
+        # Left-pad with the carried conv window (zeros at the start) so the conv is causal and
+        # continues across chunks.
+        window = x.new_zeros(batch, self.d_inner, self.d_conv - 1) if state is None else state[0]
+        x_padded = torch.cat([window, x], dim=-1)
+        x = F.silu(F.conv1d(x_padded, self.conv1d.weight, self.conv1d.bias, groups=self.d_inner))
+        dt, B, C = self._ssm_inputs(x.transpose(1, 2))
+        dt = dt.transpose(1, 2) * mask[:, None, :]  # dt = 0 at padding: state passes through unchanged
+        carry = state is not None
+        out = selective_scan(
+            x,
+            dt,
+            -torch.exp(self.A_log.float()),
+            B.transpose(1, 2),
+            C.transpose(1, 2),
+            self.D.float(),
+            z,
+            return_last_state=carry,
+            initial_state=state[1] if carry else None,
+            backend=self.scan_backend,
+        )
+        if not carry:
+            return self.out_proj(out.transpose(1, 2)), None
+        y, ssm = out
+        # The new conv window is the last d_conv - 1 inputs up to each row's last real event.
+        lengths = mask.sum(1).long()
+        idx = (lengths[:, None] + torch.arange(self.d_conv - 1, device=h.device))[:, None, :]
+        window = x_padded.gather(2, idx.expand(batch, self.d_inner, -1))
+        return self.out_proj(y.transpose(1, 2)), (window, ssm.to(state[1].dtype))
+
+    def step(self, h: Tensor, state: LayerState) -> tuple[Tensor, LayerState]:
+        """One event: h (B, d_model) -> (B, d_model) and the next state; the input state is not modified."""
+        x, z = self.in_proj(h).chunk(2, dim=-1)  # (B, d_inner) each
+        window = torch.cat([state[0], x[:, :, None]], dim=-1)  # (B, d_inner, d_conv)
+        x = F.silu((window * self.conv1d.weight[:, 0]).sum(-1) + self.conv1d.bias)
+        dt, B, C = self._ssm_inputs(x)
+        ssm = state[1].clone()
+        y = selective_state_update(ssm, x, dt, -torch.exp(self.A_log.float()), B, C, self.D.float(), z)
+        return self.out_proj(y), (window[:, :, 1:], ssm)
+
+
+def make_norm(kind: str, d_model: int) -> nn.Module:
+    if kind == "rmsnorm":
+        return nn.RMSNorm(d_model, eps=1e-5)
+    if kind == "layernorm":
+        return nn.LayerNorm(d_model, eps=1e-5)
+    raise RecsysError(f"norm must be 'rmsnorm' or 'layernorm', got {kind!r}")
+
+
+class MambaBlock(nn.Module):
+    def __init__(
+        self, d_model: int, norm: str, ffn: bool, ffn_mult: int, dropout: float, **mixer_kwargs
+    ) -> None:
+        super().__init__()
+        self.norm = make_norm(norm, d_model)
+        self.mixer = MambaMixer(d_model, **mixer_kwargs)
+        self.dropout = nn.Dropout(dropout)
+        self.ffn_norm = make_norm(norm, d_model) if ffn else None
+        self.ffn = FeedForward(d_model, ffn_mult, dropout) if ffn else None
+
+    def _ffn(self, h: Tensor) -> Tensor:
+        if self.ffn is None:
+            return h
+        return h + self.dropout(self.ffn(self.ffn_norm(h)))
+
+    def forward(
+        self, h: Tensor, mask: Tensor, state: LayerState | None = None
+    ) -> tuple[Tensor, LayerState | None]:
+        y, state = self.mixer(self.norm(h), mask, state)
+        return self._ffn(h + self.dropout(y)), state
+
+    def step(self, h: Tensor, state: LayerState) -> tuple[Tensor, LayerState]:
+        y, state = self.mixer.step(self.norm(h), state)
+        return self._ffn(h + self.dropout(y)), state
+
+
+class MambaEncoder(SequenceEncoder):
+    no_decay_names = ("A_log",)  # 1-D D, dt_proj.bias, norms and biases are excluded by the base
+
+    def __init__(
+        self,
+        n_items: int,
+        n_categories: int = 0,
+        n_event_types: int = 0,
+        d_model: int = 64,
+        n_layers: int = 2,
+        dropout: float = 0.2,
+        max_len: int = 200,
+        gradient_checkpointing: bool = False,
+        d_state: int = 16,
+        d_conv: int = 4,
+        expand: int = 2,
+        dt_rank: int | str = "auto",
+        dt_min: float = 0.001,
+        dt_max: float = 0.1,
+        norm: str = "rmsnorm",
+        ffn: bool = True,
+        ffn_mult: int = 4,
+        scan_backend: str = "auto",
+    ) -> None:
+        super().__init__(
+            n_items, n_categories, n_event_types, d_model, n_layers, dropout, max_len, gradient_checkpointing
+        )
+        if d_conv < 2:
+            raise RecsysError(f"d_conv must be >= 2, got {d_conv}")
+        self.emb_dropout = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(
+            MambaBlock(
+                d_model,
+                norm,
+                ffn,
+                ffn_mult,
+                dropout,
+                d_state=d_state,
+                d_conv=d_conv,
+                expand=expand,
+                dt_rank=dt_rank,
+                dt_min=dt_min,
+                dt_max=dt_max,
+                scan_backend=scan_backend,
+            )
+            for _ in range(n_layers)
+        )
+        self.norm = make_norm(norm, d_model)
+        # Mamba's pre-norm residual rescaling: keep the residual stream's variance flat in depth.
+        for block in self.blocks:
+            with torch.no_grad():
+                block.mixer.out_proj.weight /= math.sqrt(n_layers)
+
+    def forward(
+        self, items: Tensor, categories: Tensor | None = None, event_types: Tensor | None = None
+    ) -> Tensor:
+        """max_len does not apply: the model has no positional table, any length works."""
+        mask = self.check_inputs(items, categories, event_types)
+        h = self.emb_dropout(self.embed(items, categories, event_types))
+        m = mask.to(h.dtype)
+        for block in self.blocks:
+            h = self.run_block(block, h, m)[0]
+        return self.norm(h) * m[..., None]
+
+    # ---- streaming and long histories -----------------------------------------------------------
+
+    def init_state(
+        self, batch_size: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> State:
+        """Zeros, float32 unless told: "conv" (B, n_layers, d_inner, d_conv - 1) and
+        "ssm" (B, n_layers, d_inner, d_state).
+
+        Its size depends on the model and the batch only, never on how many events it has seen.
+        """
+        mixer = self.blocks[0].mixer
+        device = device or self.item_emb.weight.device
+        dtype = dtype or torch.float32
+        return {
+            "conv": torch.zeros(
+                batch_size, self.n_layers, mixer.d_inner, mixer.d_conv - 1, device=device, dtype=dtype
+            ),
+            "ssm": torch.zeros(
+                batch_size, self.n_layers, mixer.d_inner, mixer.d_state, device=device, dtype=dtype
+            ),
+        }
+
+    def step(
+        self, items: Tensor, state: State, categories: Tensor | None = None, event_types: Tensor | None = None
+    ) -> tuple[Tensor, State]:
+        """One event per row -> (hidden (B, d_model), new state). Rows with item 0 keep their state."""
+        real = self.check_step_inputs(items, categories, event_types)
+        h = self.embed(items, categories, event_types)
+        convs, ssms = [], []
+        for i, block in enumerate(self.blocks):
+            h, (conv, ssm) = block.step(h, (state["conv"][:, i].to(h.dtype), state["ssm"][:, i]))
+            convs.append(conv)
+            ssms.append(ssm)
+        keep = ~real[:, None, None, None]
+        new_state = {
+            "conv": torch.where(keep, state["conv"], torch.stack(convs, 1).to(state["conv"].dtype)),
+            "ssm": torch.where(keep, state["ssm"], torch.stack(ssms, 1).to(state["ssm"].dtype)),
+        }
+        return self.norm(h) * real[:, None], new_state
+
+    @torch.no_grad()
+    def encode_long(
+        self,
+        items: Tensor,
+        categories: Tensor | None = None,
+        event_types: Tensor | None = None,
+        chunk_size: int = 4096,
+        state: State | None = None,
+        return_state: bool = False,
+    ) -> Tensor | tuple[Tensor, State]:
+        """Encode a history of any length chunk by chunk, carrying conv + SSM state across chunks.
+
+        Equals `forward` (in eval mode) up to float rounding; working memory is bounded by the
+        chunk, not the history. Starts from `state` when given (a user's saved state), and with
+        return_state also returns the state after each row's last real event.
+        """
+        if chunk_size < 1:
+            raise RecsysError(f"chunk_size must be >= 1, got {chunk_size}")
+        mask = self.check_inputs(items, categories, event_types)
+        state = self.init_state(items.shape[0], items.device) if state is None else state
+        convs, ssms = list(state["conv"].unbind(1)), list(state["ssm"].unbind(1))
+        outputs = []
+        for start in range(0, items.shape[1], chunk_size):
+            part = (slice(None), slice(start, start + chunk_size))
+            h = self.embed(items[part], select(categories, part), select(event_types, part))
+            m = mask[part].to(h.dtype)
+            for i, block in enumerate(self.blocks):
+                h, (convs[i], ssms[i]) = block(h, m, (convs[i].to(h.dtype), ssms[i]))
+            outputs.append(self.norm(h) * m[..., None])
+        hidden = torch.cat(outputs, dim=1)
+        if not return_state:
+            return hidden
+        return hidden, {"conv": torch.stack(convs, 1).to(state["conv"].dtype), "ssm": torch.stack(ssms, 1)}

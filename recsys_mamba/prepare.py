@@ -1,0 +1,31 @@
+"""`python -m recsys_mamba.prepare data=NAME out_dir=DIR`: prepare a data set (or reuse its cache)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from recsys_mamba.config import hydra_entry
+from recsys_mamba.data import load_manifest, prepare
+
+
+def summary(folder: Path) -> str:
+    m = load_manifest(folder)
+    dropped = ", ".join(f"{k}={v:,}" for k, v in m["dropped"].items()) or "none"
+    return (
+        f"prepared {m['name']} -> {folder}\n"
+        f"  users {m['n_users']:,}  items {m['n_items']:,}  interactions {m['n_interactions']:,}  "
+        f"dropped: {dropped}"
+    )
+
+
+@hydra_entry("prepare")
+def main(cfg: DictConfig) -> Path:
+    folder = prepare(cfg.data, cfg.out_dir, cfg.paths.cache_dir, overwrite=cfg.overwrite)
+    print(summary(folder))
+    return folder
+
+
+if __name__ == "__main__":
+    main()

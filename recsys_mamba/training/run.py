@@ -1,0 +1,244 @@
+"""The train function: validate the config, instantiate data/model/trainer, fit, test, write metrics.json."""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import (
+    Callback,
+    EarlyStopping,
+    LearningRateMonitor,
+    ModelCheckpoint,
+    ProgressBar,
+)
+from omegaconf import DictConfig, OmegaConf
+
+from recsys_mamba.errors import RecsysError
+from recsys_mamba.training.baselines import popularity_baseline
+from recsys_mamba.training.datamodule import TASKS, RecDataModule
+
+TASK_METRICS = {
+    "next_item": ("hr@1", "hr@5", "hr@10", "hr@20", "ndcg@5", "ndcg@10", "ndcg@20", "mrr@10"),
+    "ctr": ("auc", "gauc", "logloss"),
+}
+# Keys every metrics.json holds besides the task's test metrics and the baselines.
+RUN_KEYS = ("task", "model", "n_params", "epochs", "train_time_s", "epoch_time_s", "best_epoch")
+PRECISIONS = ("32", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "64", "64-true")
+
+
+class RunStats(Callback):
+    """Per-epoch wall time and monitored value; kept in checkpoints so a resumed run reports the whole run."""
+
+    def __init__(self, monitor: str, mode: str) -> None:
+        self.monitor, self.mode = monitor, mode
+        self.epoch_times: list[float] = []
+        self.history: list[tuple[int, float]] = []
+        self._start = 0.0
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.epoch_times.append(time.perf_counter() - self._start)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Not on_validation_epoch_end: callbacks run that hook before the module logs the epoch's metrics.
+        value = trainer.callback_metrics.get(self.monitor)
+        if not trainer.sanity_checking and value is not None:
+            self.history.append((trainer.current_epoch, float(value)))
+
+    @property
+    def best_epoch(self) -> int | None:
+        if not self.history:
+            return None
+        pick = max if self.mode == "max" else min
+        return pick(self.history, key=lambda ev: ev[1])[0]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch_times": self.epoch_times, "history": self.history}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.epoch_times = list(state_dict["epoch_times"])
+        self.history = [tuple(x) for x in state_dict["history"]]
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Catch config mistakes before any data is read or a model built; each error names key and fix."""
+    task = cfg.task.name
+    if task not in TASKS:
+        raise RecsysError(f"task.name={task!r} is not one of {TASKS}; pick task=next_item or task=ctr")
+    for key in ("model.max_len", "datamodule.max_len", "datamodule.batch_size", "datamodule.eval_batch_size"):
+        value = OmegaConf.select(cfg, key)
+        if value is not None and (not isinstance(value, int) or value <= 0):
+            raise RecsysError(f"{key}={value!r} must be a positive integer (e.g. {key}=50)")
+    if cfg.datamodule.max_len > (OmegaConf.select(cfg, "model.max_len") or math.inf):
+        raise RecsysError(
+            f"datamodule.max_len={cfg.datamodule.max_len} exceeds model.max_len={cfg.model.max_len}; "
+            "set them equal (datamodule.max_len follows model.max_len unless overridden)"
+        )
+    precision = str(cfg.trainer.get("precision", "32"))
+    if precision not in PRECISIONS:
+        raise RecsysError(f"trainer.precision={precision!r} is not one of {PRECISIONS}")
+    accelerator = str(cfg.trainer.get("accelerator", "auto"))
+    cuda = torch.cuda.is_available()
+    if accelerator in ("gpu", "cuda") and not cuda:
+        raise RecsysError(
+            f"trainer.accelerator={accelerator} but no CUDA GPU is visible; use trainer=cpu (or ddp_cpu)"
+        )
+    if precision == "16-mixed" and (accelerator == "cpu" or not cuda):
+        raise RecsysError(
+            "trainer.precision=16-mixed needs a GPU; on CPU use trainer.precision=bf16-mixed or 32"
+        )
+    allowed = {f"val/{m}" for m in TASK_METRICS[task]}
+    for name, cb in (cfg.get("callbacks") or {}).items():
+        monitor = cb.get("monitor") if isinstance(cb, DictConfig) else None
+        if monitor is not None and monitor not in allowed:
+            raise RecsysError(
+                f"callbacks.{name}.monitor={monitor!r} is not a validation metric of task={task}; "
+                f"use one of {sorted(allowed)} (set task.monitor)"
+            )
+    for name, lg in (cfg.get("logger") or {}).items():
+        if isinstance(lg, DictConfig) and "TensorBoard" in str(lg.get("_target_", "")):
+            if (
+                importlib.util.find_spec("tensorboard") is None
+                and importlib.util.find_spec("tensorboardX") is None
+            ):
+                raise RecsysError(
+                    f"logger.{name} needs the tensorboard package: pip install tensorboard (or logger=csv)"
+                )
+    ckpt = cfg.get("ckpt_path")
+    if ckpt and not Path(ckpt).is_file():
+        raise RecsysError(
+            f"ckpt_path={ckpt} does not exist; pass a .ckpt file, e.g. <run>/checkpoints/last.ckpt"
+        )
+
+
+def build(cfg: DictConfig) -> tuple[RecDataModule, L.LightningModule]:
+    """The data module (prepared and set up) and the LightningModule with encoder and head injected."""
+    dm: RecDataModule = instantiate(cfg.datamodule, data=cfg.data, _recursive_=False)
+    dm.prepare_data()
+    dm.setup()
+    encoder = instantiate(cfg.model)
+    if callable(encoder) and not isinstance(encoder, torch.nn.Module):
+        encoder = encoder(**dm.sizes)
+    head = instantiate(cfg.head)
+    if isinstance(head, functools.partial):  # a head sized by the encoder (CTRHead needs d_model)
+        kwargs: dict[str, Any] = {} if "d_model" in head.keywords else {"d_model": encoder.d_model}
+        if head.keywords.get("base_rate", 0.0) is None and dm.ctr_train is not None:
+            kwargs["base_rate"] = float(dm.ctr_train["label"].cast(float).mean())
+        head = head(**kwargs)
+    module = instantiate(cfg.module, encoder=encoder, head=head, item_counts=torch.as_tensor(dm.item_counts))
+    return dm, module
+
+
+def _instantiate_all(group: DictConfig | None) -> list[Any]:
+    return [instantiate(c) for c in (group or {}).values() if isinstance(c, DictConfig) and "_target_" in c]
+
+
+def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(payload, indent=2, allow_nan=False) + "\n")
+    os.replace(tmp, path)
+
+
+def format_table(rows: dict[str, float], baseline: dict[str, float]) -> str:
+    lines = [f"{'metric':<12}{'model':>10}{'popularity':>12}", "-" * 34]
+    for key, value in rows.items():
+        base = baseline.get(f"baseline_popularity_{key}")
+        base_s = f"{base:>12.4f}" if base is not None else f"{'':>12}"
+        lines.append(f"{key:<12}{value:>10.4f}{base_s}".replace("nan", "n/a"))
+    return "\n".join(lines)
+
+
+def _model_name(cfg: DictConfig, encoder: torch.nn.Module) -> str:
+    """The `model=` choice (from the composed config in tests, from Hydra in a CLI run), else the class."""
+    from hydra.core.hydra_config import HydraConfig
+
+    choice = OmegaConf.select(cfg, "hydra.runtime.choices.model", default=None)
+    if choice is None and HydraConfig.initialized():
+        choice = HydraConfig.get().runtime.choices.get("model")
+    return str(choice) if choice else type(encoder).__name__
+
+
+def train(cfg: DictConfig, extra_callbacks: list[Callback] | None = None) -> dict[str, Any]:
+    """Fit and test as `cfg` says; returns (and writes to <output_dir>/metrics.json) the run's metrics."""
+    validate_config(cfg)
+    L.seed_everything(cfg.seed, workers=True)
+    out_dir = Path(cfg.paths.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dm, module = build(cfg)
+    # Before training, also to fail early on a bad logger/callback/trainer config.
+    callbacks: list[Callback] = _instantiate_all(cfg.get("callbacks"))
+    if cfg.get("ckpt_path"):
+        # Keep checkpointing into the interrupted run's folder: Lightning restores the best-so-far
+        # score only when dirpath is unchanged, and "best" must span the whole run.
+        for cb in callbacks:
+            if isinstance(cb, ModelCheckpoint):
+                cb.dirpath = str(Path(cfg.ckpt_path).resolve().parent)
+    loggers = _instantiate_all(cfg.get("logger"))
+    if not loggers:  # LearningRateMonitor refuses to run without a logger
+        callbacks = [cb for cb in callbacks if not isinstance(cb, LearningRateMonitor)]
+    if not cfg.trainer.get("enable_progress_bar", True):
+        callbacks = [cb for cb in callbacks if not isinstance(cb, ProgressBar)]
+    stats = RunStats(cfg.task.monitor, cfg.task.mode)
+    callbacks.append(stats)
+    callbacks += extra_callbacks or []
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    if trainer.is_global_zero:
+        composed = {k: v for k, v in OmegaConf.to_container(cfg, resolve=False).items() if k != "hydra"}
+        (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(composed))
+
+    start = time.perf_counter()
+    if cfg.get("train", True):
+        trainer.fit(module, datamodule=dm, ckpt_path=cfg.get("ckpt_path"), weights_only=False)
+    train_time = time.perf_counter() - start
+    # Snapshot now: testing the best checkpoint restores callback states from that earlier epoch.
+    epoch_times, best_epoch = list(stats.epoch_times), stats.best_epoch
+
+    test_metrics: dict[str, float] = {}
+    if cfg.get("test", True):
+        checkpoint = next((cb for cb in callbacks if isinstance(cb, ModelCheckpoint)), None)
+        if cfg.get("train", True):
+            weights = checkpoint.best_model_path if checkpoint is not None else None
+        else:
+            weights = cfg.get("ckpt_path")  # test only: the given checkpoint, else the fresh weights
+        trainer.test(module, datamodule=dm, ckpt_path=weights or None, weights_only=False)
+        test_metrics = dict(module.last_metrics.get("test", {}))
+
+    baseline = popularity_baseline(dm, mask_history=bool(getattr(module.head, "mask_history", False)))
+    stopped = next((cb for cb in callbacks if isinstance(cb, EarlyStopping)), None)
+    result: dict[str, Any] = {
+        **test_metrics,
+        **baseline,
+        "task": cfg.task.name,
+        "model": _model_name(cfg, module.encoder),
+        "data": str(OmegaConf.select(cfg, "data.name", default="")),
+        "n_params": int(sum(p.numel() for p in module.parameters())),
+        "epochs": len(epoch_times),
+        "train_time_s": round(train_time, 3),
+        "epoch_time_s": round(sum(epoch_times) / max(len(epoch_times), 1), 3),
+        "best_epoch": best_epoch,
+        "stopped_early": bool(stopped is not None and stopped.stopped_epoch > 0),
+        "precision": str(cfg.trainer.get("precision", "32")),
+        "world_size": trainer.world_size,
+    }
+    # NaN (e.g. GAUC when every test user has one class) is not JSON: written as null.
+    result = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in result.items()}
+    if trainer.is_global_zero:
+        write_json_atomic(out_dir / "metrics.json", result)
+        print(
+            f"\nTest metrics ({result['model']}, {cfg.task.name}, {result['epochs']} epochs, "
+            f"{train_time:.1f} s):\n{format_table(test_metrics, baseline)}\n"
+            f"metrics: {out_dir / 'metrics.json'}"
+        )
+    return result

@@ -1,0 +1,178 @@
+"""The shared encoder contract, checked on every registered encoder."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from recsys_mamba.errors import RecsysError
+from recsys_mamba.models import NextItemHead
+from tests.models.conftest import make_encoder, random_batch, user_sequences
+
+
+def test_shapes_and_padding_outputs_zero(encoder_name: str) -> None:
+    model = make_encoder(encoder_name)
+    items, cats, events = random_batch()
+    hidden = model(items, cats, events)
+    assert hidden.shape == (4, 12, 16)
+    assert torch.equal(hidden[items == 0], torch.zeros_like(hidden[items == 0]))
+    assert torch.equal(model.encode({"items": items, "categories": cats, "event_types": events}), hidden)
+    scores = model.score_all(hidden[:, -1])
+    assert scores.shape == (4, 31)
+    assert torch.isneginf(scores[:, 0]).all() and torch.isfinite(scores[:, 1:]).all()
+    cands = torch.tensor([[1, 2, 3]] * 4)
+    torch.testing.assert_close(model.score_candidates(hidden[:, -1], cands), scores[:, 1:4])
+
+
+def test_side_features_change_the_output(encoder_name: str) -> None:
+    model = make_encoder(encoder_name)
+    items, cats, events = random_batch()
+    assert not torch.allclose(model(items, cats, events), model(items))
+
+
+def test_padding_invariance(encoder_name: str) -> None:
+    """The same real prefix with more padding (and padding side inputs) gives the same outputs."""
+    model = make_encoder(encoder_name)
+    items, cats, events = random_batch(lengths=(5, 3, 8, 1), width=8)
+    wide = model(*(torch.nn.functional.pad(t, (0, 9)) for t in (items, cats, events)))
+    torch.testing.assert_close(wide[:, :8], model(items, cats, events), rtol=0, atol=1e-6)
+
+
+def test_causality(encoder_name: str) -> None:
+    model = make_encoder(encoder_name)
+    items, cats, events = random_batch(lengths=(12, 12), width=12)
+    changed = items.clone()
+    changed[:, 6:] = changed[:, 6:] % 30 + 1
+    a, b = model(items, cats, events), model(changed, cats, events)
+    torch.testing.assert_close(a[:, :6], b[:, :6], rtol=0, atol=1e-6)
+    assert not torch.allclose(a[:, 6:], b[:, 6:])
+
+
+def test_step_equals_forward(encoder_name: str) -> None:
+    """Stepping a right-padded batch event by event reproduces the full forward at every position."""
+    model = make_encoder(encoder_name)
+    items, cats, events = random_batch()
+    full = model(items, cats, events)
+    state = model.init_state(4)
+    steps = []
+    for t in range(items.shape[1]):
+        hidden, state = model.step(items[:, t], state, cats[:, t], events[:, t])
+        steps.append(hidden)
+    assert (torch.stack(steps, 1) - full).abs().max() <= 1e-5
+
+
+def test_state_save_load_round_trip(encoder_name: str) -> None:
+    model = make_encoder(encoder_name)
+    items, cats, events = random_batch(lengths=(6, 6), width=6)
+    state = model.init_state(2)
+    for t in range(5):
+        _, state = model.step(items[:, t], state, cats[:, t], events[:, t])
+    loaded = model.load_state(model.save_state(state))
+    assert loaded.keys() == state.keys()
+    a, _ = model.step(items[:, 5], state, cats[:, 5], events[:, 5])
+    b, _ = model.step(items[:, 5], loaded, cats[:, 5], events[:, 5])
+    assert torch.equal(a, b)
+
+
+def test_per_user_states_stored_and_merged(encoder_name: str) -> None:
+    """Users streamed one by one, kept as bytes, then merged into one batch continue exactly."""
+    model = make_encoder(encoder_name)
+    items, cats, events = random_batch(lengths=(9, 4, 6), width=9)
+    full = model(items, cats, events)
+    seen = torch.tensor([8, 3, 5])
+    blobs = []
+    for user, n in enumerate(seen.tolist()):
+        state = model.init_state(1)
+        for t in range(n):
+            _, state = model.step(
+                items[user : user + 1, t], state, cats[user : user + 1, t], events[user : user + 1, t]
+            )
+        blobs.append(model.save_state(state))
+    merged = model.merge_states([model.load_state(blob) for blob in blobs])
+    rows = torch.arange(3)
+    hidden, _ = model.step(items[rows, seen], merged, cats[rows, seen], events[rows, seen])
+    assert (hidden - full[rows, seen]).abs().max() <= 1e-5
+    parts = model.split_state(merged)
+    assert len(parts) == 3
+    assert all(torch.equal(v, merged[k]) for k, v in model.merge_states(parts).items())
+
+
+def test_step_on_padding_keeps_the_state(encoder_name: str) -> None:
+    model = make_encoder(encoder_name)
+    state = model.init_state(2)
+    _, state = model.step(torch.tensor([3, 4]), state)
+    hidden, after = model.step(torch.tensor([0, 5]), state)
+    assert torch.equal(hidden[0], torch.zeros(16))
+    a, _ = model.step(torch.tensor([7, 7]), state)
+    b, _ = model.step(torch.tensor([7, 7]), after)
+    assert torch.equal(a[0], b[0]) and not torch.allclose(a[1], b[1])
+
+
+def test_no_weight_decay_names_are_parameters(encoder_name: str) -> None:
+    model = make_encoder(encoder_name)
+    names = dict(model.named_parameters())
+    no_decay = model.no_weight_decay()
+    assert no_decay <= names.keys()
+    assert "item_emb.weight" not in no_decay
+    assert all(names[n].dim() >= 2 for n in names.keys() - no_decay)
+
+
+def test_gradient_checkpointing_same_gradients(encoder_name: str) -> None:
+    items, cats, events = random_batch()
+    grads = []
+    for flag in (False, True):
+        model = make_encoder(encoder_name, gradient_checkpointing=flag).train()
+        model(items, cats, events).pow(2).sum().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, msg=name)
+
+
+@pytest.mark.parametrize(
+    ("items", "message"),
+    [
+        (torch.tensor([[1, 2, 31]]), r"\[0, 30\]"),
+        (torch.tensor([[1, -1, 2]]), r"\[0, 30\]"),
+        (torch.tensor([[1.0, 2.0]]), "dtype"),
+        (torch.zeros(2, 0, dtype=torch.long), "empty"),
+        (torch.zeros(0, 5, dtype=torch.long), "empty"),
+        (torch.tensor([1, 2, 3]), r"\(batch, length\)"),
+        (torch.tensor([[0, 0, 4]]), "right-padded"),
+    ],
+)
+def test_bad_input_clear_error(encoder_name: str, items: torch.Tensor, message: str) -> None:
+    with pytest.raises(RecsysError, match=message):
+        make_encoder(encoder_name)(items)
+
+
+def test_bad_side_input_and_step_input(encoder_name: str) -> None:
+    model = make_encoder(encoder_name)
+    items = torch.tensor([[1, 2, 3]])
+    with pytest.raises(RecsysError, match=r"categories ids must lie in \[0, 5\]"):
+        model(items, categories=torch.tensor([[1, 9, 1]]))
+    with pytest.raises(RecsysError, match="shape of items"):
+        model(items, event_types=torch.tensor([[1, 1]]))
+    with pytest.raises(RecsysError, match=r"\(batch,\)"):
+        model.step(items, model.init_state(1))
+    with pytest.raises(RecsysError, match="candidate items"):
+        model.score_candidates(torch.zeros(1, 16), torch.tensor([[99]]))
+
+
+@pytest.mark.real_data
+def test_overfits_a_tiny_ml100k_batch(encoder_name: str, ml100k) -> None:
+    """16 real users, 20 events each: next-item cross-entropy must fit the training transitions."""
+    seqs, _, n_items = user_sequences(ml100k, n_users=16, length=21)
+    inputs, targets = seqs[:, :-1], seqs[:, 1:]
+    model = make_encoder(encoder_name, n_items=n_items, n_categories=0, n_event_types=0, d_model=32).train()
+    head = NextItemHead()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(200):
+        loss = head.loss(model, model(inputs).flatten(0, 1), targets.flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        accuracy = (model.score_all(model(inputs)).argmax(-1) == targets).float().mean().item()
+    assert accuracy > 0.9, f"train top-1 accuracy {accuracy:.2f} after 200 steps"

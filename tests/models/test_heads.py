@@ -1,0 +1,149 @@
+"""Next-click and CTR heads on top of an encoder."""
+
+from __future__ import annotations
+
+import polars as pl
+import pytest
+import torch
+import torch.nn.functional as F
+
+from recsys_mamba.errors import RecsysError
+from recsys_mamba.models import CTRHead, NextItemHead
+from tests.models.conftest import make_encoder, random_batch
+
+
+@pytest.fixture
+def encoder():
+    return make_encoder("sasrec")
+
+
+def test_full_cross_entropy_ignores_padding_targets(encoder) -> None:
+    hidden = torch.randn(5, 16)
+    targets = torch.tensor([3, 0, 7, 30, 0])
+    loss = NextItemHead("ce").loss(encoder, hidden, targets)
+    keep = targets != 0
+    torch.testing.assert_close(loss, F.cross_entropy(encoder.score_all(hidden[keep]), targets[keep]))
+    empty = NextItemHead("ce").loss(encoder, hidden.requires_grad_(), torch.zeros(5, dtype=torch.long))
+    empty.backward()
+    assert empty.item() == 0.0 and torch.equal(hidden.grad, torch.zeros(5, 16))
+
+
+def test_sampled_softmax_with_logq(encoder) -> None:
+    torch.manual_seed(0)
+    hidden, targets = torch.randn(6, 16, requires_grad=True), torch.tensor([1, 2, 3, 4, 5, 0])
+    popularity = torch.arange(31.0) + 1
+    log_probs = (popularity / popularity.sum()).log()
+    losses = {}
+    for logq in (True, False):
+        torch.manual_seed(1)
+        losses[logq] = NextItemHead("sampled", n_negatives=64, logq=logq).loss(
+            encoder, hidden, targets, log_probs
+        )
+    assert torch.isfinite(losses[True]) and losses[True] != losses[False]
+    losses[True].backward()
+    assert hidden.grad[:5].abs().sum() > 0 and torch.equal(hidden.grad[5], torch.zeros(16))
+    uniform = NextItemHead("sampled", n_negatives=8).loss(encoder, hidden, targets)
+    assert torch.isfinite(uniform)
+
+
+def test_sampled_softmax_never_uses_the_target_as_a_negative() -> None:
+    model = make_encoder("sasrec", n_items=1)  # every sampled negative is the target itself
+    loss = NextItemHead("sampled", n_negatives=16).loss(model, torch.randn(3, 16), torch.tensor([1, 1, 1]))
+    assert loss.item() == 0.0
+
+
+def test_sampled_softmax_checks_the_distribution(encoder) -> None:
+    with pytest.raises(RecsysError, match=r"\(31,\)"):
+        NextItemHead("sampled").loss(encoder, torch.randn(2, 16), torch.tensor([1, 2]), torch.zeros(30))
+    with pytest.raises(RecsysError, match="'ce' or 'sampled'"):
+        NextItemHead("bpr")
+
+
+def test_rank_scores_masks_history_only_when_asked(encoder) -> None:
+    hidden, history = torch.randn(2, 16), torch.tensor([[4, 9, 0], [1, 0, 0]])
+    plain = NextItemHead().rank_scores(encoder, hidden, history)
+    masked = NextItemHead(mask_history=True).rank_scores(encoder, hidden, history)
+    torch.testing.assert_close(plain, encoder.score_all(hidden))
+    assert torch.isneginf(masked[0, [0, 4, 9]]).all() and torch.isneginf(masked[1, [0, 1]]).all()
+    assert torch.isfinite(masked).sum() == torch.isfinite(plain).sum() - 3
+
+
+@pytest.mark.parametrize("target_attention", [True, False])
+def test_ctr_head_shapes_and_padding(encoder, target_attention: bool) -> None:
+    head = CTRHead(16, mlp_dims=(8,), target_attention=target_attention).eval()
+    items, cats, events = random_batch(lengths=(12, 7, 3, 0))
+    hidden = encoder(items, cats, events)
+    mask = items != 0
+    cands, cand_cats = torch.tensor([1, 2, 3, 4]), torch.tensor([1, 1, 2, 0])
+    logits = head(encoder, hidden, mask, cands, cand_cats)
+    assert logits.shape == (4,) and torch.isfinite(logits).all()
+    # Whatever sits at padded positions is ignored.
+    noisy = torch.where(mask[..., None], hidden, torch.randn_like(hidden))
+    torch.testing.assert_close(head(encoder, noisy, mask, cands, cand_cats), logits)
+    assert head.loss(logits, torch.tensor([1, 0, 1, 0])).dim() == 0
+
+
+def test_ctr_head_base_rate_and_errors(encoder) -> None:
+    head = CTRHead(16, base_rate=0.1)
+    assert head.mlp[-1].bias.item() == pytest.approx(torch.logit(torch.tensor(0.1)).item())
+    with pytest.raises(RecsysError, match="base_rate"):
+        CTRHead(16, base_rate=1.5)
+    with pytest.raises(RecsysError, match="CTRHead expects"):
+        head(encoder, torch.zeros(2, 16), torch.ones(2, 3, dtype=torch.bool), torch.tensor([1, 2]))
+
+
+def ctr_examples(ratings: pl.DataFrame, width: int = 30):
+    """Every (user, position >= 5) of the first `width` ratings: the history before it (ratings as
+    event types), the item there as candidate, clicked when rated >= 4. Returns users and a
+    function from example indices to (items, event_types, candidates, labels)."""
+    seqs = ratings.group_by("user", maintain_order=True).agg(
+        pl.col("item").head(width), pl.col("rating").head(width)
+    )
+    items, rates = (
+        torch.tensor([x + [0] * (width - len(x)) for x in seqs[col].to_list()]) for col in ("item", "rating")
+    )
+    user, cut = (items[:, 5:] != 0).nonzero(as_tuple=True)
+    cut = cut + 5
+
+    def take(index: torch.Tensor):
+        u, t = user[index], cut[index]
+        before = torch.arange(width)[None, :] < t[:, None]
+        return items[u] * before, rates[u] * before, items[u, t], (rates[u, t] >= 4).float()
+
+    return user, take
+
+
+@pytest.mark.real_data
+def test_ctr_probabilities_are_calibrated_on_ml100k(ml100k) -> None:
+    """Held-out users: mean predicted CTR matches the click rate, the binned calibration error is
+    small and the log loss beats predicting the base rate."""
+    user, take = ctr_examples(ml100k)
+    train, test = (user % 4 != 0).nonzero()[:, 0], (user % 4 == 0).nonzero()[:, 0][:3000]
+    rate = take(train)[3].mean().item()
+    torch.manual_seed(0)
+    encoder = make_encoder(
+        "sasrec", n_items=int(ml100k["item"].max()), n_categories=0, n_event_types=5, dropout=0.2
+    ).train()
+    head = CTRHead(16, mlp_dims=(32,), dropout=0.2, base_rate=rate)
+    opt = torch.optim.AdamW([*encoder.parameters(), *head.parameters()], lr=3e-3, weight_decay=0.01)
+    for _ in range(60):
+        x, e, c, y = take(train[torch.randint(0, len(train), (256,))])
+        loss = head.loss(head(encoder, encoder(x, event_types=e), x != 0, c), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    encoder.eval(), head.eval()
+    x, e, c, y = take(test)
+    with torch.no_grad():
+        p = torch.sigmoid(head(encoder, encoder(x, event_types=e), x != 0, c))
+    bins = torch.clamp((p * 10).long(), max=9)
+    ece = sum(
+        (bins == b).sum() * (p[bins == b].mean() - y[bins == b].mean()).abs()
+        for b in range(10)
+        if (bins == b).any()
+    ) / len(p)
+    log_loss = F.binary_cross_entropy(p, y).item()
+    base = F.binary_cross_entropy(torch.full_like(y, rate), y).item()
+    assert abs(p.mean().item() - y.mean().item()) < 0.05
+    assert ece < 0.06, f"expected calibration error {ece:.3f}"
+    assert log_loss < base, f"log loss {log_loss:.4f} does not beat the base rate {base:.4f}"

@@ -1,0 +1,56 @@
+"""SASRec-specific behaviour: parameter count, positional limit, KV-cache streaming."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from recsys_mamba.errors import RecsysError
+from recsys_mamba.models import SASRecEncoder
+from tests.models.conftest import make_encoder, random_batch
+
+
+def sasrec_param_count(n_items: int, d_model: int, n_layers: int, max_len: int, ffn_mult: int = 4) -> int:
+    d = d_model
+    block = 4 * d + (3 * d * d + 3 * d) + (d * d + d) + (2 * ffn_mult * d * d + ffn_mult * d + d)
+    return (n_items + 1) * d + max_len * d + n_layers * block + 2 * d
+
+
+def test_parameter_count() -> None:
+    model = SASRecEncoder(n_items=1682, d_model=64, n_layers=2, max_len=200)
+    assert sum(p.numel() for p in model.parameters()) == sasrec_param_count(1682, 64, 2, 200)
+
+
+def test_longer_than_max_len_is_a_clear_error() -> None:
+    model = make_encoder("sasrec", max_len=8)
+    with pytest.raises(RecsysError, match="max_len 8"):
+        model(torch.ones(1, 9, dtype=torch.long))
+    state = model.init_state(1)
+    for _ in range(8):
+        _, state = model.step(torch.tensor([1]), state)
+    with pytest.raises(RecsysError, match="max_len 8"):
+        model.step(torch.tensor([1]), state)
+
+
+def test_kv_cache_grows_by_one_per_step() -> None:
+    model = make_encoder("sasrec")
+    state = model.init_state(3)
+    for t in range(4):
+        _, state = model.step(torch.tensor([1, 2, 0]), state)
+        assert state["k"].shape == (3, 2, 2, t + 1, 8)
+    assert state["pos"].tolist() == [4, 4, 0]
+
+
+def test_scaled_embeddings_keep_the_contract() -> None:
+    model = make_encoder("sasrec", scale_embeddings=True)
+    items, cats, events = random_batch()
+    full = model(items, cats, events)
+    state = model.init_state(4)
+    for t in range(items.shape[1]):
+        hidden, state = model.step(items[:, t], state, cats[:, t], events[:, t])
+        assert (hidden - full[:, t]).abs().max() <= 1e-5
+
+
+def test_heads_must_divide_d_model() -> None:
+    with pytest.raises(RecsysError, match="divisible"):
+        SASRecEncoder(n_items=5, d_model=30, n_heads=4)

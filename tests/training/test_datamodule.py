@@ -1,0 +1,137 @@
+import numpy as np
+import pytest
+import torch
+
+from recsys_mamba.errors import RecsysError
+from recsys_mamba.training.datamodule import RecDataModule
+
+
+def _dm(prepared, task="next_item", max_len=5, **kw):
+    dm = RecDataModule(
+        data={}, task=task, max_len=max_len, batch_size=8, eval_batch_size=8, prepared_dir=str(prepared), **kw
+    )
+    dm.setup()
+    return dm
+
+
+def _sequences(prepared):
+    import polars as pl
+
+    return {r["user_idx"]: r for r in pl.read_parquet(prepared / "sequences.parquet").to_dicts()}
+
+
+def test_next_item_train_rows_are_shifted_truncated_and_right_padded(prepared):
+    dm = _dm(prepared)
+    seqs = _sequences(prepared)
+    ds = dm.datasets["train"]
+    batch = ds.__getitems__(list(range(len(ds))))
+    for row in range(len(ds)):
+        user = int(ds.store.users[ds.rows[row]])
+        train_items = [i for i, s in zip(seqs[user]["items"], seqs[user]["splits"], strict=True) if s == 0]
+        n = min(len(train_items) - 1, 5)
+        items, targets = batch["items"][row].tolist(), batch["targets"][row].tolist()
+        assert items[:n] == train_items[:-1][-n:]  # the most recent inputs are kept
+        assert targets[:n] == train_items[1:][-n:]  # each position predicts the next event
+        assert all(v == 0 for v in items[n:] + targets[n:])  # right padding
+        assert batch["lengths"][row] == n
+    assert batch["items"].dtype == torch.int64 and batch["categories"].shape == batch["items"].shape
+
+
+def test_next_item_eval_target_is_first_event_of_split(prepared):
+    dm = _dm(prepared, max_len=50)
+    seqs = _sequences(prepared)
+    for split, code in (("valid", 1), ("test", 2)):
+        ds = dm.datasets[split]
+        batch = ds.__getitems__([0, 1, 2])
+        for row in range(3):
+            seq = seqs[int(batch["users"][row])]
+            pos = seq["splits"].index(code)
+            assert batch["target"][row] == seq["items"][pos]
+            assert batch["items"][row, : batch["lengths"][row]].tolist() == seq["items"][:pos]
+
+
+def test_ctr_rows_carry_history_candidate_and_label(prepared):
+    import polars as pl
+
+    dm = _dm(prepared, task="ctr", max_len=3, ctr_train_windows=False)
+    seqs = _sequences(prepared)
+    samples = pl.read_parquet(prepared / "ctr.parquet").filter(pl.col("split") == 0)
+    ds = dm.datasets["train"]
+    assert len(ds) == len(samples)
+    batch = ds.__getitems__([0, 5, 9])
+    for row, idx in enumerate([0, 5, 9]):
+        sample = samples.row(idx, named=True)
+        history = seqs[sample["user_idx"]]["items"][: sample["hist_len"]][-3:]
+        assert batch["items"][row, : len(history)].tolist() == history
+        assert batch["cand_items"][row] == sample["item_idx"]
+        assert batch["labels"][row] == sample["label"]
+
+
+def test_train_order_depends_only_on_seed_and_epoch(prepared):
+    def order(epoch, seed=3):
+        loader = _dm(prepared, seed=seed).train_dataloader()
+        loader.sampler.set_epoch(epoch)
+        return torch.cat([b["index"] for b in loader]).tolist()
+
+    assert order(0) == order(0)
+    assert order(0) != order(1)
+    assert sorted(order(1)) == list(range(len(order(1))))
+
+
+def test_ctr_on_data_without_ctr_is_a_clear_error(prepared):
+    import json
+
+    manifest = json.loads((prepared / "manifest.json").read_text())
+    manifest["ctr"] = None
+    (prepared / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(RecsysError, match="task=ctr needs CTR samples"):
+        _dm(prepared, task="ctr")
+
+
+def test_missing_prepared_file_is_a_clear_error(prepared):
+    (prepared / "sequences.parquet").unlink()
+    with pytest.raises(RecsysError, match=r"sequences\.parquet is missing"):
+        _dm(prepared)
+
+
+def test_bad_max_len_is_rejected(prepared):
+    with pytest.raises(RecsysError, match="max_len"):
+        RecDataModule(data={}, max_len=0, prepared_dir=str(prepared))
+
+
+def test_item_counts_follow_item_map(prepared):
+    import polars as pl
+
+    dm = _dm(prepared)
+    item_map = pl.read_parquet(prepared / "item_map.parquet")
+    assert dm.item_counts[0] == 0
+    np.testing.assert_array_equal(
+        dm.item_counts[item_map["item_idx"].to_numpy()], item_map["count"].to_numpy()
+    )
+
+
+def test_ctr_windows_cover_every_sample_once_and_match_per_sample_logits(prepared):
+    from functools import partial
+
+    from recsys_mamba.models.heads import CTRHead
+    from recsys_mamba.models.mamba import MambaEncoder
+    from recsys_mamba.training.module import RecLitModule
+
+    dm = _dm(prepared, task="ctr", max_len=6)
+    windows = dm.datasets["train"]
+    per_sample = windows.samples
+    batch = windows.__getitems__(list(range(len(windows))))
+    assert sorted(windows.order.tolist()) == list(range(len(per_sample)))
+    assert int(batch["sample_hist"].min()) >= 0 and int(batch["sample_hist"].max()) <= 6
+    torch.manual_seed(0)
+    encoder = MambaEncoder(n_items=30, n_categories=5, n_event_types=1, d_model=8, n_layers=1)
+    module = RecLitModule(
+        encoder, CTRHead(8, mlp_dims=[8]), optimizer=partial(torch.optim.AdamW), task="ctr"
+    ).eval()
+    with torch.no_grad():
+        grouped = module.ctr_logits(batch)
+        single = module.ctr_logits(per_sample.__getitems__(windows.order.tolist()))
+    # Samples whose whole history fits in max_len see exactly the same events both ways.
+    short = torch.from_numpy(per_sample.hist_len[windows.order] <= 6)
+    torch.testing.assert_close(grouped[short], single[short], atol=1e-5, rtol=1e-4)
+    assert torch.equal(batch["labels"], torch.from_numpy(per_sample.labels[windows.order]))

@@ -1,0 +1,43 @@
+import itertools
+import math
+
+import pytest
+import torch
+
+from recsys_mamba.models.heads import NextItemHead
+from recsys_mamba.models.mamba import MambaEncoder
+from recsys_mamba.training.module import RecLitModule, history_without_target, warmup_cosine
+
+
+def test_warmup_then_cosine():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = warmup_cosine(opt, total_steps=100, warmup_frac=0.1)
+    lrs = []
+    for _ in range(100):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)  # linear warm-up over 10 steps
+    assert all(a <= b for a, b in itertools.pairwise(lrs[:10]))
+    assert lrs[10] == pytest.approx(1.0)
+    assert lrs[55] == pytest.approx(0.5 * (1 + math.cos(math.pi * 45 / 90)))
+    assert lrs[-1] < 0.01
+
+
+def test_no_decay_groups_follow_the_encoder():
+    from functools import partial
+
+    encoder = MambaEncoder(n_items=10, d_model=8, n_layers=1)
+    module = RecLitModule(encoder, NextItemHead(), optimizer=partial(torch.optim.AdamW, weight_decay=0.1))
+    decay, no_decay = module.parameter_groups()
+    names = {id(p): n for n, p in module.named_parameters()}
+    no_decay_names = {names[id(p)] for p in no_decay["params"]}
+    assert no_decay_names == {f"encoder.{n}" for n in encoder.no_weight_decay()}
+    assert no_decay["weight_decay"] == 0.0
+    assert any(n.endswith("A_log") for n in no_decay_names)
+    assert "encoder.item_emb.weight" in {names[id(p)] for p in decay["params"]}
+
+
+def test_history_masking_never_hides_the_target():
+    items = torch.tensor([[3, 4, 3, 0]])
+    assert history_without_target(items, torch.tensor([3])).tolist() == [[0, 4, 0, 0]]

@@ -68,7 +68,9 @@ def hydra_entry(config_name: str) -> Callable[[Callable[[DictConfig], Any]], Cal
     return decorate
 
 
-def compose(config_name: str, overrides: list[str] | None = None, return_hydra_config: bool = True) -> DictConfig:
+def compose(
+    config_name: str, overrides: list[str] | None = None, return_hydra_config: bool = True
+) -> DictConfig:
     """Compose a config outside an entry point (tests, notebooks); `hydra:` interpolations resolve."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir

@@ -6,11 +6,11 @@ import os
 import subprocess
 import sys
 import sysconfig
-import tomllib
 import venv
 from pathlib import Path
 
 import pytest
+import tomllib
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -40,7 +40,9 @@ def test_non_editable_install_finds_configs_from_another_folder(tmp_path: Path) 
     venv.create(env_dir, with_pip=True)
     py = env_dir / "bin" / "python"
     site = Path(
-        _run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], tmp_path).stdout.strip()
+        _run(
+            [str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], tmp_path
+        ).stdout.strip()
     )
     # Dependencies come from the running environment through a .pth line; that directory's own .pth
     # files (our editable install) are not processed, so only the wheel provides recsys_mamba.
@@ -51,8 +53,11 @@ def test_non_editable_install_finds_configs_from_another_folder(tmp_path: Path) 
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in {"PYTHONPATH"}}
-    where = _run([str(py), "-c", "import recsys_mamba.config as c; print(c.__file__); print(c.config_dir())"],
-                 elsewhere, env)
+    where = _run(
+        [str(py), "-c", "import recsys_mamba.config as c; print(c.__file__); print(c.config_dir())"],
+        elsewhere,
+        env,
+    )
     assert where.returncode == 0, where.stderr
     module_file, conf = where.stdout.split()
     assert str(site) in module_file and str(site) in conf, where.stdout

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-import pandas as pd
+import polars as pl
 import torch
 from sklearn.metrics import roc_auc_score
 
@@ -57,21 +57,26 @@ def auc(labels: np.ndarray, scores: np.ndarray) -> float:
 
 def gauc(users: np.ndarray, labels: np.ndarray, scores: np.ndarray) -> float:
     """Per-user AUC averaged with the user's sample count as weight; users with one class are skipped."""
-    frame = pd.DataFrame(
-        {"user": np.asarray(users), "label": np.asarray(labels, dtype=np.int64), "score": np.asarray(scores)}
+    frame = pl.DataFrame(
+        {
+            "user": np.asarray(users),
+            "label": np.asarray(labels, dtype=np.int64),
+            "score": np.asarray(scores, dtype=np.float64),
+        }
     )
     # Mann-Whitney U per user: AUC = (sum of positive ranks - P(P+1)/2) / (P N), ties get average ranks.
-    frame["rank"] = frame.groupby("user")["score"].rank(method="average")
-    frame["pos_rank"] = frame["rank"] * frame["label"]
-    per_user = frame.groupby("user").agg(
-        n=("label", "size"), pos=("label", "sum"), pos_rank=("pos_rank", "sum")
+    per_user = (
+        frame.with_columns(rank=pl.col("score").rank("average").over("user"))
+        .group_by("user")
+        .agg(n=pl.len(), pos=pl.col("label").sum(), pos_rank=(pl.col("rank") * pl.col("label")).sum())
+        .filter((pl.col("pos") > 0) & (pl.col("pos") < pl.col("n")))
     )
-    per_user = per_user[(per_user["pos"] > 0) & (per_user["pos"] < per_user["n"])]
-    if per_user.empty:
+    if per_user.height == 0:
         return float("nan")
-    neg = per_user["n"] - per_user["pos"]
-    user_auc = (per_user["pos_rank"] - per_user["pos"] * (per_user["pos"] + 1) / 2) / (per_user["pos"] * neg)
-    return float(np.average(user_auc, weights=per_user["n"]))
+    n = per_user["n"].to_numpy().astype(np.float64)
+    pos = per_user["pos"].to_numpy().astype(np.float64)
+    user_auc = (per_user["pos_rank"].to_numpy() - pos * (pos + 1) / 2) / (pos * (n - pos))
+    return float(np.average(user_auc, weights=n))
 
 
 def logloss(labels: np.ndarray, probs: np.ndarray, eps: float = 1e-7) -> float:

@@ -16,6 +16,8 @@ from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 from recsys_mamba.metrics import ctr_metrics, ranking_metrics, target_ranks
 
 Batch = dict[str, Tensor]
+# Recommendations kept per evaluated history (catalogue coverage and popularity bias in reports).
+EVAL_TOP_K = 20
 
 
 def warmup_cosine(
@@ -73,6 +75,8 @@ class RecLitModule(L.LightningModule):
         self.register_buffer("item_log_probs", probs.log(), persistent=False)
         self._outputs: dict[str, dict[str, list[Tensor]]] = {}
         self.last_metrics: dict[str, dict[str, float]] = {}
+        # Per-sample outputs of the last validation/test epoch (index-aligned), for evaluation reports.
+        self.last_outputs: dict[str, dict[str, np.ndarray]] = {}
 
     # ---- forward --------------------------------------------------------------------------------
 
@@ -125,7 +129,10 @@ class RecLitModule(L.LightningModule):
                 "users": batch["users"],
             }
         else:
-            values = {"ranks": target_ranks(self.rank_scores(batch).float(), batch["target"])}
+            scores = self.rank_scores(batch).float()
+            # Column 0 is padding, never a recommendation.
+            top = scores[:, 1:].topk(min(EVAL_TOP_K, scores.shape[1] - 1), dim=1).indices + 1
+            values = {"ranks": target_ranks(scores, batch["target"]), "topk": top}
         values["index"] = batch["index"]
         for key, value in values.items():
             out.setdefault(key, []).append(value.detach())
@@ -143,7 +150,7 @@ class RecLitModule(L.LightningModule):
             return {}
         cat = {key: torch.cat(values) for key, values in parts.items()}
         if self.trainer.world_size > 1:
-            cat = {key: self.all_gather(value).reshape(-1) for key, value in cat.items()}
+            cat = {key: self.all_gather(value).reshape(-1, *value.shape[1:]) for key, value in cat.items()}
         arrays = {key: value.cpu().numpy() for key, value in cat.items()}
         _, first = np.unique(arrays["index"], return_index=True)
         return {key: value[first] for key, value in arrays.items()}
@@ -157,6 +164,7 @@ class RecLitModule(L.LightningModule):
         else:
             metrics = ranking_metrics(out["ranks"])
         self.last_metrics[stage] = metrics
+        self.last_outputs[stage] = out
         # Every process holds the same gathered values; averaging them across processes is a no-op.
         self.log_dict({f"{stage}/{k}": v for k, v in metrics.items()}, prog_bar=False, sync_dist=True)
 

@@ -1,0 +1,310 @@
+"""`python -m recsys_mamba.bench score`: top-K scoring throughput and streaming latency per encoder.
+
+(a) Batch scoring (users/s): for every user of the prepared data set (ML-1M by default), encode the
+    most recent `topk.max_len` events, score every item with `score_all`, exclude the items the user
+    has already seen (whole history) and take the top K, `topk.batch_size` users per forward. The
+    padded inputs are built before the clock starts; the timed part is forward + score + exclusion +
+    top-K. When the data file is missing the case is reported as skipped instead.
+(b) Per-event latency at batch 1, for a history of H events already seen: stream (the encoder's
+    `step` from a state that holds the H events) against re-encode (`forward` over all H + 1 events
+    and take the last position), each both alone and followed by `score_all` + seen-item exclusion +
+    top-K. Mamba's state has a fixed size; SASRec's key/value cache grows with H (its positional
+    table is enlarged to fit the longest H, for timing only).
+
+Models are untrained, built from conf/model sizes: speed does not depend on the weights.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+from torch import Tensor
+
+from recsys_mamba.config import hydra_entry
+from recsys_mamba.data import load_manifest, prepare
+from recsys_mamba.data.format import SEQUENCES
+from recsys_mamba.models.base import SequenceEncoder, State
+from recsys_mamba.models.mamba import MambaEncoder
+from recsys_mamba.models.sasrec import SASRecEncoder
+
+SLOW_CALL_S = 2.0  # a call slower than this is timed once (its warm-up), to keep the run short
+
+
+def _median_seconds(fn: Callable[[], object], repeats: int) -> float:
+    """Median wall seconds of `fn` over `repeats` calls after one untimed warm-up."""
+    start = time.perf_counter()
+    fn()
+    first = time.perf_counter() - start
+    if first > SLOW_CALL_S:
+        return first
+    times = []
+    for _ in range(max(1, repeats)):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def build_model(cfg: DictConfig, name: str, n_items: int, **overrides: Any) -> SequenceEncoder:
+    """An untrained encoder with the configured sizes, in eval mode."""
+    model = instantiate(cfg.models[name], _partial_=True)(n_items=n_items, **overrides)
+    return model.eval()
+
+
+def top_k(model: SequenceEncoder, hidden: Tensor, seen: Tensor, k: int) -> Tensor:
+    """Item ids of the K best-scored unseen items: hidden (B, d), seen (B, S) padded with 0."""
+    scores = model.score_all(hidden)
+    scores.scatter_(1, seen, float("-inf"))  # column 0 (padding) is -inf already
+    return scores.topk(k, dim=1).indices
+
+
+# ---- (a) batch scoring ---------------------------------------------------------------------------
+
+
+def _ml_data_missing(cfg: DictConfig) -> str | None:
+    path = cfg.data.get("path")
+    if cfg.data.format != "synthetic" and path is not None and not Path(path).is_file():
+        return f"skipped: data file {path} not found (set RECSYS_SHARED_DATA_DIR)"
+    return None
+
+
+def _load_batches(folder: Path, max_len: int, batch_size: int, max_users: int | None) -> list[dict]:
+    """Padded inputs per batch: items (B, <= max_len) right-padded, lengths (B,), seen (B, S)."""
+    seqs = pl.read_parquet(folder / SEQUENCES, columns=["items"])["items"].to_list()
+    seqs = [s for s in seqs if s][: max_users or None]
+    batches = []
+    for start in range(0, len(seqs), batch_size):
+        part = seqs[start : start + batch_size]
+        recent = [s[-max_len:] for s in part]
+        items = np.zeros((len(part), max(map(len, recent))), dtype=np.int64)
+        seen = np.zeros((len(part), max(map(len, part))), dtype=np.int64)
+        for i, (r, s) in enumerate(zip(recent, part, strict=True)):
+            items[i, : len(r)] = r
+            seen[i, : len(s)] = s
+        batches.append({
+            "items": torch.from_numpy(items),
+            "lengths": torch.tensor([len(r) for r in recent]),
+            "seen": torch.from_numpy(seen),
+        })
+    return batches
+
+
+def score_batches(model: SequenceEncoder, batches: list[dict], k: int) -> list[Tensor]:
+    out = []
+    for b in batches:
+        hidden = model(b["items"])
+        last = hidden[torch.arange(hidden.shape[0]), b["lengths"] - 1]
+        out.append(top_k(model, last, b["seen"], k))
+    return out
+
+
+def bench_topk(cfg: DictConfig) -> dict[str, Any]:
+    t = cfg.topk
+    base = {"data": cfg.data.name, "max_len": t.max_len, "batch_size": t.batch_size, "k": cfg.k}
+    missing = _ml_data_missing(cfg)
+    if missing:
+        print(f"  (a) {missing}", flush=True)
+        return base | {"skipped": missing, "rows": []}
+    folder = prepare(cfg.data, cache_dir=cfg.paths.cache_dir)
+    manifest = load_manifest(folder)
+    batches = _load_batches(folder, t.max_len, t.batch_size, t.max_users)
+    n_users = sum(b["items"].shape[0] for b in batches)
+    n_events = sum(int(b["lengths"].sum()) for b in batches)
+    rows = []
+    for name in cfg.encoders:
+        model = build_model(cfg, name, manifest["n_items"])
+        with torch.inference_mode():
+            score_batches(model, batches[:1], cfg.k)  # warm-up (numba compile, allocator)
+            sec = _median_seconds(lambda m=model: score_batches(m, batches, cfg.k), t.repeats)
+        rows.append({"encoder": name, "users": n_users, "events_encoded": n_events, "seconds": sec,
+                     "users_per_s": n_users / sec})
+        print(f"  (a) {name:6s}: {n_users} users in {sec:.2f} s = {n_users / sec:,.0f} users/s", flush=True)
+    return base | {"folder": str(folder), "n_items": manifest["n_items"], "rows": rows}
+
+
+# ---- (b) streaming against re-encoding ------------------------------------------------------------
+
+
+def state_after(model: SequenceEncoder, items: Tensor) -> State:
+    """The streaming state after the events `items` (1, H), computed in one pass."""
+    if isinstance(model, MambaEncoder):
+        return model.encode_long(items, return_state=True)[1]
+    if isinstance(model, SASRecEncoder):
+        # The KV cache is every layer's keys/values over the history: one causal forward fills it.
+        H = items.shape[1]
+        h = model.embed(items) * model.emb_scale + model.pos_emb.weight[:H]
+        ks, vs = [], []
+        for block in model.blocks:
+            h, (k, v) = block(h)
+            ks.append(k)
+            vs.append(v)
+        return {"k": torch.stack(ks, 1), "v": torch.stack(vs, 1),
+                "valid": torch.ones(1, H, dtype=torch.bool), "pos": torch.tensor([H])}
+    state = model.init_state(1)  # any other encoder: step through the history
+    for item in items[0]:
+        state = model.step(item[None], state)[1]
+    return state
+
+
+def bench_stream_one(model: SequenceEncoder, H: int, n_items: int, k: int, step_repeats: int,
+                     encode_repeats: int, generator: torch.Generator) -> dict[str, Any]:
+    history = torch.randint(1, n_items + 1, (1, H + 1), generator=generator)
+    new = history[:, H]  # the new event; all H + 1 events are excluded from the top-K as seen
+    state = state_after(model, history[:, :H])
+
+    def step() -> Tensor:
+        return model.step(new, state)[0]
+
+    def step_score() -> Tensor:
+        return top_k(model, step(), history, k)
+
+    def encode() -> Tensor:
+        return model(history)[:, -1]
+
+    def encode_score() -> Tensor:
+        return top_k(model, encode(), history, k)
+
+    streamed, reencoded = step(), encode()
+    row = {
+        "H": H,
+        "step_ms": _median_seconds(step, step_repeats) * 1e3,
+        "step_score_ms": _median_seconds(step_score, step_repeats) * 1e3,
+        "encode_ms": _median_seconds(encode, encode_repeats) * 1e3,
+        "encode_score_ms": _median_seconds(encode_score, encode_repeats) * 1e3,
+        "max_abs_diff": float((streamed - reencoded).abs().max()),  # step agrees with forward
+        "state_bytes": sum(t.numel() * t.element_size() for t in state.values()),
+    }
+    row["speedup"] = row["encode_ms"] / row["step_ms"]
+    row["speedup_with_score"] = row["encode_score_ms"] / row["step_score_ms"]
+    return row
+
+
+def bench_stream(cfg: DictConfig) -> dict[str, Any]:
+    s = cfg.stream
+    histories = [int(h) for h in s.histories]
+    generator = torch.Generator().manual_seed(cfg.seed)
+    out: dict[str, Any] = {"n_items": s.n_items, "k": cfg.k, "batch": 1, "histories": histories,
+                           "encoders": {}}
+    for name in cfg.encoders:
+        overrides: dict[str, Any] = {}
+        hs = histories
+        if name == "sasrec":
+            cap = min(max(histories), int(s.sasrec_max_history))
+            overrides["max_len"] = cap + 1  # room for the history plus the new event
+            hs = [h for h in histories if h <= cap]
+        model = build_model(cfg, name, int(s.n_items), **overrides)
+        rows = []
+        with torch.inference_mode():
+            for H in hs:
+                row = bench_stream_one(model, H, int(s.n_items), cfg.k, s.step_repeats, s.encode_repeats,
+                                       generator)
+                rows.append(row)
+                print(f"  (b) {name:6s} H={H:6d}: step {row['step_ms']:.3f} ms, +score "
+                      f"{row['step_score_ms']:.3f} ms; re-encode {row['encode_ms']:.2f} ms, +score "
+                      f"{row['encode_score_ms']:.2f} ms; {row['speedup']:.1f}x", flush=True)
+        skipped = [h for h in histories if h not in hs]
+        out["encoders"][name] = {"max_len": overrides.get("max_len", model.max_len), "rows": rows,
+                                 "skipped_histories": skipped}
+        if rows:
+            first, last = rows[0], rows[-1]
+            out["encoders"][name]["step_growth"] = last["step_ms"] / first["step_ms"]
+            out["encoders"][name]["step_score_growth"] = last["step_score_ms"] / first["step_score_ms"]
+    return out
+
+
+# ---- report ---------------------------------------------------------------------------------------
+
+
+def targets(result: dict[str, Any]) -> dict[str, Any]:
+    """Issue #6: mamba's per-event update within 1.2x from the smallest to the largest H, and
+    >= 20x faster than re-encoding at H = 1,000."""
+    mamba = result.get("stream", {}).get("encoders", {}).get("mamba")
+    if not mamba or not mamba["rows"]:
+        return {}
+    at = {r["H"]: r for r in mamba["rows"]}
+    out = {"step_growth": mamba["step_growth"], "step_growth_met": mamba["step_growth"] <= 1.2,
+           "step_score_growth": mamba["step_score_growth"],
+           "step_score_growth_met": mamba["step_score_growth"] <= 1.2}
+    if 1000 in at:
+        out["speedup_at_1000"] = at[1000]["speedup"]
+        out["speedup_at_1000_met"] = at[1000]["speedup"] >= 20
+        out["speedup_with_score_at_1000"] = at[1000]["speedup_with_score"]
+        out["speedup_with_score_at_1000_met"] = at[1000]["speedup_with_score"] >= 20
+    return out
+
+
+def markdown_tables(result: dict[str, Any]) -> str:
+    lines = []
+    topk = result.get("topk")
+    if topk is not None:
+        lines += [f"(a) top-{topk['k']} batch scoring on {topk['data']}: last {topk['max_len']} events, "
+                  f"score all items, exclude seen, batch {topk['batch_size']}",
+                  "", "| encoder | users | seconds | users/s |", "|---|---|---|---|"]
+        if topk.get("skipped"):
+            lines.append(f"| - | {topk['skipped']} | | |")
+        for r in topk["rows"]:
+            lines.append(
+                f"| {r['encoder']} | {r['users']:,} | {r['seconds']:.2f} | {r['users_per_s']:,.0f} |")
+        lines.append("")
+    stream = result.get("stream")
+    if stream is not None:
+        lines += [f"(b) per-event latency, batch 1, ms (medians); score = score_all over "
+                  f"{stream['n_items']:,} items + exclude seen + top-{stream['k']}",
+                  "", "| encoder | H | step | step+score | re-encode | re-encode+score | re-encode / step "
+                  "| (with score) | step vs H=first | state KiB |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for name, enc in stream["encoders"].items():
+            base = enc["rows"][0] if enc["rows"] else None
+            for r in enc["rows"]:
+                lines.append(
+                    f"| {name} | {r['H']:,} | {r['step_ms']:.3f} | {r['step_score_ms']:.3f} | "
+                    f"{r['encode_ms']:.2f} | {r['encode_score_ms']:.2f} | {r['speedup']:.1f}x | "
+                    f"{r['speedup_with_score']:.1f}x | {r['step_ms'] / base['step_ms']:.2f}x | "
+                    f"{r['state_bytes'] / 1024:,.0f} |")
+            for h in enc["skipped_histories"]:
+                lines.append(f"| {name} | {h:,} | skipped: above sasrec_max_history | | | | | | | |")
+    return "\n".join(lines)
+
+
+def benchmark(cfg: DictConfig) -> dict[str, Any]:
+    if cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
+    torch.manual_seed(cfg.seed)
+    result: dict[str, Any] = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"processor": platform.processor() or platform.machine(),
+                    "threads": torch.get_num_threads(), "torch": torch.__version__,
+                    "python": platform.python_version()},
+        "models": "untrained, conf/model sizes",
+    }
+    if cfg.topk.enabled:
+        result["topk"] = bench_topk(cfg)
+    if cfg.stream.enabled:
+        result["stream"] = bench_stream(cfg)
+    result["targets"] = targets(result)
+    return result
+
+
+@hydra_entry("bench_score")
+def main(cfg: DictConfig) -> dict[str, Any]:
+    result = benchmark(cfg)
+    path = Path(cfg.output_json)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1))
+    print(markdown_tables(result))
+    if result["targets"]:
+        print("targets: " + json.dumps(result["targets"]))
+    print(f"results: {path}")
+    return result

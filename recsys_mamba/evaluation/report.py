@@ -1,0 +1,236 @@
+"""`evaluate`: score each checkpoint, bootstrap over users, write metrics.json, report.md, report.html."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from recsys_mamba.config import project_root
+from recsys_mamba.errors import RecsysError
+from recsys_mamba.evaluation.breakdown import ctr_buckets, full_metrics, metric_fn
+from recsys_mamba.evaluation.plots import plots
+from recsys_mamba.evaluation.render import Section, html_page, markdown
+from recsys_mamba.evaluation.scoring import Scored, score
+from recsys_mamba.evaluation.stats import bootstrap, paired_p_value, percentile_ci, user_draws
+from recsys_mamba.training.run import write_json_atomic
+
+LOWER_IS_BETTER = ("logloss", "ece")
+MANIFEST_KEYS = ("name", "config_hash", "n_users", "n_items", "n_interactions", "created_at")
+
+
+def check_out_dir(out_dir: Path) -> None:
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise RecsysError(
+            f"out_dir={out_dir} is not writable ({err}); pass a folder you can write to"
+        ) from err
+
+
+def check_comparable(models: list[Scored]) -> None:
+    first = models[0]
+    for m in models[1:]:
+        if m.task != first.task:
+            raise RecsysError(
+                f"{m.ckpt_path} was trained for task={m.task} but {first.ckpt_path} for task={first.task}; "
+                "compare checkpoints of the same task"
+            )
+        same_data = m.manifest.get("config_hash") == first.manifest.get("config_hash")
+        if not same_data or not np.array_equal(m.arrays["index"], first.arrays["index"]):
+            raise RecsysError(
+                f"{m.ckpt_path} was trained on another data set ({m.manifest.get('name')}, hash "
+                f"{m.manifest.get('config_hash')}) than {first.ckpt_path} ({first.manifest.get('name')}, "
+                f"hash {first.manifest.get('config_hash')}); compare checkpoints trained on the same data"
+            )
+
+
+def clean(value: Any) -> Any:
+    """NaN is not JSON: written as null, like the training run's metrics.json."""
+    if isinstance(value, dict):
+        return {k: clean(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [clean(v) for v in value]
+    if isinstance(value, float | np.floating):
+        return None if math.isnan(value) else float(value)
+    return value
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=project_root(), capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("recsys-mamba")
+    except PackageNotFoundError:
+        from recsys_mamba import __version__
+
+        return __version__
+
+
+def verdict(models: list[dict[str, Any]], primary: str) -> str:
+    base = models[0]
+    value, (lo, hi) = base["metrics"][primary], base["ci"][primary]
+    lines = [f"{base['name']}: {primary} {value:.4f} (95% CI {lo:.4f} to {hi:.4f})."]
+    lower = primary in LOWER_IS_BETTER
+    for m in models[1:]:
+        test = m["vs_first"][primary]
+        diff, p = test["diff"], test["p_value"]
+        if not math.isnan(p) and p < 0.05:
+            better = (diff < 0) if lower else (diff > 0)
+            word = "better" if better else "worse"
+            lines.append(
+                f"{m['name']} is {word} than {base['name']} on {primary} "
+                f"(difference {diff:+.4f}, p = {p:.3f}, paired bootstrap over users)."
+            )
+        else:
+            lines.append(
+                f"{m['name']} and {base['name']} do not differ significantly on {primary} "
+                f"(difference {diff:+.4f}, p = {p:.3f})."
+            )
+    return " ".join(lines)
+
+
+def summarise(models: list[Scored], n_boot: int, seed: int, n_bins: int) -> list[dict[str, Any]]:
+    draws = user_draws(models[0].arrays["users"], n_boot, seed)
+    out, first_boot = [], None
+    for i, m in enumerate(models):
+        metrics = full_metrics(m, n_bins)
+        boot = bootstrap(metric_fn(m, n_bins), draws)
+        entry: dict[str, Any] = {
+            "name": m.name if all(o.name != m.name for o in models[:i]) else f"{m.name}#{i + 1}",
+            "ckpt_path": str(m.ckpt_path),
+            "metrics": metrics,
+            "ci": {k: percentile_ci(v) for k, v in boot.items()},
+        }
+        if first_boot is None:
+            first_boot = boot
+        else:
+            base = out[0]["metrics"]
+            entry["vs_first"] = {
+                k: {
+                    "diff": metrics[k] - base[k],
+                    "ci": percentile_ci(v - first_boot[k]),
+                    "p_value": paired_p_value(v - first_boot[k]),
+                }
+                for k, v in boot.items()
+            }
+        if m.task == "ctr":
+            entry["buckets"] = ctr_buckets(m, n_bins)
+        entry["training_metrics"] = m.training_metrics
+        out.append(entry)
+    return out
+
+
+def sections(payload: dict[str, Any], images: dict[str, str], config_yaml: str) -> list[Section]:
+    models = payload["models"]
+    rows = []
+    for i, m in enumerate(models):
+        for key, value in m["metrics"].items():
+            lo, hi = m["ci"].get(key, (None, None))
+            test = m.get("vs_first", {}).get(key, {})
+            rows.append(
+                [m["name"], key, value, lo, hi, test.get("diff"), test.get("p_value")]
+                if i
+                else [m["name"], key, value, lo, hi, None, None]
+            )
+    out = [
+        Section("Verdict", text=payload["verdict"]),
+        Section(
+            "Models", headers=["model", "checkpoint"], rows=[[m["name"], m["ckpt_path"]] for m in models]
+        ),
+        Section(
+            "Metrics",
+            text=f"95% bootstrap confidence intervals over {payload['bootstrap']['n']} resamples of the "
+            "test users; difference and paired-bootstrap p-value against the first model.",
+            headers=["model", "metric", "value", "CI low", "CI high", "diff vs first", "p-value"],
+            rows=rows,
+        ),
+    ]
+    for m in models:
+        for kind, bucket_rows in m.get("buckets", {}).items():
+            headers = list(bucket_rows[0]) if bucket_rows else []
+            out.append(
+                Section(
+                    f"{m['name']}: metrics by {kind.replace('_', ' ')}",
+                    headers=headers,
+                    rows=[list(r.values()) for r in bucket_rows],
+                )
+            )
+    if images:
+        out.append(Section("Plots", images=images))
+    meta = payload["meta"]
+    meta_rows = [[f"data.{k}", v] for k, v in meta["data"].items()]
+    meta_rows += [["package_version", meta["package_version"]], ["git_commit", meta["git_commit"] or "n/a"]]
+    out.append(Section("Run metadata", headers=["key", "value"], rows=meta_rows))
+    out.append(Section("Config of the first model", code=config_yaml))
+    return out
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """Score `cfg.ckpt_path` (and `cfg.compare`) on the test split; write the report to `cfg.out_dir`."""
+    if not cfg.get("ckpt_path"):
+        raise RecsysError(
+            "ckpt_path is required: python -m recsys_mamba.evaluate ckpt_path=<run>/checkpoints/x.ckpt"
+        )
+    out_dir = Path(str(cfg.out_dir))
+    check_out_dir(out_dir)
+    paths = [Path(str(cfg.ckpt_path)), *(Path(str(p)) for p in cfg.get("compare") or [])]
+    for p in paths:
+        if not p.is_file():
+            raise RecsysError(f"checkpoint {p} does not exist; pass .ckpt files from training runs")
+    models = [score(p) for p in paths]
+    check_comparable(models)
+    n_bins, n_boot, seed = int(cfg.n_bins), int(cfg.n_bootstrap), int(cfg.seed)
+    summary = summarise(models, n_boot, seed, n_bins)
+    primary = str(models[0].config.task.monitor).removeprefix("val/")
+    manifest = models[0].manifest
+    config = OmegaConf.to_container(models[0].config, resolve=False)
+    payload = clean(
+        {
+            "task": models[0].task,
+            "primary_metric": primary,
+            "verdict": verdict(summary, primary),
+            "bootstrap": {"n": n_boot, "seed": seed, "unit": "user", "level": 0.95},
+            "models": summary,
+            "meta": {
+                "data": {k: manifest.get(k) for k in MANIFEST_KEYS}
+                | {"split": (manifest.get("split") or {}).get("kind")},
+                "package_version": package_version(),
+                "git_commit": git_commit(),
+                "config": config,
+            },
+        }
+    )
+    title = f"Evaluation report: {payload['task']} on {manifest.get('name', 'data')}"
+    report = sections(
+        payload, plots(models, [s["metrics"] for s in summary], n_bins), OmegaConf.to_yaml(config)
+    )
+    write_json_atomic(out_dir / "metrics.json", payload)
+    write_atomic(out_dir / "report.md", markdown(title, report))
+    write_atomic(out_dir / "report.html", html_page(title, report))
+    print(f"{payload['verdict']}\nreport: {out_dir / 'report.html'}")
+    return payload

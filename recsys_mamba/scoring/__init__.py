@@ -1,0 +1,1 @@
+"""Batch and streaming scoring of trained checkpoints (`python -m recsys_mamba.score`)."""

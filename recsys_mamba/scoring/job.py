@@ -1,0 +1,114 @@
+"""The scoring job: load the model, read and shard the input, score in resumable parts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+from omegaconf import DictConfig
+
+from recsys_mamba.errors import RecsysError
+from recsys_mamba.scoring import batch, inputs, parts
+from recsys_mamba.scoring.model import ScoringModel, load_model
+from recsys_mamba.scoring.stream import StateStore
+
+MODES = ("topk", "candidates", "stream")
+
+
+def chunked(frame: pl.DataFrame, size: int) -> list[pl.DataFrame]:
+    return [frame.slice(i, size) for i in range(0, len(frame), size)] or []
+
+
+def _histories(model: ScoringModel, source: str, shard: str) -> tuple[pl.DataFrame, int]:
+    users, unknown = inputs.histories(model, inputs.read_events(source))
+    return users.filter(inputs.shard_mask(users["user_id"], shard)), unknown
+
+
+def _topk(model: ScoringModel, cfg: DictConfig, out: Path, prefix: str) -> tuple[list, dict[str, Any]]:
+    users, unknown = _histories(model, cfg.input, cfg.shard)
+    parts_ = parts.run_parts(
+        out,
+        prefix,
+        chunked(users, cfg.chunk_size),
+        lambda u: batch.topk_chunk(model, u, cfg.top_k, cfg.exclude_seen),
+        cfg.progress,
+        cfg.pause_s,
+    )
+    cold = int((users["items"].list.len() == 0).sum())
+    return parts_, {"users": len(users), "cold_users": cold, "unknown_history_items": unknown}
+
+
+def _candidates(model: ScoringModel, cfg: DictConfig, out: Path, prefix: str) -> tuple[list, dict[str, Any]]:
+    pairs = inputs.read_table(cfg.input, inputs.EVENT_COLUMNS).select(
+        pl.col("user_id").cast(pl.String), pl.col("item_id").cast(pl.String)
+    )
+    pairs = pairs.filter(inputs.shard_mask(pairs["user_id"], cfg.shard))
+    users, unknown = _histories(model, cfg.history or str(model.prepared), cfg.shard)
+    missing = pairs.select("user_id").unique().join(users, on="user_id", how="anti")
+    empty = pl.lit([], dtype=pl.List(pl.Int64))
+    users = (
+        pl.concat([users, missing.with_columns(**{c: empty for c in ("items", "categories", "event_types")})])
+        .join(pairs.select("user_id").unique(), on="user_id", how="semi")
+        .sort("user_id")
+    )
+
+    def score(chunk: pl.DataFrame) -> pl.DataFrame:
+        return batch.candidate_chunk(
+            model, chunk, pairs.join(chunk.select("user_id"), on="user_id", how="semi")
+        )
+
+    parts_ = parts.run_parts(out, prefix, chunked(users, cfg.chunk_size), score, cfg.progress, cfg.pause_s)
+    known = set(model.id_to_idx)
+    info = {
+        "users": len(users),
+        "cold_users": int((users["items"].list.len() == 0).sum()),
+        "unknown_candidate_items": int((~pairs["item_id"].is_in(list(known))).sum()),
+        "unknown_history_items": unknown,
+    }
+    return parts_, info
+
+
+def _stream(model: ScoringModel, cfg: DictConfig, out: Path, prefix: str) -> tuple[list, dict[str, Any]]:
+    store = StateStore(model)
+    if cfg.state_in:
+        store.load(Path(cfg.state_in))
+    events = inputs.read_events(cfg.input)
+    events = events.filter(inputs.shard_mask(events["user_id"], cfg.shard))
+    known, unknown = inputs.to_model_space(model, events)
+    store.consume(known, cfg.chunk_size * 64, cfg.progress)
+    state_out = Path(cfg.state_out) if cfg.state_out else out / f"state-{prefix}.parquet"
+    store.save(state_out)
+    users = store.table()
+
+    def score(chunk: pl.DataFrame) -> pl.DataFrame:
+        with_hidden = model.encoder.score_all(store.hidden(chunk["user_id"].to_list())).detach()
+        return batch.rank_rows(model, with_hidden, chunk, cfg.top_k, cfg.exclude_seen)
+
+    parts_ = parts.run_parts(out, prefix, chunked(users, cfg.chunk_size), score, cfg.progress, cfg.pause_s)
+    info = {"users": len(users), "events": len(known), "unknown_items": unknown, "state": str(state_out)}
+    return parts_, info
+
+
+def score(cfg: DictConfig) -> Path:
+    """Run the job `cfg` describes (conf/score.yaml); returns the `_SUCCESS` manifest's path."""
+    if cfg.mode not in MODES:
+        raise RecsysError(f"mode={cfg.mode!r} must be one of {MODES}")
+    for key in ("ckpt_path", "input", "output"):
+        if not cfg.get(key):
+            raise RecsysError(f"{key}=... is required, e.g. python -m recsys_mamba.score {key}=PATH")
+    if int(cfg.top_k) < 1 or int(cfg.chunk_size) < 1:
+        raise RecsysError(f"top_k={cfg.top_k} and chunk_size={cfg.chunk_size} must be positive integers")
+    inputs.parse_shard(cfg.shard)
+    out = parts.prepare_output(cfg.output)
+    model = load_model(cfg.ckpt_path, cfg.prepared, cfg.max_len)
+    prefix = parts.part_prefix(cfg.mode, cfg.shard)
+    run = {"topk": _topk, "candidates": _candidates, "stream": _stream}[cfg.mode]
+    written, info = run(model, cfg, out, prefix)
+    settings = {k: cfg.get(k) for k in ("mode", "shard", "top_k", "exclude_seen", "chunk_size")}
+    return parts.write_success(
+        out,
+        parts.success_name(cfg.shard),
+        written,
+        {**settings, "ckpt_path": str(cfg.ckpt_path), "input": str(cfg.input), **info},
+    )

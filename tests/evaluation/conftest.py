@@ -1,0 +1,55 @@
+"""Tiny trained runs shared by the evaluation tests: trained once per session."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from recsys_mamba.training.run import train
+
+# The training tests' shrunken config (test folders are not packages, so load the file directly).
+_spec = importlib.util.spec_from_file_location(
+    "training_conftest", Path(__file__).resolve().parents[1] / "training" / "conftest.py"
+)
+assert _spec is not None and _spec.loader is not None
+training_conftest = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(training_conftest)
+
+
+def _train(root: Path, name: str, cache: Path, overrides: list[str]) -> Path:
+    out = root / name
+    train(training_conftest.tiny_cfg(out, ["logger=[]", *overrides], cache_dir=cache))
+    return next((out / "checkpoints").glob("epoch_*.ckpt"))
+
+
+@pytest.fixture(scope="session")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Checkpoints: two CTR models on the same data, one on other data, one next-click model."""
+    root = tmp_path_factory.mktemp("eval_runs")
+    cache = root / "cache"
+    return {
+        "ctr_mamba": _train(root, "ctr_mamba", cache, ["experiment=ctr", "model=mamba"]),
+        "ctr_sasrec": _train(root, "ctr_sasrec", cache, ["experiment=ctr", "model=sasrec"]),
+        "ctr_other": _train(
+            root, "ctr_other", cache, ["experiment=ctr", "model=mamba", "data.synthetic.n_users=120"]
+        ),
+        "next_item": _train(root, "next_item", cache, ["experiment=next_item", "model=sasrec"]),
+    }
+
+
+@pytest.fixture(scope="session")
+def reports(runs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Report folders: the CTR pair compared, and the next-click model alone."""
+    from recsys_mamba.config import compose
+    from recsys_mamba.evaluation import evaluate
+
+    root = tmp_path_factory.mktemp("eval_reports")
+    jobs = {
+        "ctr": [f"ckpt_path={runs['ctr_mamba']}", f"compare=[{runs['ctr_sasrec']}]"],
+        "next_item": [f"ckpt_path={runs['next_item']}"],
+    }
+    for name, overrides in jobs.items():
+        evaluate(compose("evaluate", overrides=[*overrides, f"out_dir={root / name}", "n_bootstrap=50"]))
+    return {name: root / name for name in jobs}

@@ -1,0 +1,39 @@
+"""One tiny trained next-item model per session, and its prepared data as an event log."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from recsys_mamba.config import compose
+
+# key -> value, shrunk so training takes a few seconds on one core
+TINY = {
+    "trainer": {"max_epochs": 1, "limit_train_batches": 2, "limit_val_batches": 1, "limit_test_batches": 1},
+    "model": {"d_model": 16, "n_layers": 1, "max_len": 20},
+    "datamodule": {"batch_size": 32, "eval_batch_size": 64},
+    "data.synthetic": {"n_users": 60, "n_items": 50, "n_categories": 4, "mean_events": 15, "max_events": 30},
+}
+OVERRIDES = [f"{group}.{k}={v}" for group, kv in TINY.items() for k, v in kv.items()] + [
+    "trainer.num_sanity_val_steps=0",
+    "trainer.enable_progress_bar=false",
+    "data.synthetic.min_events=4",
+]
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from recsys_mamba.training.run import train
+
+    run = tmp_path_factory.mktemp("run")
+    cache = tmp_path_factory.mktemp("cache")
+    cfg = compose("train", overrides=[*OVERRIDES, f"paths.output_dir={run}", f"paths.cache_dir={cache}"])
+    train(cfg)
+    ckpt = run / "checkpoints" / "last.ckpt"
+    prepared = next(p for p in cache.iterdir() if (p / "manifest.json").is_file())
+    events = tmp_path_factory.mktemp("events") / "events.parquet"
+    from recsys_mamba.scoring.inputs import prepared_events
+
+    prepared_events(prepared).write_parquet(events)
+    return {"ckpt": ckpt, "prepared": prepared, "events": events, "cache": cache}

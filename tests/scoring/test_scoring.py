@@ -1,0 +1,126 @@
+"""The scoring job in-process: scores match the model, seen items, sharding, candidates, stream."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+
+from recsys_mamba.config import compose
+from recsys_mamba.errors import RecsysError
+from recsys_mamba.scoring.job import score
+from recsys_mamba.scoring.model import load_model
+
+
+def job(trained: dict[str, Path], out: Path, *overrides: str) -> Path:
+    base = [f"ckpt_path={trained['ckpt']}", f"input={trained['events']}", f"output={out}", "progress=false"]
+    return score(compose("score", overrides=base + list(overrides), return_hydra_config=False))
+
+
+def read(folder: Path) -> pl.DataFrame:
+    files = sorted(p for p in folder.glob("*.parquet") if not p.name.startswith("state"))
+    return pl.concat([pl.read_parquet(f) for f in files]).sort(["user_id", "rank"])
+
+
+def model_scores(trained: dict[str, Path], user_id: str, max_len: int = 20) -> torch.Tensor:
+    """The trained module's own ranking scores for one user's prepared history."""
+    module_state = torch.load(trained["ckpt"], map_location="cpu", weights_only=False)["state_dict"]
+    model = load_model(trained["ckpt"])
+    model.encoder.load_state_dict({k[8:]: v for k, v in module_state.items() if k.startswith("encoder.")})
+    users = pl.read_parquet(trained["prepared"] / "user_map.parquet")
+    idx = users.filter(pl.col("user_id").cast(pl.String) == user_id)["user_idx"].item()
+    seq = pl.read_parquet(trained["prepared"] / "sequences.parquet").filter(pl.col("user_idx") == idx)
+    batch = {
+        k: torch.tensor([seq[k][0].to_list()[-max_len:]]) for k in ("items", "categories", "event_types")
+    }
+    with torch.no_grad():
+        return model.encoder.score_all(model.encoder.encode(batch)[:, -1])[0]
+
+
+def test_topk_scores_equal_the_model_and_skip_seen(trained, tmp_path: Path) -> None:
+    manifest = json.loads(job(trained, tmp_path / "a", "top_k=5", "chunk_size=16").read_text())
+    out = read(tmp_path / "a")
+    assert manifest["rows"] == len(out) == manifest["users"] * 5
+    user = out["user_id"][0]
+    rows = out.filter(pl.col("user_id") == user)
+    expected = model_scores(trained, user)
+    model = load_model(trained["ckpt"])
+    idx = [model.id_to_idx[i] for i in rows["item_id"]]
+    np.testing.assert_allclose(rows["score"].to_numpy(), expected[idx].numpy(), rtol=1e-4, atol=1e-5)
+    seen = pl.read_parquet(trained["events"]).filter(pl.col("user_id") == user)["item_id"]
+    assert not set(rows["item_id"]) & set(seen)
+    job(trained, tmp_path / "b", "top_k=5", "exclude_seen=false")
+    unmasked = read(tmp_path / "b").filter(pl.col("user_id") == user)
+    assert unmasked["score"][0] == pytest.approx(float(expected.max()), rel=1e-4)
+
+
+def test_shards_cover_each_user_once(trained, tmp_path: Path) -> None:
+    for i in range(3):
+        job(trained, tmp_path, "top_k=2", f"shard={i}/3")
+    out = read(tmp_path)
+    per_user = out.group_by("user_id").len()
+    n_users = pl.read_parquet(trained["events"])["user_id"].n_unique()
+    assert len(per_user) == n_users and (per_user["len"] == 2).all()
+    assert len(list(tmp_path.glob("_SUCCESS.shard-*-of-3"))) == 3
+
+
+def test_cold_users_and_unknown_candidates(trained, tmp_path: Path) -> None:
+    events = pl.DataFrame({"user_id": ["new"], "item_id": ["no-such-item"]})
+    events.write_parquet(tmp_path / "cold.parquet")
+    manifest = json.loads(job(trained, tmp_path / "o", f"input={tmp_path / 'cold.parquet'}").read_text())
+    assert manifest["cold_users"] == 1 and manifest["unknown_history_items"] == 1
+    model = load_model(trained["ckpt"])
+    assert read(tmp_path / "o")["item_id"][0] == model.item_ids[int(np.argmax(model.item_count))]
+
+    known = pl.read_parquet(trained["events"]).head(1)
+    pairs = pl.DataFrame({"user_id": [known["user_id"][0]] * 2, "item_id": [known["item_id"][0], "bogus"]})
+    pairs.write_parquet(tmp_path / "pairs.parquet")
+    manifest = json.loads(
+        job(trained, tmp_path / "c", "mode=candidates", f"input={tmp_path / 'pairs.parquet'}").read_text()
+    )
+    out = pl.read_parquet(next((tmp_path / "c").glob("*.parquet"))).sort("known_item")
+    assert manifest["unknown_candidate_items"] == 1
+    assert out["known_item"].to_list() == [False, True] and out["score"].null_count() == 1
+    expected = model_scores(trained, known["user_id"][0])[model.id_to_idx[known["item_id"][0]]]
+    assert out["score"][1] == pytest.approx(float(expected), rel=1e-4)
+
+
+def test_stream_equals_full_encoding_and_state_reloads(trained, tmp_path: Path) -> None:
+    events = pl.read_parquet(trained["events"])
+    full = tmp_path / "full"
+    job(trained, full, "top_k=5", "max_len=1000")
+    job(trained, tmp_path / "s", "mode=stream", "top_k=5")
+    np.testing.assert_allclose(
+        read(tmp_path / "s")["score"].to_numpy(), read(full)["score"].to_numpy(), rtol=1e-3, atol=1e-4
+    )
+    assert read(tmp_path / "s")["item_id"].to_list() == read(full)["item_id"].to_list()
+
+    half = len(events) // 2
+    events.head(half).write_parquet(tmp_path / "first.parquet")
+    events.tail(len(events) - half).write_parquet(tmp_path / "rest.parquet")
+    state = tmp_path / "state.parquet"
+    job(trained, tmp_path / "h1", "mode=stream", f"input={tmp_path / 'first.parquet'}", f"state_out={state}")
+    job(
+        trained,
+        tmp_path / "h2",
+        "mode=stream",
+        f"input={tmp_path / 'rest.parquet'}",
+        f"state_in={state}",
+        "top_k=5",
+    )
+    np.testing.assert_allclose(
+        read(tmp_path / "h2")["score"].to_numpy(), read(full)["score"].to_numpy(), rtol=1e-3, atol=1e-4
+    )
+
+
+def test_checkpoint_of_another_data_set(trained, tmp_path: Path) -> None:
+    from recsys_mamba.data import prepare
+
+    data = compose("prepare", overrides=["data.synthetic.n_items=33", "data.synthetic.n_users=20"])
+    other = prepare(data.data, cache_dir=trained["cache"])
+    with pytest.raises(RecsysError, match="another data set"):
+        job(trained, tmp_path, f"prepared={other}")

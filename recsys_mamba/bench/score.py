@@ -42,13 +42,15 @@ from recsys_mamba.models.sasrec import SASRecEncoder
 SLOW_CALL_S = 2.0  # a call slower than this is timed once (its warm-up), to keep the run short
 
 
-def _median_seconds(fn: Callable[[], object], repeats: int) -> float:
-    """Median wall seconds of `fn` over `repeats` calls after one untimed warm-up."""
-    start = time.perf_counter()
-    fn()
-    first = time.perf_counter() - start
-    if first > SLOW_CALL_S:
-        return first
+def _median_seconds(fn: Callable[[], object], repeats: int, warm_up: bool = True) -> float:
+    """Median wall seconds of `fn` over `repeats` calls after one warm-up call (which is the
+    result when slower than SLOW_CALL_S); with warm_up=False every call is timed."""
+    if warm_up:
+        start = time.perf_counter()
+        fn()
+        first = time.perf_counter() - start
+        if first > SLOW_CALL_S:
+            return first
     times = []
     for _ in range(max(1, repeats)):
         start = time.perf_counter()
@@ -127,7 +129,7 @@ def bench_topk(cfg: DictConfig) -> dict[str, Any]:
         model = build_model(cfg, name, manifest["n_items"])
         with torch.inference_mode():
             score_batches(model, batches[:1], cfg.k)  # warm-up (numba compile, allocator)
-            sec = _median_seconds(lambda m=model: score_batches(m, batches, cfg.k), t.repeats)
+            sec = _median_seconds(lambda m=model: score_batches(m, batches, cfg.k), t.repeats, warm_up=False)
         rows.append({"encoder": name, "users": n_users, "events_encoded": n_events, "seconds": sec,
                      "users_per_s": n_users / sec})
         print(f"  (a) {name:6s}: {n_users} users in {sec:.2f} s = {n_users / sec:,.0f} users/s", flush=True)
@@ -192,12 +194,13 @@ def bench_stream_one(model: SequenceEncoder, H: int, n_items: int, k: int, step_
 
 
 def _set_threads(n: int) -> None:
-    torch.set_num_threads(n)
     try:
         import numba
+
+        numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
     except ImportError:
-        return
-    numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+        pass
+    torch.set_num_threads(n)  # after numba's, which can reset torch's thread count
 
 
 def bench_stream(cfg: DictConfig) -> dict[str, Any]:

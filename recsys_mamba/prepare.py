@@ -6,8 +6,10 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from recsys_mamba import checks
 from recsys_mamba.config import hydra_entry
 from recsys_mamba.data import load_manifest, prepare
+from recsys_mamba.data.spec import check_source, normalize
 
 
 def summary(folder: Path) -> str:
@@ -20,8 +22,18 @@ def summary(folder: Path) -> str:
     )
 
 
+def validate_config(cfg: DictConfig) -> None:
+    """Every value of conf/prepare.yaml (and the data config), before any file is read. Whether the
+    output folders can be written is found out by creating them, still before reading."""
+    checks.boolean(checks.select(cfg, "overwrite"), "overwrite")
+    checks.path(checks.select(cfg, "out_dir", default=None), "out_dir", optional=True)
+    checks.path(checks.select(cfg, "paths.cache_dir"), "paths.cache_dir")
+    check_source(normalize(checks.select(cfg, "data")))
+
+
 @hydra_entry("prepare")
 def main(cfg: DictConfig) -> Path:
+    validate_config(cfg)
     folder = prepare(cfg.data, cfg.out_dir, cfg.paths.cache_dir, overwrite=cfg.overwrite)
     print(summary(folder))
     return folder

@@ -25,6 +25,7 @@ import polars as pl
 import pyarrow.parquet as pq
 from omegaconf import DictConfig, OmegaConf
 
+from recsys_mamba import checks
 from recsys_mamba.config import hydra_entry
 from recsys_mamba.data import load_manifest
 from recsys_mamba.errors import RecsysError
@@ -139,8 +140,30 @@ def bench(cfg: DictConfig) -> dict[str, Any]:
     }
 
 
+def validate_config(cfg: DictConfig) -> None:
+    """Every value of conf/bench_pipeline.yaml, before a log is generated or anything prepared."""
+
+    def sel(key: str) -> Any:
+        return checks.select(cfg, key, None)
+
+    checks.boolean(sel("ml1m"), "ml1m")
+    checks.boolean(sel("keep_work"), "keep_work")
+    checks.integer(sel("repeats"), "repeats", minimum=1, maximum=100, example=1)
+    checks.integer(sel("big.n_events"), "big.n_events", minimum=1, maximum=10**10, example=20_000_000)
+    checks.integer(sel("big.n_users"), "big.n_users", minimum=1, maximum=10**9, example=200_000)
+    checks.integer(sel("big.n_items"), "big.n_items", minimum=1, maximum=10**9, example=100_000)
+    checks.seed(sel("big.seed"), "big.seed")
+    checks.integer(sel("big.chunk"), "big.chunk", minimum=1, maximum=10**9, example=2_000_000)
+    overrides = sel("big.data")
+    if not isinstance(overrides, list) or not all(isinstance(o, str) and "=" in o for o in overrides):
+        raise RecsysError(f"big.data={overrides!r} must be a list of key=value overrides of the data config")
+    checks.output_dir(sel("work_dir"), "work_dir")
+    checks.output_file(sel("out_file"), "out_file")
+
+
 @hydra_entry("bench_pipeline")
 def main(cfg: DictConfig) -> dict[str, Any]:
+    validate_config(cfg)
     result = bench(cfg)
     out = Path(cfg.out_file)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -9,12 +9,17 @@ import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from omegaconf import DictConfig
 
+from recsys_mamba import checks
 from recsys_mamba.config import hydra_entry
+from recsys_mamba.errors import RecsysError
 from recsys_mamba.ops import selective_scan
+
+BACKENDS = ("cpu", "ref", "mambapy", "ceiling", "triton", "mamba_ssm")
 
 
 def _sync(device: torch.device) -> None:
@@ -172,8 +177,34 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def validate_config(cfg: DictConfig) -> None:
+    """Every value of conf/bench_scan.yaml, before any tensor is allocated."""
+
+    def sel(key: str) -> Any:
+        return checks.select(cfg, key, None)
+
+    checks.seed(sel("seed"), "seed")
+    checks.integer(sel("dim"), "dim", minimum=1, maximum=1 << 16, example=128)
+    checks.integers(sel("d_states"), "d_states", maximum=1024, example="[16,32]")
+    cases = sel("cases")
+    if not isinstance(cases, list) or not cases:
+        raise RecsysError(f"cases={cases!r} must be a list like [{{length: 200, batch: 64}}]")
+    for i, case in enumerate(cases):
+        if not isinstance(case, dict) or set(case) != {"length", "batch"}:
+            raise RecsysError(f"cases[{i}]={case!r} must be {{length: L, batch: B}}")
+        checks.integer(case["length"], f"cases[{i}].length", minimum=1, maximum=1 << 24)
+        checks.integer(case["batch"], f"cases[{i}].batch", minimum=1, maximum=1 << 20)
+    checks.subset(sel("backends"), "backends", BACKENDS)
+    checks.integer(sel("repeats"), "repeats", minimum=1, maximum=1000, example=3)
+    checks.integer(sel("ref_max_batch"), "ref_max_batch", minimum=1, example=8)
+    checks.integer(sel("ref_max_length"), "ref_max_length", minimum=1, example=4096)
+    checks.integer(sel("threads"), "threads", minimum=1, maximum=4096, optional=True)
+    checks.output_file(sel("output_json"), "output_json")
+
+
 @hydra_entry("bench_scan")
 def main(cfg: DictConfig) -> list[dict]:
+    validate_config(cfg)
     rows = benchmark(cfg)
     path = Path(cfg.output_json)
     path.parent.mkdir(parents=True, exist_ok=True)

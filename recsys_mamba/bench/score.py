@@ -32,9 +32,12 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import Tensor
 
+from recsys_mamba import checks
+from recsys_mamba.bench._threads import set_threads
 from recsys_mamba.config import hydra_entry
 from recsys_mamba.data import load_manifest, prepare
 from recsys_mamba.data.format import SEQUENCES
+from recsys_mamba.errors import RecsysError
 from recsys_mamba.models.base import SequenceEncoder, State
 from recsys_mamba.models.mamba import MambaEncoder
 from recsys_mamba.models.sasrec import SASRecEncoder
@@ -193,16 +196,6 @@ def bench_stream_one(model: SequenceEncoder, H: int, n_items: int, k: int, step_
     return row
 
 
-def _set_threads(n: int) -> None:
-    try:
-        import numba
-
-        numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
-    except ImportError:
-        pass
-    torch.set_num_threads(n)  # after numba's, which can reset torch's thread count
-
-
 def bench_stream(cfg: DictConfig) -> dict[str, Any]:
     s = cfg.stream
     threads = torch.get_num_threads()
@@ -210,11 +203,11 @@ def bench_stream(cfg: DictConfig) -> dict[str, Any]:
         # Batch-1 steps are tiny: a second intra-op thread only adds waiting on a shared machine
         # (a 0.35 ms step measured 16 ms with 2 threads under load), and a server gives each
         # request one core.
-        _set_threads(int(s.threads))
+        set_threads(int(s.threads))
     try:
         return _bench_stream(cfg)
     finally:
-        _set_threads(threads)
+        set_threads(threads)
 
 
 def _bench_stream(cfg: DictConfig) -> dict[str, Any]:
@@ -323,8 +316,42 @@ def benchmark(cfg: DictConfig) -> dict[str, Any]:
     return result
 
 
+def validate_config(cfg: DictConfig) -> None:
+    """Every value of conf/bench_score.yaml, before any data is prepared or a model built."""
+
+    from recsys_mamba.data.spec import normalize
+    from recsys_mamba.training.config_checks import check_model
+
+    def sel(key: str) -> Any:
+        return checks.select(cfg, key, None)
+
+    checks.seed(sel("seed"), "seed")
+    for key in ("threads", "stream.threads"):
+        checks.integer(sel(key), key, minimum=1, maximum=4096, optional=True)
+    models = sel("models")
+    if not isinstance(models, dict) or not models:
+        raise RecsysError(f"models={models!r} must map names to model configs, e.g. model@models.mamba=mamba")
+    for name in checks.subset(sel("encoders"), "encoders", sorted(models)):
+        check_model(cfg, f"models.{name}")
+    k = checks.integer(sel("k"), "k", minimum=1, maximum=1 << 20, example=10)
+    if checks.boolean(sel("topk.enabled"), "topk.enabled"):
+        normalize(sel("data"))
+    checks.integer(sel("topk.max_len"), "topk.max_len", minimum=1, maximum=1 << 20, example=200)
+    checks.integer(sel("topk.batch_size"), "topk.batch_size", minimum=1, maximum=1 << 20)
+    checks.integer(sel("topk.max_users"), "topk.max_users", minimum=1, optional=True)
+    checks.integer(sel("topk.repeats"), "topk.repeats", minimum=1, maximum=1000, example=3)
+    checks.boolean(sel("stream.enabled"), "stream.enabled")
+    checks.integers(sel("stream.histories"), "stream.histories", maximum=1 << 24, example="[10,100]")
+    checks.integer(sel("stream.n_items"), "stream.n_items", minimum=k, maximum=1 << 26)
+    for key in ("stream.step_repeats", "stream.encode_repeats"):
+        checks.integer(sel(key), key, minimum=1, maximum=100_000, example=7)
+    checks.integer(sel("stream.sasrec_max_history"), "stream.sasrec_max_history", minimum=1)
+    checks.output_file(sel("output_json"), "output_json")
+
+
 @hydra_entry("bench_score")
 def main(cfg: DictConfig) -> dict[str, Any]:
+    validate_config(cfg)
     result = benchmark(cfg)
     path = Path(cfg.output_json)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
+import re
 import shutil
+import socket
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -50,9 +53,12 @@ def reusable(target: Path, cfg_hash: str) -> bool:
     except (OSError, json.JSONDecodeError):
         return False
     return (
-        manifest.get("format_version") == FORMAT_VERSION
+        isinstance(manifest, dict)
+        and manifest.get("format_version") == FORMAT_VERSION
         and manifest.get("config_hash") == cfg_hash
         and all(_unchanged(s) for s in manifest.get("sources", []))
+        # A file lost after the fact (deleted by hand, a partial copy of the folder) is caught here too.
+        and all((target / name).is_file() for name in manifest.get("files", []))
     )
 
 
@@ -64,12 +70,69 @@ def _check_replaceable(target: Path) -> None:
         )
 
 
+# Errors that mean "the output could not be written", as OSError errno or in a Polars error's text.
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
+_POLARS_OS_ERROR = re.compile(r"os error (\d+)")
+
+
+def _write_failure(err: BaseException) -> str | None:
+    """Why writing failed (e.g. "No space left on device") when `err` is a write failure, else None."""
+    if isinstance(err, OSError) and err.errno in _WRITE_ERRNOS:
+        return err.strerror or str(err)
+    found = _POLARS_OS_ERROR.search(str(err)) if type(err).__module__.startswith("polars") else None
+    if found and int(found.group(1)) in _WRITE_ERRNOS:
+        return os.strerror(int(found.group(1)))
+    return None
+
+
+# Siblings of a target made by `atomic_folder`: .<name>.<tmp|old>-<host>-<pid>-<random>.
+_SIBLING = re.compile(r"\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<host>[^-]+)-(?P<pid>\d+)-[0-9a-f]{8}")
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname()) or "host"
+
+
+def _sibling(target: Path, kind: str) -> Path:
+    return target.parent / f".{target.name}.{kind}-{_host()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists, owned by someone else
+    return True
+
+
+def _sweep(target: Path) -> None:
+    """Clean up after a killed writer of `target` on this host: drop its temporary folder, and put back
+    the previous folder it had moved aside if the kill came before the new one took its place."""
+    host = _host()
+    try:
+        siblings = list(target.parent.iterdir())
+    except OSError:
+        return
+    for path in siblings:
+        m = _SIBLING.fullmatch(path.name)
+        if not m or m["name"] != target.name or m["host"] != host or _alive(int(m["pid"])):
+            continue
+        if m["kind"] == "old" and not target.exists():
+            with contextlib.suppress(OSError):
+                os.replace(path, target)
+            continue  # never delete the only copy of the previous folder
+        shutil.rmtree(path, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_folder(target: Path) -> Iterator[Path]:
     """Yield a temporary folder next to `target`; on success it replaces `target` in one rename,
     on any error it is removed, so a half-written folder is never left behind."""
+    _sweep(target)
     _check_replaceable(target)
-    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp = _sibling(target, "tmp")
     try:
         tmp.mkdir(parents=True)
     except OSError as err:
@@ -77,15 +140,24 @@ def atomic_folder(target: Path) -> Iterator[Path]:
             f"{target.parent}: cannot create the output folder ({err.strerror}); choose a writable out_dir= "
             "or paths.cache_dir="
         ) from err
+    old = None
     try:
         yield tmp
-        old = None
         if target.exists():
-            old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+            old = _sibling(target, "old")
             os.replace(target, old)
         os.replace(tmp, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        if old is not None and not target.exists():
+            with contextlib.suppress(OSError):  # else the next run's _sweep puts it back
+                os.replace(old, target)
+        reason = _write_failure(err)
+        if reason is None:
+            raise
+        raise RecsysError(
+            f"{target}: writing the prepared data failed ({reason}); free disk space or choose another "
+            f"out_dir= / paths.cache_dir=. Nothing was left half-written; {target} is as it was before"
+        ) from err
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

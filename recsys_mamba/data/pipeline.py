@@ -36,9 +36,13 @@ class _Run:
         self.engine = "streaming" if spec["engine"] == "streaming" else "in-memory"
         self.steps: list[dict[str, Any]] = []
         self.dropped: dict[str, int] = {}
+        self.strings: validate.StringsRead | None = None  # the source re-read as strings, for messages
 
-    def collect(self, lf: pl.LazyFrame) -> pl.DataFrame:
-        return lf.collect(engine=self.engine)
+    def collect(self, lf: pl.LazyFrame, every_field: bool = False) -> pl.DataFrame:
+        # with projection pushdown polars skips the fields no column needs, and with them the check
+        # that a line has no more fields than the header
+        flags = pl.QueryOptFlags(projection_pushdown=False) if every_field else pl.QueryOptFlags()
+        return lf.collect(engine=self.engine, optimizations=flags)
 
     def step(
         self, name: str, df: pl.DataFrame, fn: Callable[[pl.LazyFrame], pl.LazyFrame], reason: str
@@ -65,13 +69,14 @@ def has_timestamps(spec: dict[str, Any]) -> bool:
 
 def _read(run: _Run, scratch: Path) -> pl.DataFrame:
     spec, source = run.spec, run.source
+    run.strings = functools.partial(readers.read, source, spec, scratch, strings=True)
     try:
+        lf = readers.read(source, spec, scratch)
+        plain = readers.local_text(source, scratch)
         # one chunk per column: the sort's gather and later steps are much slower across chunks
-        df = run.collect(readers.read(source, spec, scratch)).rechunk()
-    except pl.exceptions.PolarsError as err:
-        raise validate.diagnose(
-            readers.read(source, spec, scratch, strings=True), spec, source, err
-        ) from None
+        df = run.collect(lf, every_field=readers.layout(spec, plain) is not None).rechunk()
+    except validate.READ_ERRORS as err:
+        raise validate.diagnose(run.strings, spec, source, err, readers.local_text(source, scratch)) from None
     run.record("read", df.height, df.height, {})
     return df
 
@@ -87,9 +92,25 @@ def _clean(run: _Run, df: pl.DataFrame, timed: bool) -> pl.DataFrame:
         counts = validate.null_counts(df, [col])
         if counts:  # raises for on_null=error
             step = functools.partial(
-                validate.handle_nulls, columns=[col], counts=counts, policy=spec["on_null"], source=run.source
+                validate.handle_nulls,
+                columns=[col],
+                counts=counts,
+                policy=spec["on_null"],
+                source=run.source,
+                strings=run.strings,
             )
             df = run.step(f"null_{col}", df, step, f"null_{col}")
+    for col, n in validate.invalid_counts(df, timed).items():  # raises for on_null=error
+        step = functools.partial(
+            validate.handle_invalid,
+            col=col,
+            n=n,
+            policy=spec["on_null"],
+            source=run.source,
+            strings=run.strings,
+        )
+        reason = validate.INVALID[col][0]
+        df = run.step(reason, df, step, reason)
     if "timestamp" not in df.columns:
         df = run.collect(steps.positional_timestamps(df.lazy()))
     # the in-memory engine sorts faster than the streaming one; the frame is in memory already
@@ -123,6 +144,15 @@ def _as_string_map(mapping: pl.DataFrame, value: str) -> pl.DataFrame:
 
 def _index(run: _Run, df: pl.DataFrame, maps: dict[str, pl.DataFrame]) -> tuple[pl.DataFrame, list[str]]:
     """Replace original ids, categories and event types by contiguous indices (0 = none)."""
+    if run.spec["rating_events"]:
+        if "rating" not in df.columns:
+            raise RecsysError(
+                f"{run.source}: data.rating_events=true but the file has no rating column; "
+                "set data.columns.rating (or data.rating_events=false)"
+            )
+        # Each past rating becomes an event type ("rating=4"), so an encoder sees the feedback given
+        # on the history, not only which items were rated.
+        df = df.with_columns(pl.format("rating={}", pl.col("rating").round(1)).alias("event_type"))
     maps["user"] = steps.index_map(df.get_column("user_id"), "user_idx", "user_id")
     maps["item"] = steps.index_map(df.get_column("item_id"), "item_idx", "item_id")
     lf = steps.encode(steps.user_index(df.lazy()), "item_id", maps["item"], "item_idx")

@@ -5,13 +5,19 @@ Standard columns: `user_id`, `item_id` (Int64, or String with `id_type: str`), `
 `label` Int8, `category` (as in the file), and `_row`, the event's position in the file (ties in
 time keep it). Columns the source does not have are left out. With `strings=True` every value column stays
 a string and `_line` (1-based line number in the file) is added, for error diagnosis.
+
+Nothing is repaired quietly: a value that does not fit its column (a fractional or non-finite number in
+an integer column, a line with more fields than the header) makes the typed read fail, and
+`recsys_mamba.data.validate.diagnose` then names the file, the column and the line.
 """
 
 from __future__ import annotations
 
+import csv
 import gzip
 import shutil
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +45,50 @@ def target_dtypes(spec: dict[str, Any]) -> dict[str, pl.DataType]:
     """The dtype each standard column must have after reading (category keeps the file's)."""
     ids = id_dtype(spec)
     return {"user_id": ids, "item_id": ids, **_FIXED_DTYPES}
+
+
+def parsed_dtypes(spec: dict[str, Any]) -> dict[str, pl.DataType]:
+    """`target_dtypes` plus the columns a format parses with a fixed type of its own."""
+    extra = {"category": pl.Int64()} if spec["format"] == "taobao" else {}
+    return {**target_dtypes(spec), **extra}
+
+
+def float_source(spec: dict[str, Any], path: Path, col: str) -> bool:
+    """Whether `col` may come as floats (then whole numbers are accepted in integer columns)."""
+    return path.suffix in (".parquet", ".pq") or (spec["format"] == "recbole" and col == "timestamp")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a text format splits lines into fields, for diagnosing lines polars refuses."""
+
+    separator: str | None  # None: any number of fields (sequence files)
+    fields: int | None  # None: as many as the header row has
+    quoted: bool = False
+    colon_pairs: bool = False  # '::' read as two ':' separators: no field may hold a ':'
+
+
+def layout(spec: dict[str, Any], path: Path) -> Layout | None:
+    """The text layout of `spec['format']`, or None for Parquet."""
+    fmt = spec["format"]
+    if fmt in ("events", "synthetic"):
+        if path.suffix in (".parquet", ".pq"):
+            return None
+        return Layout(spec["separator"] or ",", None if spec["has_header"] else len(_mapped(spec)), True)
+    if fmt == "recbole":
+        return Layout("\t", None)
+    if fmt == "movielens":
+        sep = spec["separator"] or "::"
+        return Layout(sep, 4, colon_pairs=sep == "::" and spec["id_type"] == "int")
+    if fmt == "taobao":
+        return Layout(",", 5)
+    if fmt == "sequence_pairs":
+        return Layout(" ", 2)
+    return Layout(None, None)
+
+
+def _mapped(spec: dict[str, Any]) -> list[str]:
+    return [name for name in spec["columns"].values() if name]
 
 
 def local_text(path: Path, scratch: Path) -> Path:
@@ -75,9 +125,19 @@ def _format_error(shown: Path, fmt: str, line: str, expected: str) -> RecsysErro
     )
 
 
+def _strict_cast(expr: pl.Expr, source: pl.DataType, target: pl.DataType) -> pl.Expr:
+    """Cast that fails (instead of truncating) on fractional or non-finite floats in integer columns."""
+    if source.is_float() and target.is_integer():
+        # NaN fails the strict cast below, so the read stops and diagnose names the value
+        whole = expr.is_null() | (expr.is_finite() & (expr == expr.floor()))
+        expr = pl.when(whole).then(expr).otherwise(float("nan"))
+    return expr.cast(target, strict=True)
+
+
 def _finish(lf: pl.LazyFrame, spec: dict[str, Any], strings: bool, line_offset: int) -> pl.LazyFrame:
     """Cast the present standard columns to their dtypes (absent ones are left out) and add `_row`."""
-    names = lf.collect_schema().names()
+    schema = lf.collect_schema()
+    names = schema.names()
     dtypes = target_dtypes(spec)
     exprs = []
     for col in (c for c in STANDARD if c in names):
@@ -85,7 +145,7 @@ def _finish(lf: pl.LazyFrame, spec: dict[str, Any], strings: bool, line_offset: 
         if strings:
             expr = expr.cast(pl.String)
         elif col in dtypes:
-            expr = expr.cast(dtypes[col], strict=True)
+            expr = _strict_cast(expr, schema[col], dtypes[col])
         exprs.append(expr)
     if "_row" not in names:
         lf = lf.with_row_index("_row")
@@ -109,11 +169,33 @@ def _renamed(lf: pl.LazyFrame, spec: dict[str, Any], shown: Path) -> pl.LazyFram
     return lf.select([pl.col(name).alias(std) for std, name in wanted.items()])
 
 
-def _csv_overrides(spec: dict[str, Any], strings: bool) -> dict[str, pl.DataType]:
+def _check_parquet_types(lf: pl.LazyFrame, shown: Path) -> None:
+    """Nested, object and raw-byte columns cannot be ids, times or values: say so, naming the
+    column, instead of failing to cast."""
+    for name, dtype in lf.collect_schema().items():
+        if dtype.is_nested() or dtype in (pl.Object, pl.Binary):
+            raise RecsysError(
+                f"{shown}: column {name!r} holds {dtype} values, not single numbers or UTF-8 strings; "
+                "store it as numbers or text, or map another column with data.columns.<field>=<name>"
+            )
+
+
+def _header(path: Path, sep: str) -> list[str]:
+    with open(path, encoding="utf-8-sig", errors="replace", newline="") as f:
+        return next(csv.reader(f, delimiter=sep), [])
+
+
+def _csv_overrides(spec: dict[str, Any], strings: bool, header: list[str]) -> dict[str, pl.DataType]:
+    """Typed columns. Every column the config does not map is read as a string: the pipeline parses
+    all fields (so lines with extra fields fail), and an unused column must never fail the read. So
+    is the category: a label column, whose type guessed from the first rows would reject a later
+    label like 'A7' in a column of numbers."""
+    mapped = _mapped(spec)
+    other = {name: pl.String() for name in header if name not in mapped}
     if strings:
-        return {name: pl.String() for name in spec["columns"].values() if name}
-    dtypes = target_dtypes(spec)
-    return {name: dtypes[std] for std, name in spec["columns"].items() if name and std in dtypes}
+        return {**other, **{name: pl.String() for name in mapped}}
+    dtypes = {**target_dtypes(spec), "category": pl.String()}
+    return {**other, **{name: dtypes[std] for std, name in spec["columns"].items() if name and std in dtypes}}
 
 
 def read_events(path: Path, spec: dict[str, Any], strings: bool = False) -> pl.LazyFrame:
@@ -124,7 +206,9 @@ def read_events(path: Path, spec: dict[str, Any], strings: bool = False) -> pl.L
             lf.collect_schema()
         except (pl.exceptions.PolarsError, OSError) as err:
             raise RecsysError(f"{path}: not a readable Parquet file ({err}); check data.path") from err
-        return _finish(_renamed(lf, spec, path), spec, strings, line_offset=1)
+        lf = _renamed(lf, spec, path)
+        _check_parquet_types(lf, path)
+        return _finish(lf, spec, strings, line_offset=1)
     line = first_line(path, path)
     sep = spec["separator"] or ","
     if sep not in line:
@@ -133,7 +217,7 @@ def read_events(path: Path, spec: dict[str, Any], strings: bool = False) -> pl.L
         path,
         separator=sep,
         has_header=spec["has_header"],
-        schema_overrides=_csv_overrides(spec, strings),
+        schema_overrides=_csv_overrides(spec, strings, _header(path, sep) if spec["has_header"] else []),
         infer_schema=not strings,
         quote_char='"',
     )
@@ -147,7 +231,7 @@ def read_recbole(path: Path, spec: dict[str, Any], strings: bool = False) -> pl.
     if not all(f.partition(":")[2] in _RECBOLE_TYPES for f in fields):
         raise _format_error(path, "RecBole atomic", line, "a header like 'user_id:token<TAB>item_id:token'")
     names = [f.split(":", 1)[0] for f in fields]
-    overrides = _csv_overrides(spec, strings)
+    overrides = _csv_overrides(spec, strings, names)
     ts_name = spec["columns"].get("timestamp")
     if not strings and ts_name in names:
         overrides[ts_name] = pl.Float64()  # RecBole types timestamps as float
@@ -181,13 +265,35 @@ def read_movielens(path: Path, spec: dict[str, Any], strings: bool = False) -> p
     if len(line.split(sep)) != 4:
         raise _format_error(path, "MovieLens ratings", line, f"UserID{sep}MovieID{sep}Rating{sep}Timestamp")
     dtypes = {**target_dtypes(spec), "rating": pl.Float32()}
-    if sep == "::":
+    if sep == "::" and spec["id_type"] == "str":
+        lf = _split_lines(path, sep, list(fields), dtypes, strings)
+    elif sep == "::":
         # '::' is two one-byte separators with an empty field between: the fast native parser reads it
         names: list[str | None] = [fields[0], None, fields[1], None, fields[2], None, fields[3]]
         lf = _headless(path, ":", names, dtypes, strings)
     else:
         lf = _headless(path, sep, list(fields), dtypes, strings)
     return _finish(lf, spec, strings, line_offset=1)
+
+
+def _split_lines(
+    path: Path, sep: str, names: list[str], dtypes: dict[str, pl.DataType], strings: bool
+) -> pl.LazyFrame:
+    """Split each line on a multi-character separator (slower than the CSV parser, but string ids
+    may hold any single character of the separator). A line with extra fields keeps them in the last
+    column, whose typed parse then fails and is diagnosed."""
+    parts = pl.col("line").str.strip_chars_end("\r").str.splitn(sep, len(names))
+    lf = (
+        pl.scan_lines(path, name="line")
+        .with_row_index("_line", offset=1)
+        .filter(pl.col("line").str.strip_chars() != "")
+    )
+    raw = (parts.struct.field(f"field_{i}") for i in range(len(names)))
+    fields = (  # an empty field is missing, as in the CSV readers
+        pl.when(f != "").then(f).cast(pl.String if strings else dtypes.get(n, pl.String), strict=True)
+        for f, n in zip(raw, names, strict=True)
+    )
+    return lf.select(pl.col("_line"), *(f.alias(n) for f, n in zip(fields, names, strict=True)))
 
 
 def read_taobao(path: Path, spec: dict[str, Any], strings: bool = False) -> pl.LazyFrame:
@@ -216,8 +322,10 @@ def read_sequences(path: Path, spec: dict[str, Any], strings: bool = False) -> p
             pl.col("tok").list.slice(1).alias("item_id"),
             pl.int_ranges(0, pl.col("tok").list.len() - 1).alias("timestamp"),
         )
-        .explode(["item_id", "timestamp"])
-        .filter(pl.col("item_id").is_not_null() & (pl.col("item_id") != ""))
+        .explode(["item_id", "timestamp"], empty_as_null=True)
+        # a line without items stays as one row with a null item (counted or refused as a null);
+        # only the empty strings between repeated spaces go
+        .filter(pl.col("item_id").is_null() | (pl.col("item_id") != ""))
     )
     if not strings:
         tokens = tokens.drop("_line")

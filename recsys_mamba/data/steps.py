@@ -26,13 +26,16 @@ def chrono_sort(lf: pl.LazyFrame) -> pl.LazyFrame:
     needs ~0.5 GB less at 20 M events than sorting the frame by an expression."""
     if lf.collect_schema()["user_id"].is_integer():
         b = lf.select(
-            (pl.col("user_id").max() - pl.col("user_id").min()).alias("users"),
-            (pl.col("timestamp").max() - pl.col("timestamp").min()).alias("span"),
+            pl.col("user_id").min().alias("u0"),
+            pl.col("user_id").max().alias("u1"),
+            pl.col("timestamp").min().alias("t0"),
+            pl.col("timestamp").max().alias("t1"),
             pl.len().alias("rows"),
         ).collect()
-        users, span, rows = b.row(0)
-        if users is not None:
-            user_bits, time_bits, row_bits = (int(x).bit_length() for x in (users, span, rows))
+        u0, u1, t0, t1, rows = b.row(0)
+        # ranges in Python ints: max - min of int64 ids or times near the limits overflows in int64
+        if u0 is not None and t0 is not None and max(u1 - u0, t1 - t0) < 1 << 63:
+            user_bits, time_bits, row_bits = (int(x).bit_length() for x in (u1 - u0, t1 - t0, rows))
             user = (pl.col("user_id") - pl.col("user_id").min()).cast(pl.UInt64)
             time = (pl.col("timestamp") - pl.col("timestamp").min()).cast(pl.UInt64)
             if user_bits + time_bits + row_bits <= 64:
@@ -54,7 +57,9 @@ def deduplicate(lf: pl.LazyFrame, policy: str) -> pl.LazyFrame:
     if policy == "keep":
         return lf
     if policy == "exact":
-        return lf.filter(pl.struct("user_id", "item_id", "timestamp", "event_type").is_first_distinct())
+        present = lf.collect_schema().names()
+        key = [c for c in ("user_id", "item_id", "timestamp", "event_type") if c in present]
+        return lf.filter(pl.struct(key).is_first_distinct())
     pair = pl.struct("user_id", "item_id")
     return lf.filter(pair.is_first_distinct() if policy == "first" else pair.is_last_distinct())
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -11,6 +12,7 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+from recsys_mamba import checks
 from recsys_mamba.config import project_root
 from recsys_mamba.errors import RecsysError
 from recsys_mamba.evaluation.breakdown import ctr_buckets, full_metrics, metric_fn
@@ -18,7 +20,6 @@ from recsys_mamba.evaluation.plots import plots
 from recsys_mamba.evaluation.render import Section, html_page, markdown
 from recsys_mamba.evaluation.scoring import Scored, score
 from recsys_mamba.evaluation.stats import bootstrap, paired_p_value, percentile_ci, user_draws
-from recsys_mamba.training.run import write_json_atomic
 
 LOWER_IS_BETTER = ("logloss", "ece")
 MANIFEST_KEYS = ("name", "config_hash", "n_users", "n_items", "n_interactions", "created_at")
@@ -34,6 +35,26 @@ def check_out_dir(out_dir: Path) -> None:
         raise RecsysError(
             f"out_dir={out_dir} is not writable ({err}); pass a folder you can write to"
         ) from err
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Every value of conf/evaluate.yaml, checked before any checkpoint is loaded or scored."""
+    if checks.select(cfg, "ckpt_path", default=None) in (None, ""):
+        raise RecsysError(
+            "ckpt_path is required: python -m recsys_mamba.evaluate ckpt_path=<run>/checkpoints/x.ckpt"
+        )
+    checks.output_dir(checks.select(cfg, "out_dir"), "out_dir")
+    compare = checks.select(cfg, "compare", default=None)
+    if compare is not None and not isinstance(compare, list):
+        raise RecsysError(f"compare={compare!r} must be a list of checkpoints, e.g. compare=[a.ckpt,b.ckpt]")
+    keys = ["ckpt_path", *(f"compare[{i}]" for i in range(len(compare or [])))]
+    for key, value in zip(keys, [checks.select(cfg, "ckpt_path"), *(compare or [])], strict=True):
+        ckpt = checks.path(value, key)
+        if not ckpt.is_file():
+            raise RecsysError(f"{key}: checkpoint {ckpt} does not exist; pass .ckpt files from training runs")
+    checks.seed(checks.select(cfg, "seed"), "seed")
+    checks.integer(checks.select(cfg, "n_bootstrap"), "n_bootstrap", minimum=1, maximum=10**6, example=200)
+    checks.integer(checks.select(cfg, "n_bins"), "n_bins", minimum=1, maximum=10**4, example=10)
 
 
 def check_comparable(models: list[Scored]) -> None:
@@ -184,14 +205,31 @@ def sections(payload: dict[str, Any], images: dict[str, str], config_yaml: str) 
     return out
 
 
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def write_files_atomic(files: dict[Path, str]) -> None:
+    """Write every file to a temporary sibling, then rename them all: a full disk (or a kill) while writing
+    leaves the previous report, all of its files, as it was."""
+    staged: list[tuple[Path, Path]] = []
+    try:
+        for path, text in files.items():
+            staged.append((path.with_name(f".{path.name}.tmp-{os.getpid()}"), path))
+            staged[-1][0].write_text(text)
+    except OSError as err:
+        for tmp, _ in staged:
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass  # the folder itself is unwritable or gone: nothing was left there
+        raise RecsysError(
+            f"cannot write {staged[-1][1]} ({err.strerror or err}); free disk space or pass a writable "
+            f"out_dir=; the previous report in {staged[-1][1].parent}, if any, is unchanged"
+        ) from err
+    for tmp, path in staged:
+        os.replace(tmp, path)
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Score `cfg.ckpt_path` (and `cfg.compare`) on the test split; write the report to `cfg.out_dir`."""
+    validate_config(cfg)
     if not cfg.get("ckpt_path"):
         raise RecsysError(
             "ckpt_path is required: python -m recsys_mamba.evaluate ckpt_path=<run>/checkpoints/x.ckpt"
@@ -229,8 +267,12 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     report = sections(
         payload, plots(models, [s["metrics"] for s in summary], n_bins), OmegaConf.to_yaml(config)
     )
-    write_json_atomic(out_dir / "metrics.json", payload)
-    write_atomic(out_dir / "report.md", markdown(title, report))
-    write_atomic(out_dir / "report.html", html_page(title, report))
+    write_files_atomic(
+        {
+            out_dir / "metrics.json": json.dumps(payload, indent=2, allow_nan=False) + "\n",
+            out_dir / "report.md": markdown(title, report),
+            out_dir / "report.html": html_page(title, report),
+        }
+    )
     print(f"{payload['verdict']}\nreport: {out_dir / 'report.html'}")
     return payload

@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from recsys_mamba.config import register_resolvers
 from recsys_mamba.errors import RecsysError
+from recsys_mamba.training.checkpoint import check_targets, run_checkpoint_io
 from recsys_mamba.training.run import build
 
 
@@ -53,7 +54,9 @@ def load_run_config(ckpt_path: Path) -> DictConfig:
         )
     register_resolvers()
     cfg = OmegaConf.load(config)
-    assert isinstance(cfg, DictConfig)
+    if not isinstance(cfg, DictConfig):
+        raise RecsysError(f"{config} is not a run config (a YAML mapping); restore the one that train wrote")
+    check_targets(cfg, config)
     return cfg
 
 
@@ -79,11 +82,12 @@ def score(ckpt_path: Path) -> Scored:
         strategy="auto",
         enable_progress_bar=False,
         enable_model_summary=False,
+        plugins=[run_checkpoint_io(cfg, dm, module)],
     )
     with warnings.catch_warnings():
         # Training-only callbacks (checkpointing, early stopping) are not needed to test the weights.
         warnings.filterwarnings("ignore", message=".*callbacks used to create the checkpoint")
-        trainer.test(module, datamodule=dm, ckpt_path=str(ckpt_path), weights_only=False, verbose=False)
+        trainer.test(module, datamodule=dm, ckpt_path=str(ckpt_path), weights_only=True, verbose=False)
     captured = dict(module.last_outputs.get("test", {}))
     if not captured:
         raise RecsysError(f"the test split of {ckpt_path} produced no samples; nothing to evaluate")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import zlib
 from pathlib import Path
 
@@ -9,14 +10,61 @@ import numpy as np
 import polars as pl
 
 from recsys_mamba.data.format import MANIFEST, SEQUENCES, USER_MAP, load_manifest
+from recsys_mamba.data.readers import Layout
+from recsys_mamba.data.validate import READ_ERRORS, text_problem
 from recsys_mamba.errors import RecsysError
 from recsys_mamba.scoring.model import ScoringModel
 
 EVENT_COLUMNS = ("user_id", "item_id")
+_SHOW = 5
+_SHARD = re.compile(r"\s*([0-9]+)\s*/\s*([0-9]+)\s*")
+MAX_SHARDS = 1 << 32  # user ids hash to crc32 values: more shards than that would all be empty
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
+def _read_csv(path: Path) -> pl.DataFrame:
+    """Every column as text: a guessed number type would turn id "007" into "7" (and ids beyond
+    int64 into floats); timestamps are parsed, and checked, by `_timestamps`."""
+    try:
+        return pl.read_csv(path, infer_schema=False)
+    except READ_ERRORS as err:
+        problem = text_problem(path, Layout(",", None, quoted=True))
+        detail = problem or _first_line(err)
+        raise RecsysError(f"input={path}: cannot be read as CSV: {detail}") from None
+
+
+def _read_parquet(path: Path) -> pl.DataFrame:
+    try:
+        return pl.read_parquet(path)
+    except READ_ERRORS as err:
+        raise RecsysError(f"input={path}: not a readable Parquet or .csv file ({_first_line(err)})") from None
+
+
+def _rows(df: pl.DataFrame, mask: pl.Expr) -> list[int]:
+    return df.with_row_index("_r", offset=1).filter(mask).head(_SHOW)["_r"].to_list()
+
+
+def _check_ids(df: pl.DataFrame, path: Path, columns: tuple[str, ...]) -> None:
+    """Id columns must hold single values, none missing: a null user or item cannot be scored."""
+    for col in columns:
+        dtype = df.schema[col]
+        if dtype.is_nested() or dtype == pl.Object:
+            raise RecsysError(f"input={path}: column {col!r} holds {dtype} values, not numbers or text")
+        nulls = df[col].null_count()
+        if nulls:
+            rows = _rows(df, pl.col(col).is_null())
+            raise RecsysError(
+                f"input={path}: column {col!r} is empty in {nulls} rows (rows {rows}, 1-based); fill in or "
+                "remove those rows"
+            )
 
 
 def read_table(path: str | Path, required: tuple[str, ...]) -> pl.DataFrame:
-    """A Parquet file / folder of Parquet files, or a CSV, with at least the `required` columns."""
+    """A Parquet file / folder of Parquet files, or a CSV, with at least the `required` columns,
+    which must hold single values, none of them missing."""
     path = Path(path)
     if not path.exists():
         raise RecsysError(f"input={path} does not exist")
@@ -24,27 +72,88 @@ def read_table(path: str | Path, required: tuple[str, ...]) -> pl.DataFrame:
         files = sorted(path.glob("*.parquet"))
         if not files:
             raise RecsysError(f"input={path} is a folder without .parquet files or a {MANIFEST}")
-        df = pl.concat([pl.read_parquet(f) for f in files], how="diagonal_relaxed")
-    elif path.suffix == ".csv":
-        df = pl.read_csv(path, infer_schema_length=10_000)
-    else:
+        frames = [_read_parquet(f) for f in files]
         try:
-            df = pl.read_parquet(path)
-        except Exception as err:
-            raise RecsysError(f"input={path}: not a Parquet or .csv file ({err})") from err
+            df = pl.concat(frames, how="diagonal_relaxed")
+        except READ_ERRORS as err:
+            raise RecsysError(
+                f"input={path}: its .parquet files have clashing column types ({_first_line(err)}); "
+                "give every part the same schema"
+            ) from None
+    elif path.suffix == ".csv":
+        df = _read_csv(path)
+    else:
+        df = _read_parquet(path)
     missing = [c for c in required if c not in df.columns]
     if missing:
         raise RecsysError(f"input={path} lacks column(s) {missing}; it has {df.columns}")
+    _check_ids(df, path, required)
     return df
+
+
+def as_ids(df: pl.DataFrame, col: str, path: Path | str) -> pl.Series:
+    """`col` as strings; whole floats print as integers (1.0 -> "1") so they match the model's item
+    map whatever number type the input has; other floats are an error naming the rows."""
+    s = df[col]
+    if s.dtype.is_float():
+        c = pl.col(col)
+        bad = c.is_not_null() & ~(c.is_finite() & (c == c.floor()) & (c.abs() < 2.0**63))
+        rows = _rows(df, bad)
+        if rows:
+            raise RecsysError(
+                f"input={path}: column {col!r} holds numbers that are not integers (rows {rows}, 1-based); "
+                "ids must be integers or strings"
+            )
+        s = s.cast(pl.Int64)
+    try:
+        return s.cast(pl.String)
+    except READ_ERRORS as err:
+        raise RecsysError(f"input={path}: column {col!r} does not hold ids ({_first_line(err)})") from None
+
+
+def _timestamps(df: pl.DataFrame, path: Path) -> pl.Series:
+    """`timestamp` as int64 (the file order when absent); a value that is not a whole number within
+    int64 (text, a fraction, NaN, inf, empty) is an error naming the rows: a guessed time would
+    silently reorder the user's history."""
+    if "timestamp" not in df.columns:
+        return pl.int_range(df.height, dtype=pl.Int64, eager=True).alias("timestamp")
+    raw = df["timestamp"]
+    col = pl.col("timestamp")
+    if raw.dtype.is_temporal():
+        parsed = col.cast(pl.Int64)
+    elif raw.dtype == pl.String:
+        parsed = col.str.strip_chars().cast(pl.Int64, strict=False)
+    elif raw.dtype.is_float():
+        whole = col.is_finite() & (col == col.floor()) & (col.abs() < 2.0**63)
+        parsed = pl.when(whole).then(col).cast(pl.Int64, strict=False)
+    elif raw.dtype.is_numeric() and not raw.dtype.is_decimal():
+        parsed = col.cast(pl.Int64, strict=False)  # UInt64 above 2**63 - 1 becomes null
+    else:
+        parsed = pl.lit(None, dtype=pl.Int64)
+    out = df.select(parsed.alias("timestamp"), raw.alias("_raw")).with_row_index("_r", offset=1)
+    bad = out.filter(pl.col("timestamp").is_null()).head(_SHOW)
+    if bad.height:
+        n = out["timestamp"].null_count()
+        raise RecsysError(
+            f"input={path}: column 'timestamp' must hold whole numbers (unix time) but {n} rows do not "
+            f"(rows {bad['_r'].to_list()}, 1-based: {bad['_raw'].to_list()}); fix or remove them, or drop "
+            "the column to use the file order"
+        )
+    return out["timestamp"]
 
 
 def prepared_events(folder: Path) -> pl.DataFrame:
     """A prepared folder as an event log with original ids (time order kept by `seq`)."""
     manifest = load_manifest(folder)
     names = [str(n) for n in manifest.get("event_types") or []]
-    seq = pl.read_parquet(folder / SEQUENCES, columns=["user_idx", "items", "event_types"])
-    items = pl.read_parquet(folder / "item_map.parquet", columns=["item_idx", "item_id"])
-    users = pl.read_parquet(folder / USER_MAP)
+    try:
+        seq = pl.read_parquet(folder / SEQUENCES, columns=["user_idx", "items", "event_types"])
+        items = pl.read_parquet(folder / "item_map.parquet", columns=["item_idx", "item_id"])
+        users = pl.read_parquet(folder / USER_MAP)
+    except READ_ERRORS as err:
+        raise RecsysError(
+            f"input={folder}: a prepared folder with unreadable files ({_first_line(err)}); prepare it again"
+        ) from None
     events = (
         seq.explode(["items", "event_types"])
         .with_row_index("seq")
@@ -69,15 +178,17 @@ def read_events(path: str | Path) -> pl.DataFrame:
     if path.is_dir() and (path / MANIFEST).is_file():
         return prepared_events(path)
     df = read_table(path, EVENT_COLUMNS)
-    return df.select(
-        pl.col("user_id").cast(pl.String),
-        pl.col("item_id").cast(pl.String),
-        (pl.col("timestamp") if "timestamp" in df.columns else pl.int_range(pl.len()))
-        .cast(pl.Int64)
-        .alias("timestamp"),
-        (pl.col("event_type") if "event_type" in df.columns else pl.lit(None))
-        .cast(pl.String)
-        .alias("event_type"),
+    if "event_type" in df.columns:
+        event_type = as_ids(df, "event_type", path)
+    else:
+        event_type = pl.Series("event_type", [None] * df.height, dtype=pl.String)
+    return pl.DataFrame(
+        [
+            as_ids(df, "user_id", path),
+            as_ids(df, "item_id", path),
+            _timestamps(df, path),
+            event_type.alias("event_type"),
+        ]
     )
 
 
@@ -131,15 +242,16 @@ def histories(model: ScoringModel, events: pl.DataFrame) -> tuple[pl.DataFrame, 
 def shard_mask(user_ids: pl.Series, shard: str) -> np.ndarray:
     """Rows whose user falls in `shard` "I/N": crc32 of the user id mod N == I (stable across runs)."""
     index, count = parse_shard(shard)
+    if user_ids.null_count():
+        raise RecsysError("user_id is empty in some rows; every row to score needs a user id")
     codes = np.fromiter((zlib.crc32(u.encode()) for u in user_ids.cast(pl.String)), np.int64, len(user_ids))
     return codes % count == index
 
 
 def parse_shard(shard: str) -> tuple[int, int]:
-    try:
-        index, count = (int(x) for x in str(shard).split("/"))
-    except ValueError:
-        index, count = -1, 0
-    if not 0 <= index < count:
-        raise RecsysError(f"shard={shard!r} must be I/N with 0 <= I < N, e.g. shard=0/4")
+    """"I/N" (ASCII digits) with 0 <= I < N <= 2**32."""
+    match = _SHARD.fullmatch(shard) if isinstance(shard, str) else None
+    index, count = (int(match[1]), int(match[2])) if match else (-1, 0)
+    if not 0 <= index < count <= MAX_SHARDS:
+        raise RecsysError(f"shard={shard!r} must be I/N with 0 <= I < N <= 2**32, e.g. shard=0/4")
     return index, count

@@ -8,6 +8,7 @@ from typing import Any
 import polars as pl
 from omegaconf import DictConfig
 
+from recsys_mamba import checks
 from recsys_mamba.errors import RecsysError
 from recsys_mamba.scoring import batch, inputs, parts
 from recsys_mamba.scoring.model import ScoringModel, load_model
@@ -90,17 +91,37 @@ def _stream(model: ScoringModel, cfg: DictConfig, out: Path, prefix: str) -> tup
     return parts_, info
 
 
+def validate_config(cfg: DictConfig) -> None:
+    """Every value of conf/score.yaml, checked before the model is loaded or any input read."""
+    mode = checks.select(cfg, "mode")
+    if isinstance(mode, bool) or mode not in MODES:
+        raise RecsysError(f"mode={mode!r} must be one of {MODES}")
+    for key in ("ckpt_path", "input", "output"):
+        if checks.select(cfg, key, default=None) in (None, ""):
+            raise RecsysError(f"{key}=... is required, e.g. python -m recsys_mamba.score {key}=PATH")
+    checks.existing_file(checks.select(cfg, "ckpt_path"), "ckpt_path", what="a .ckpt file from a train run")
+    checks.existing(checks.select(cfg, "input"), "input", what="an event log, pairs file or prepared folder")
+    checks.output_dir(checks.select(cfg, "output"), "output")
+    prepared = checks.path(checks.select(cfg, "prepared", default=None), "prepared", optional=True)
+    if prepared is not None and not (prepared / "manifest.json").is_file():
+        raise RecsysError(f"prepared={prepared} holds no manifest.json; pass a prepared folder or null")
+    checks.existing(checks.select(cfg, "history", default=None), "history", optional=True)
+    checks.integer(checks.select(cfg, "top_k"), "top_k", minimum=1, maximum=1 << 20, example=10)
+    checks.integer(checks.select(cfg, "chunk_size"), "chunk_size", minimum=1, maximum=1 << 24, example=1024)
+    max_len = checks.select(cfg, "max_len", default=None)
+    checks.integer(max_len, "max_len", minimum=1, maximum=1 << 24, optional=True, example=200)
+    checks.boolean(checks.select(cfg, "exclude_seen"), "exclude_seen")
+    checks.boolean(checks.select(cfg, "progress"), "progress")
+    checks.number(checks.select(cfg, "pause_s"), "pause_s", minimum=0, maximum=3600, example=0.0)
+    inputs.parse_shard(checks.select(cfg, "shard"))
+    checks.existing_file(checks.select(cfg, "state_in", default=None), "state_in", optional=True)
+    checks.output_file(checks.select(cfg, "state_out", default=None), "state_out", optional=True)
+
+
 def score(cfg: DictConfig) -> Path:
     """Run the job `cfg` describes (conf/score.yaml); returns the `_SUCCESS` manifest's path."""
-    if cfg.mode not in MODES:
-        raise RecsysError(f"mode={cfg.mode!r} must be one of {MODES}")
-    for key in ("ckpt_path", "input", "output"):
-        if not cfg.get(key):
-            raise RecsysError(f"{key}=... is required, e.g. python -m recsys_mamba.score {key}=PATH")
-    if int(cfg.top_k) < 1 or int(cfg.chunk_size) < 1:
-        raise RecsysError(f"top_k={cfg.top_k} and chunk_size={cfg.chunk_size} must be positive integers")
-    inputs.parse_shard(cfg.shard)
-    out = parts.prepare_output(cfg.output)
+    validate_config(cfg)
+    out = parts.prepare_output(cfg.output, cfg.shard)
     model = load_model(cfg.ckpt_path, cfg.prepared, cfg.max_len)
     prefix = parts.part_prefix(cfg.mode, cfg.shard)
     run = {"topk": _topk, "candidates": _candidates, "stream": _stream}[cfg.mode]

@@ -17,6 +17,7 @@ from recsys_mamba.config import register_resolvers
 from recsys_mamba.data.format import ITEM_MAP, load_manifest
 from recsys_mamba.errors import RecsysError
 from recsys_mamba.models.base import SequenceEncoder
+from recsys_mamba.training.checkpoint import check_expected, check_targets, load_checkpoint
 
 
 @dataclass
@@ -44,9 +45,14 @@ class ScoringModel:
 def run_config(ckpt: Path) -> DictConfig:
     """The config `train` wrote into the run folder (<run>/config.yaml; ckpt in <run>/checkpoints)."""
     for folder in (ckpt.parent.parent, ckpt.parent):
-        if (folder / "config.yaml").is_file():
+        config = folder / "config.yaml"
+        if config.is_file():
             register_resolvers()
-            return OmegaConf.load(folder / "config.yaml")  # type: ignore[return-value]
+            cfg = OmegaConf.load(config)
+            if not isinstance(cfg, DictConfig):
+                raise RecsysError(f"{config} is not a run config (a YAML mapping); restore train's one")
+            check_targets(cfg, config)
+            return cfg
     raise RecsysError(
         f"no config.yaml beside checkpoint {ckpt} (looked in {ckpt.parent.parent} and {ckpt.parent}); "
         "score checkpoints written by python -m recsys_mamba.train, kept inside their run folder"
@@ -65,19 +71,13 @@ def prepared_folder(cfg: DictConfig, prepared: str | None) -> Path:
     return Path(prepare(data, cache_dir=OmegaConf.select(cfg, "paths.cache_dir")))
 
 
-def read_checkpoint(ckpt: Path) -> dict[str, torch.Tensor]:
+def read_checkpoint(ckpt: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The checkpoint's weights and metadata, read without unpickling code."""
     if not ckpt.is_file():
         raise RecsysError(
             f"ckpt_path={ckpt} does not exist; pass a .ckpt file, e.g. <run>/checkpoints/last.ckpt"
         )
-    try:
-        # Lightning checkpoints pickle the optimizer partials in their hyperparameters.
-        saved = torch.load(ckpt, map_location="cpu", weights_only=False)
-    except Exception as err:  # any unpickling failure means "not a checkpoint"
-        raise RecsysError(f"ckpt_path={ckpt} is not a readable PyTorch checkpoint ({err})") from err
-    if not isinstance(saved, dict) or "state_dict" not in saved:
-        raise RecsysError(f"ckpt_path={ckpt} holds no state_dict; pass a Lightning .ckpt written by train")
-    return saved["state_dict"]
+    return load_checkpoint(ckpt)
 
 
 def _submodule_state(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -88,11 +88,18 @@ def load_model(
     ckpt_path: str | Path, prepared: str | None = None, max_len: int | None = None
 ) -> ScoringModel:
     ckpt = Path(ckpt_path)
-    state = read_checkpoint(ckpt)
+    state, meta = read_checkpoint(ckpt)
     cfg = run_config(ckpt)
     folder = prepared_folder(cfg, prepared)
     manifest = load_manifest(folder)
     n_items = int(manifest["n_items"])
+    expect = {
+        "task": str(cfg.task.name),
+        "model_target": OmegaConf.select(cfg, "model._target_", default=None),
+        "n_items": n_items,
+        "data_config_hash": manifest.get("config_hash"),
+    }
+    check_expected(ckpt, meta, expect)
     trained = state.get("encoder.item_emb.weight")
     if trained is None or trained.shape[0] - 1 != n_items:
         got = None if trained is None else trained.shape[0] - 1

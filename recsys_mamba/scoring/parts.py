@@ -11,11 +11,14 @@ from typing import Any
 import polars as pl
 from tqdm import tqdm
 
+from recsys_mamba import files
 from recsys_mamba.errors import RecsysError
 
+RERUN_HINT = "free disk space or choose another output=, then rerun: finished parts are kept and skipped"
 
-def prepare_output(output: str | Path) -> Path:
-    """The output folder, created; stale temporary parts of a killed run are removed."""
+def prepare_output(output: str | Path, shard: str = "0/1") -> Path:
+    """The output folder, created; stale temporary files of this shard's killed run are removed (only
+    this shard's: other shards may be writing theirs into the same folder right now)."""
     out = Path(output)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -24,15 +27,17 @@ def prepare_output(output: str | Path) -> Path:
         probe.unlink()
     except OSError as err:
         raise RecsysError(f"output={out} is not a writable folder ({err.strerror})") from err
+    index, count = (int(x) for x in shard.split("/"))
+    mine = f"-{index:05d}-of-{count:05d}"  # in every part and state file name of this shard
     for stale in out.glob(".*.tmp"):
-        stale.unlink()
+        if mine in stale.name or stale.name == f".{success_name(shard)}.tmp":
+            stale.unlink(missing_ok=True)
     return out
 
 
 def write_atomic(path: Path, write: Callable[[Path], Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    """`write(tmp)` then rename onto `path`: a kill or a full disk never leaves a partial `path`."""
+    files.write_atomic(path, write, hint=RERUN_HINT)
 
 
 def run_parts(

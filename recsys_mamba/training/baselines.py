@@ -5,8 +5,10 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 import torch
+from scipy.sparse import csr_matrix, hstack
+from sklearn.linear_model import LogisticRegression
 
-from recsys_mamba.metrics import auc, gauc, ranking_metrics, target_ranks
+from recsys_mamba.metrics import auc, gauc, logloss, ranking_metrics, target_ranks
 from recsys_mamba.training.datamodule import CTRDataset, RecDataModule
 from recsys_mamba.training.module import history_without_target
 
@@ -51,4 +53,37 @@ def _ctr_popularity(dm: RecDataModule) -> dict[str, float]:
         "auc": auc(test.labels, scores),
         "gauc": gauc(test.users, test.labels, scores),
         "count_auc": auc(test.labels, dm.item_counts[test.items]),
+    }
+
+
+def bias_baseline(dm: RecDataModule, prefix: str = "baseline_bias_", l2: float = 1.0) -> dict[str, float]:
+    """ctr only: a logistic regression on one-hot user and item ids (a user bias plus an item bias).
+
+    The strongest model that ignores the order of events: it knows how often each user clicks and how
+    clickable each item is. Users or items unseen in training get only the global intercept.
+    """
+    if dm.task != "ctr" or dm.ctr_train is None:
+        return {}
+    n_users = int(dm.datasets["test"].store.row_of_user.size)
+    n_items = len(dm.item_counts)
+
+    def features(users: np.ndarray, items: np.ndarray) -> csr_matrix:
+        rows = np.arange(len(users))
+        ones = np.ones(len(users))
+        user = csr_matrix((ones, (rows, np.minimum(users, n_users - 1))), shape=(len(users), n_users))
+        item = csr_matrix((ones, (rows, items)), shape=(len(users), n_items))
+        return hstack([user, item], format="csr")
+
+    train = dm.ctr_train
+    labels = train["label"].to_numpy().astype(np.int64)
+    if labels.min() == labels.max():
+        return {}
+    model = LogisticRegression(C=1.0 / l2, max_iter=500)
+    model.fit(features(train["user_idx"].to_numpy(), train["item_idx"].to_numpy()), labels)
+    test: CTRDataset = dm.datasets["test"]
+    probs = model.predict_proba(features(test.users, test.items))[:, 1]
+    return {
+        f"{prefix}auc": auc(test.labels, probs),
+        f"{prefix}gauc": gauc(test.users, test.labels, probs),
+        f"{prefix}logloss": logloss(test.labels, probs),
     }

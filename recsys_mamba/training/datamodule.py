@@ -16,7 +16,7 @@ Rows are right-padded with 0 to the longest row of the batch.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ import numpy as np
 import polars as pl
 import torch
 from omegaconf import DictConfig
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from recsys_mamba.errors import RecsysError
 
@@ -105,6 +105,10 @@ class _BatchDataset(Dataset):
     def build(self, idx: np.ndarray) -> Batch:
         raise NotImplementedError
 
+    def lengths(self) -> np.ndarray:
+        """Padded width each row needs (its history length), for length-bucketed batching."""
+        raise NotImplementedError
+
 
 class NextItemTrainDataset(_BatchDataset):
     def __init__(
@@ -117,6 +121,9 @@ class NextItemTrainDataset(_BatchDataset):
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    def lengths(self) -> np.ndarray:
+        return np.minimum(self.n_train - 1, self.max_len)
 
     def build(self, idx: np.ndarray) -> Batch:
         n_inputs = self.n_train[idx] - 1
@@ -139,6 +146,9 @@ class NextItemEvalDataset(_BatchDataset):
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    def lengths(self) -> np.ndarray:
+        return np.minimum(self.target_pos, self.max_len)
 
     def build(self, idx: np.ndarray) -> Batch:
         rows = self.rows[idx]
@@ -169,6 +179,9 @@ class CTRDataset(_BatchDataset):
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def lengths(self) -> np.ndarray:
+        return np.minimum(self.hist_len, self.max_len)
 
     def build(self, idx: np.ndarray) -> Batch:
         hist = self.hist_len[idx]
@@ -212,6 +225,9 @@ class CTRWindowDataset(_BatchDataset):
     def __len__(self) -> int:
         return len(self.win_row)
 
+    def lengths(self) -> np.ndarray:
+        return self.win_len
+
     def build(self, idx: np.ndarray) -> Batch:
         batch = self.store.history(
             self.store.start[self.win_row[idx]] + self.win_start[idx], self.win_len[idx]
@@ -227,6 +243,44 @@ class CTRWindowDataset(_BatchDataset):
         batch["labels"] = torch.from_numpy(s.labels[picks])
         batch["users"] = torch.from_numpy(s.users[picks])
         return batch
+
+
+class LengthBucketBatchSampler(Sampler[list[int]]):
+    """Batches of rows with similar lengths, so little of each padded batch is padding.
+
+    Each epoch the seeded `DistributedSampler` order is cut into pools of `pool_batches` batches, each
+    pool is sorted by row length and cut into batches, and the batch order is shuffled. Like the plain
+    sampler, the order depends only on (seed, epoch), so a resumed run sees the same batches.
+    """
+
+    def __init__(
+        self, sampler: DistributedSampler, lengths: np.ndarray, batch_size: int, pool_batches: int = 64
+    ) -> None:
+        self.sampler = sampler
+        self.lengths = np.asarray(lengths)
+        self.batch_size = int(batch_size)
+        self.pool = int(batch_size) * int(pool_batches)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def _batches(self) -> list[list[int]]:
+        order = np.fromiter(iter(self.sampler), dtype=np.int64)
+        batches: list[list[int]] = []
+        for lo in range(0, len(order), self.pool):
+            pool = order[lo : lo + self.pool]
+            pool = pool[np.argsort(self.lengths[pool], kind="stable")]
+            batches += [pool[i : i + self.batch_size].tolist() for i in range(0, len(pool), self.batch_size)]
+        rng = np.random.default_rng([self.sampler.seed, self.sampler.epoch])
+        return [batches[i] for i in rng.permutation(len(batches))]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self._batches())
+
+    def __len__(self) -> int:
+        n = len(self.sampler)
+        full, rest = divmod(n, self.pool)
+        return full * -(-self.pool // self.batch_size) + -(-rest // self.batch_size)
 
 
 def collate_batch(batch: Batch) -> Batch:
@@ -249,6 +303,7 @@ class RecDataModule(L.LightningDataModule):
         seed: int = 42,
         positive_targets: bool = True,
         ctr_train_windows: bool = True,
+        bucket_by_length: bool = False,
         cache_dir: str | None = None,
         prepared_dir: str | None = None,
     ) -> None:
@@ -267,6 +322,7 @@ class RecDataModule(L.LightningDataModule):
         self.seed = int(seed)
         self.positive_targets = bool(positive_targets)
         self.ctr_train_windows = bool(ctr_train_windows)
+        self.bucket_by_length = bool(bucket_by_length)
         self.cache_dir = cache_dir
         self.prepared_dir = Path(prepared_dir) if prepared_dir else None
         self.manifest: dict[str, Any] = {}
@@ -354,12 +410,13 @@ class RecDataModule(L.LightningDataModule):
 
     # ---- loaders --------------------------------------------------------------------------------
 
-    def _loader(self, split: str, batch_size: int, sampler: Any = None) -> DataLoader:
+    def _loader(
+        self, split: str, batch_size: int, sampler: Any = None, batch_sampler: Any = None
+    ) -> DataLoader:
+        by_batch = {"batch_sampler": batch_sampler} if batch_sampler is not None else {}
         return DataLoader(
             self.datasets[split],
-            batch_size=batch_size,
-            sampler=sampler,
-            shuffle=False,
+            **(by_batch or {"batch_size": batch_size, "sampler": sampler, "shuffle": False}),
             collate_fn=collate_batch,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
@@ -385,6 +442,15 @@ class RecDataModule(L.LightningDataModule):
             seed=self.seed,
             drop_last=False,
         )
+        if self.bucket_by_length:
+            if world > 1:
+                raise RecsysError(
+                    "datamodule.bucket_by_length=true is not supported with more than one process yet; "
+                    "set datamodule.bucket_by_length=false for DDP runs"
+                )
+            rows = self.train_rows_per_batch()
+            buckets = LengthBucketBatchSampler(sampler, self.datasets["train"].lengths(), rows)
+            return self._loader("train", rows, batch_sampler=buckets)
         return self._loader("train", self.train_rows_per_batch(), sampler)
 
     def val_dataloader(self) -> DataLoader:

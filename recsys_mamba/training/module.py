@@ -18,6 +18,8 @@ from recsys_mamba.metrics import ctr_metrics, ranking_metrics, target_ranks
 Batch = dict[str, Tensor]
 # Recommendations kept per evaluated history (catalogue coverage and popularity bias in reports).
 EVAL_TOP_K = 20
+# Next-click ranking protocols, both reported: history items competing (unmasked) or given -inf (masked).
+PROTOCOLS = ("unmasked", "masked")
 
 
 def warmup_cosine(
@@ -66,7 +68,13 @@ class RecLitModule(L.LightningModule):
         seed: int = 42,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(logger=False, ignore=["encoder", "head", "item_counts"])
+        # The optimizer/scheduler partials stay out of the hyperparameters: pickled into checkpoints they
+        # would make them unloadable with torch.load(weights_only=True).
+        self.save_hyperparameters(
+            logger=False, ignore=["encoder", "head", "item_counts", "optimizer", "scheduler"]
+        )
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
         self.encoder = encoder
         self.head = head
         self.task = task
@@ -129,10 +137,21 @@ class RecLitModule(L.LightningModule):
                 "users": batch["users"],
             }
         else:
-            scores = self.rank_scores(batch).float()
+            # Published numbers use either protocol, so both are ranked; the head's mask_history picks
+            # the primary one (monitored, plain metric names, top-K), the other is reported beside it.
+            hidden = last_hidden(self.encoder.encode(batch), batch["lengths"])
+            unmasked = self.head.rank_scores(self.encoder, hidden, None).float()
+            history = history_without_target(batch["items"], batch["target"])
+            masked = unmasked.scatter(1, history, float("-inf"))
+            scores = masked if getattr(self.head, "mask_history", False) else unmasked
             # Column 0 is padding, never a recommendation.
             top = scores[:, 1:].topk(min(EVAL_TOP_K, scores.shape[1] - 1), dim=1).indices + 1
-            values = {"ranks": target_ranks(scores, batch["target"]), "topk": top}
+            values = {
+                "ranks": target_ranks(scores, batch["target"]),
+                "ranks_unmasked": target_ranks(unmasked, batch["target"]),
+                "ranks_masked": target_ranks(masked, batch["target"]),
+                "topk": top,
+            }
         values["index"] = batch["index"]
         for key, value in values.items():
             out.setdefault(key, []).append(value.detach())
@@ -163,6 +182,9 @@ class RecLitModule(L.LightningModule):
             metrics = ctr_metrics(out["users"], out["labels"], out["logits"])
         else:
             metrics = ranking_metrics(out["ranks"])
+            for protocol in PROTOCOLS:
+                extra = ranking_metrics(out[f"ranks_{protocol}"])
+                metrics.update({f"{protocol}_{k}": v for k, v in extra.items()})
         self.last_metrics[stage] = metrics
         self.last_outputs[stage] = out
         # Every process holds the same gathered values; averaging them across processes is a no-op.
@@ -189,10 +211,10 @@ class RecLitModule(L.LightningModule):
         return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
 
     def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = self.hparams.optimizer(params=self.parameter_groups())
-        if self.hparams.scheduler is None:
+        optimizer = self.optimizer_factory(params=self.parameter_groups())
+        if self.scheduler_factory is None:
             return {"optimizer": optimizer}
-        scheduler = self.hparams.scheduler(
+        scheduler = self.scheduler_factory(
             optimizer=optimizer, total_steps=self.trainer.estimated_stepping_batches
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

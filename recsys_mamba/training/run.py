@@ -6,7 +6,6 @@ import functools
 import importlib.util
 import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -23,8 +22,11 @@ from lightning.pytorch.callbacks import (
 )
 from omegaconf import DictConfig, OmegaConf
 
+from recsys_mamba import checks
 from recsys_mamba.errors import RecsysError
-from recsys_mamba.training.baselines import popularity_baseline
+from recsys_mamba.files import write_text_atomic
+from recsys_mamba.training.baselines import bias_baseline, popularity_baseline
+from recsys_mamba.training.checkpoint import run_checkpoint_io
 from recsys_mamba.training.datamodule import TASKS, RecDataModule
 
 TASK_METRICS = {
@@ -74,12 +76,14 @@ class RunStats(Callback):
 
 def validate_config(cfg: DictConfig) -> None:
     """Catch config mistakes before any data is read or a model built; each error names key and fix."""
-    task = cfg.task.name
+    from recsys_mamba.training import config_checks
+
+    task = checks.select(cfg, "task.name")
     if task not in TASKS:
         raise RecsysError(f"task.name={task!r} is not one of {TASKS}; pick task=next_item or task=ctr")
     for key in ("model.max_len", "datamodule.max_len", "datamodule.batch_size", "datamodule.eval_batch_size"):
-        value = OmegaConf.select(cfg, key)
-        if value is not None and (not isinstance(value, int) or value <= 0):
+        value = checks.select(cfg, key, default=None)
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= 1 << 24:
             raise RecsysError(f"{key}={value!r} must be a positive integer (e.g. {key}=50)")
     if cfg.datamodule.max_len > (OmegaConf.select(cfg, "model.max_len") or math.inf):
         raise RecsysError(
@@ -116,11 +120,13 @@ def validate_config(cfg: DictConfig) -> None:
                 raise RecsysError(
                     f"logger.{name} needs the tensorboard package: pip install tensorboard (or logger=csv)"
                 )
-    ckpt = cfg.get("ckpt_path")
-    if ckpt and not Path(ckpt).is_file():
+    given = checks.select(cfg, "ckpt_path", default=None)
+    ckpt = checks.path(None if given == "" else given, "ckpt_path", optional=True)  # '' means none too
+    if ckpt and not ckpt.is_file():
         raise RecsysError(
             f"ckpt_path={ckpt} does not exist; pass a .ckpt file, e.g. <run>/checkpoints/last.ckpt"
         )
+    config_checks.check_all(cfg)
 
 
 def build(cfg: DictConfig) -> tuple[RecDataModule, L.LightningModule]:
@@ -146,17 +152,26 @@ def _instantiate_all(group: DictConfig | None) -> list[Any]:
 
 
 def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2, allow_nan=False) + "\n")
-    os.replace(tmp, path)
+    text = json.dumps(payload, indent=2, allow_nan=False) + "\n"
+    hint = (
+        "free disk space or choose a writable folder (paths.output_dir= for train, out_dir= for "
+        "evaluate); any previous file there is unchanged"
+    )
+    write_text_atomic(path, text, hint=hint)
 
 
 def format_table(rows: dict[str, float], baseline: dict[str, float]) -> str:
-    lines = [f"{'metric':<12}{'model':>10}{'popularity':>12}", "-" * 34]
+    names = [b for b in ("popularity", "bias") if any(k.startswith(f"baseline_{b}_") for k in baseline)]
+    header = f"{'metric':<18}{'model':>10}" + "".join(f"{n:>12}" for n in names)
+    lines = [header, "-" * len(header)]
     for key, value in rows.items():
-        base = baseline.get(f"baseline_popularity_{key}")
-        base_s = f"{base:>12.4f}" if base is not None else f"{'':>12}"
-        lines.append(f"{key:<12}{value:>10.4f}{base_s}".replace("nan", "n/a"))
+        if key.startswith(("masked_", "unmasked_")) and not key.endswith("@10"):
+            continue  # the other protocol in brief; metrics.json holds every value
+        cells = []
+        for name in names:
+            base = baseline.get(f"baseline_{name}_{key}")
+            cells.append(f"{base:>12.4f}" if base is not None else f"{'':>12}")
+        lines.append(f"{key:<18}{value:>10.4f}{''.join(cells)}".replace("nan", "n/a"))
     return "\n".join(lines)
 
 
@@ -174,8 +189,13 @@ def train(cfg: DictConfig, extra_callbacks: list[Callback] | None = None) -> dic
     """Fit and test as `cfg` says; returns (and writes to <output_dir>/metrics.json) the run's metrics."""
     validate_config(cfg)
     L.seed_everything(cfg.seed, workers=True)
-    out_dir = Path(cfg.paths.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = checks.output_dir(cfg.paths.output_dir, "paths.output_dir")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise RecsysError(
+            f"paths.output_dir={out_dir} cannot be created ({err}); choose another path"
+        ) from err
     dm, module = build(cfg)
     # Before training, also to fail early on a bad logger/callback/trainer config.
     callbacks: list[Callback] = _instantiate_all(cfg.get("callbacks"))
@@ -193,14 +213,20 @@ def train(cfg: DictConfig, extra_callbacks: list[Callback] | None = None) -> dic
     stats = RunStats(cfg.task.monitor, cfg.task.mode)
     callbacks.append(stats)
     callbacks += extra_callbacks or []
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    # The checkpoint IO writes atomically, stamps this run's metadata and loads only matching checkpoints.
+    trainer: L.Trainer = instantiate(
+        cfg.trainer,
+        callbacks=callbacks,
+        logger=loggers or False,
+        plugins=[run_checkpoint_io(cfg, dm, module)],
+    )
     if trainer.is_global_zero:
         composed = {k: v for k, v in OmegaConf.to_container(cfg, resolve=False).items() if k != "hydra"}
         (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(composed))
 
     start = time.perf_counter()
     if cfg.get("train", True):
-        trainer.fit(module, datamodule=dm, ckpt_path=cfg.get("ckpt_path"), weights_only=False)
+        trainer.fit(module, datamodule=dm, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
     train_time = time.perf_counter() - start
     # Snapshot now: testing the best checkpoint restores callback states from that earlier epoch.
     epoch_times, best_epoch = list(stats.epoch_times), stats.best_epoch
@@ -212,10 +238,11 @@ def train(cfg: DictConfig, extra_callbacks: list[Callback] | None = None) -> dic
             weights = checkpoint.best_model_path if checkpoint is not None else None
         else:
             weights = cfg.get("ckpt_path")  # test only: the given checkpoint, else the fresh weights
-        trainer.test(module, datamodule=dm, ckpt_path=weights or None, weights_only=False)
+        trainer.test(module, datamodule=dm, ckpt_path=weights or None, weights_only=True)
         test_metrics = dict(module.last_metrics.get("test", {}))
 
     baseline = popularity_baseline(dm, mask_history=bool(getattr(module.head, "mask_history", False)))
+    baseline.update(bias_baseline(dm))
     stopped = next((cb for cb in callbacks if isinstance(cb, EarlyStopping)), None)
     result: dict[str, Any] = {
         **test_metrics,

@@ -180,3 +180,9 @@ def test_label_source_column_missing(tmp_path):
         r"needs column 'rating'.*data\.columns\.rating",
         ctr={"label_from": "rating"},
     )
+
+
+def test_line_of_blanks_in_a_space_separated_file_names_the_line(tmp_path):
+    # Found by the fuzz test: Polars splits "   " into 4 empty fields, so a blank-looking line is not
+    # skipped the way an empty one is; the error must name it.
+    _fails(tmp_path, "0 0\r\n   \n1 1\n", r"line 2", suffix=".txt", format="sequence_pairs", separator=" ")

@@ -170,6 +170,40 @@ def test_labels_from_event_types(tmp_path):
     assert [names[i - 1] for i in inter["event_type_idx"].head(3)] == ["cart", "pv", "buy"]
 
 
+def test_rating_events_put_each_rating_in_the_history(tmp_path):
+    out = _prepare(
+        tmp_path,
+        format="movielens",
+        path=str(FIXTURES / "u.data"),
+        separator="\t",
+        rating_events=True,
+        ctr=CTR,
+    )
+    names = load_manifest(out)["event_types"]
+    assert names == sorted(names) and all(n.startswith("rating=") for n in names)
+    inter = pl.read_parquet(out / fmt.INTERACTIONS)
+    shown = [float(names[i - 1].removeprefix("rating=")) for i in inter["event_type_idx"]]
+    assert shown == inter["rating"].to_list()
+    seqs = pl.read_parquet(out / fmt.SEQUENCES)
+    assert seqs["event_types"].list.len().sum() == inter.height
+
+
+@pytest.mark.parametrize(
+    ("over", "match"),
+    [
+        ({"columns": {"rating": None}}, "no rating column"),
+        ({"columns": ALL_COLUMNS}, "data.columns.event_type"),
+        ({"event_types": ["a"]}, "data.event_types=null"),
+        ({"rating_events": "yes"}, "data.rating_events"),
+    ],
+)
+def test_rating_events_misuse_is_a_clear_error(tmp_path, over, match):
+    from recsys_mamba.errors import RecsysError
+
+    with pytest.raises(RecsysError, match=match):
+        _prepare(tmp_path, **{"columns": {"rating": "rating"}, "rating_events": True, **over})
+
+
 def test_taobao_end_to_end(tmp_path):
     out = _prepare(
         tmp_path,

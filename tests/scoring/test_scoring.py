@@ -28,7 +28,7 @@ def read(folder: Path) -> pl.DataFrame:
 
 def model_scores(trained: dict[str, Path], user_id: str, max_len: int = 20) -> torch.Tensor:
     """The trained module's own ranking scores for one user's prepared history."""
-    module_state = torch.load(trained["ckpt"], map_location="cpu", weights_only=False)["state_dict"]
+    module_state = torch.load(trained["ckpt"], map_location="cpu", weights_only=True)["state_dict"]
     model = load_model(trained["ckpt"])
     model.encoder.load_state_dict({k[8:]: v for k, v in module_state.items() if k.startswith("encoder.")})
     users = pl.read_parquet(trained["prepared"] / "user_map.parquet")

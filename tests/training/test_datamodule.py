@@ -135,3 +135,38 @@ def test_ctr_windows_cover_every_sample_once_and_match_per_sample_logits(prepare
     short = torch.from_numpy(per_sample.hist_len[windows.order] <= 6)
     torch.testing.assert_close(grouped[short], single[short], atol=1e-5, rtol=1e-4)
     assert torch.equal(batch["labels"], torch.from_numpy(per_sample.labels[windows.order]))
+
+
+def test_length_buckets_cover_every_row_once_with_less_padding(prepared):
+    def epoch(dm, e):
+        loader = dm.train_dataloader()
+        loader.batch_sampler.set_epoch(e) if dm.bucket_by_length else loader.sampler.set_epoch(e)
+        batches = list(loader)
+        slots = sum(b["items"].numel() for b in batches)
+        return [b["index"].tolist() for b in batches], slots, len(loader)
+
+    plain = _dm(prepared, max_len=20, seed=3)
+    bucketed = _dm(prepared, max_len=20, seed=3, bucket_by_length=True)
+    rows, slots, n_batches = epoch(bucketed, 0)
+    flat = [i for b in rows for i in b]
+    assert sorted(flat) == list(range(len(bucketed.datasets["train"])))
+    assert n_batches == len(rows)
+    assert all(len(b) <= bucketed.batch_size for b in rows)
+    assert slots < epoch(plain, 0)[1]
+    # Rows of a batch have neighbouring lengths: each batch spans a contiguous run of the sorted pool.
+    lengths = bucketed.datasets["train"].lengths()
+    spans = [lengths[b].max() - lengths[b].min() for b in rows]
+    assert np.median(spans) <= np.median([lengths[b].max() - lengths[b].min() for b in epoch(plain, 0)[0]])
+    assert epoch(bucketed, 0)[0] == rows  # same (seed, epoch), same batches: resumable
+    assert epoch(bucketed, 1)[0] != rows
+
+
+def test_length_buckets_refuse_ddp(prepared):
+    dm = _dm(prepared, bucket_by_length=True)
+
+    class Trainer:
+        world_size, global_rank = 2, 0
+
+    dm.trainer = Trainer()
+    with pytest.raises(RecsysError, match="bucket_by_length"):
+        dm.train_dataloader()

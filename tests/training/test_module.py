@@ -41,3 +41,25 @@ def test_no_decay_groups_follow_the_encoder():
 def test_history_masking_never_hides_the_target():
     items = torch.tensor([[3, 4, 3, 0]])
     assert history_without_target(items, torch.tensor([3])).tolist() == [[0, 4, 0, 0]]
+
+
+@pytest.mark.parametrize("mask_history", [False, True])
+def test_eval_reports_both_protocols_and_masking_only_lifts_the_target(tiny, tmp_path, mask_history):
+    from recsys_mamba.training.run import build
+
+    cfg = tiny(tmp_path, ["task=next_item", f"head.mask_history={mask_history}"])
+    dm, module = build(cfg)
+    module.eval()
+    for batch in dm.test_dataloader():
+        with torch.no_grad():
+            module._eval_step("test", batch)
+    module.trainer = type("T", (), {"world_size": 1})()
+    module.log_dict = lambda *a, **k: None
+    module._eval_epoch_end("test")
+    out, metrics = module.last_outputs["test"], module.last_metrics["test"]
+    # Blanking seen items removes competitors and never the target, so no rank gets worse.
+    assert (out["ranks_masked"] <= out["ranks_unmasked"]).all()
+    primary = "masked" if mask_history else "unmasked"
+    assert (out["ranks"] == out[f"ranks_{primary}"]).all()
+    assert metrics["ndcg@10"] == metrics[f"{primary}_ndcg@10"]
+    assert metrics["masked_hr@10"] >= metrics["unmasked_hr@10"]

@@ -1,0 +1,301 @@
+"""Faults during `prepare`: SIGKILL at random points, a crash between two files, a full disk, an
+unwritable out_dir. Afterwards no cache folder may be trusted unless complete and correct, and the
+next run must rebuild and succeed. (File name: pytest needs unique test module basenames here.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from recsys_mamba.config import compose
+from recsys_mamba.data import cache, pipeline, prepare
+from recsys_mamba.data import format as fmt
+from recsys_mamba.data.spec import config_hash, normalize
+from recsys_mamba.data.synthetic import LOG_FILE, ensure_log
+from recsys_mamba.errors import RecsysError
+from tests.data.conftest import ALL_COLUMNS, FIXTURES, REPO, make_spec, run_prepare_cli
+from tests.helpers import disk_full
+
+# Manifest keys that differ between two correct runs.
+VOLATILE = ("created_at", "prepare_seconds", "sources", "package_version")
+
+
+def synthetic_spec() -> dict:
+    return normalize(compose("prepare", return_hydra_config=False).data)
+
+
+def snapshot(folder: Path) -> dict[str, object]:
+    """A prepared folder's content: every Parquet file's frame, the manifest without volatile keys."""
+    out: dict[str, object] = {}
+    for path in sorted(folder.iterdir()):
+        if path.name == fmt.MANIFEST:
+            manifest = json.loads(path.read_text())
+            out[path.name] = {k: v for k, v in manifest.items() if k not in VOLATILE}
+        elif path.suffix == ".parquet":
+            out[path.name] = pl.read_parquet(path)
+        else:
+            out[path.name] = path.read_bytes()
+    return out
+
+
+def same(a: dict[str, object], b: dict[str, object]) -> bool:
+    if a.keys() != b.keys():
+        return False
+    return all(x.equals(b[k]) if isinstance(x, pl.DataFrame) else x == b[k] for k, x in a.items())
+
+
+def trusted_but_wrong(cache_dir: Path, cfg_hash: str, reference: dict[str, object]) -> list[str]:
+    """Cache folders a later run would reuse (or, for the generated log, read) that are not correct."""
+    bad = []
+    for folder in sorted(cache_dir.iterdir()) if cache_dir.is_dir() else []:
+        try:
+            if folder.name.startswith("synthetic-log-"):
+                log = folder / LOG_FILE  # the pipeline trusts the generated log once the file exists
+                wrong = log.is_file() and not pl.read_parquet(log).equals(reference["log"])
+            else:
+                wrong = cache.reusable(folder, cfg_hash) and not same(snapshot(folder), reference["prepared"])
+        except Exception:  # a torn file that is trusted fails to read in many ways
+            wrong = True
+        if wrong:
+            bad.append(folder.name)
+    return bad
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    """The default synthetic data set prepared without faults, and how long each half took."""
+    root = tmp_path_factory.mktemp("reference")
+    spec = synthetic_spec()
+    started = time.perf_counter()
+    log = ensure_log(spec["synthetic"], root)
+    generated = time.perf_counter()
+    out = prepare(spec, None, root)
+    seconds = {"log": generated - started, "prepare": time.perf_counter() - generated}
+    return {"prepared": snapshot(out), "log": pl.read_parquet(log), "seconds": seconds}
+
+
+def cli(cache_dir: Path, *args: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "recsys_mamba.prepare",
+        f"paths.cache_dir={cache_dir}",
+        f"hydra.run.dir={cache_dir.parent / 'run'}",
+        *args,
+    ]
+
+
+def kill_during_prepare(cache_dir: Path, delay: float) -> str | None:
+    """Start the CLI, SIGKILL it `delay` s after it makes its first temporary folder; what it was writing
+    then ("log", "prepared" or "between"), None if it had ended."""
+
+    def temporary() -> set[str]:
+        return {p.name for p in cache_dir.iterdir() if ".tmp-" in p.name} if cache_dir.is_dir() else set()
+
+    earlier = temporary()  # a killed run's leftovers, until the next run sweeps them
+    proc = subprocess.Popen(cli(cache_dir), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not temporary() - earlier:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                return None
+            time.sleep(0.002)
+        time.sleep(delay)
+        if proc.poll() is not None:
+            return None
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        busy = temporary() - earlier
+        return "log" if any("-log-" in n for n in busy) else "prepared" if busy else "between"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def kill_and_rerun(tmp_path: Path, reference: dict[str, object], reliability, seed: int, kills: int) -> None:
+    """`kills` killed runs on one cache folder, each checked, then a run to the end."""
+    rng = random.Random(seed)
+    cache_dir = tmp_path / "cache"
+    cfg_hash = config_hash(synthetic_spec())
+    landed = []
+    for _ in range(kills):
+        # The first kill aims at generating the log, later ones at what is left to do.
+        seconds = reference["seconds"]
+        log_done = any(cache_dir.glob(f"synthetic-log-*/{LOG_FILE}"))
+        window = seconds["prepare"] + (0.0 if log_done else seconds["log"])
+        phase = kill_during_prepare(cache_dir, rng.uniform(0.0, seconds["log"] if not landed else window))
+        if phase is None:
+            continue
+        landed.append(phase)
+        bad = trusted_but_wrong(cache_dir, cfg_hash, reference)
+        reliability.fault("prepare/sigkill", survived=not bad, data_lost=bool(bad))
+        assert not bad, f"trusted after a kill while writing the {phase} folder: {bad}"
+    print(f"prepare killed while writing: {landed}")
+    assert landed, "no kill landed while prepare was running"
+    done = subprocess.run(cli(cache_dir), cwd=REPO, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    prepared = cache_dir / f"synthetic-{cfg_hash}"
+    assert same(snapshot(prepared), reference["prepared"])
+    assert not trusted_but_wrong(cache_dir, cfg_hash, reference)
+    # The killed runs' temporary folders were swept by the one that finished.
+    assert not [p.name for p in cache_dir.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
+
+
+@pytest.mark.timeout(300)
+def test_killed_prepare_leaves_nothing_trusted(tmp_path, reference, reliability):
+    kill_and_rerun(tmp_path, reference, reliability, seed=7, kills=3)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("seed", [11, 12])
+def test_many_killed_prepares_leave_nothing_trusted(tmp_path, reference, reliability, seed):
+    kill_and_rerun(tmp_path, reference, reliability, seed=seed, kills=6)
+
+
+# ---- crashes between files (in-process) ----------------------------------------------------------
+
+FILES = [fmt.INTERACTIONS, fmt.SEQUENCES, fmt.USER_MAP, fmt.ITEM_MAP, fmt.CATEGORY_MAP, fmt.CTR]
+
+
+class Crash(Exception):
+    """Stands in for the process dying at that point (the folder is left as the crash leaves it)."""
+
+
+def crash_on(monkeypatch: pytest.MonkeyPatch, point: str) -> None:
+    """Raise `Crash` when the pipeline is about to write `point` (a file name) or rename ("replace:N")."""
+    if point.startswith("replace:"):
+        nth, calls = int(point.split(":")[1]), []
+        real = os.replace
+
+        def replace(src, dst):
+            calls.append(dst)
+            if len(calls) == nth:
+                raise Crash(point)
+            return real(src, dst)
+
+        monkeypatch.setattr(cache.os, "replace", replace)
+        return
+    real_write = pipeline._write
+    real_text = Path.write_text
+
+    def write(work: Path, name: str, df: pl.DataFrame) -> str:
+        if name == point:
+            raise Crash(point)
+        return real_write(work, name, df)
+
+    def write_text(self: Path, *args, **kwargs):
+        if self.name == point:
+            raise Crash(point)
+        return real_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "_write", write)
+    monkeypatch.setattr(Path, "write_text", write_text)
+
+
+def events_spec() -> dict:
+    return make_spec(columns=ALL_COLUMNS, ctr={"label_from": "rating", "rating_threshold": 4.0})
+
+
+@pytest.mark.parametrize("point", [*FILES, fmt.MANIFEST, "replace:1"])
+def test_crash_between_files_leaves_nothing_trusted(tmp_path, monkeypatch, point, reliability):
+    spec = events_spec()
+    expected = snapshot(prepare(spec, None, tmp_path / "reference"))
+    assert set(FILES) | {fmt.MANIFEST} == set(expected)  # every file the pipeline writes is a crash point
+    cache_dir = tmp_path / "cache"
+    with monkeypatch.context() as m:
+        crash_on(m, point)
+        with pytest.raises(Crash):
+            prepare(spec, None, cache_dir)
+    trusted = [p.name for p in cache_dir.iterdir() if cache.reusable(p, config_hash(spec))]
+    leftovers = [p.name for p in cache_dir.iterdir() if p.name.startswith(".")]
+    out = prepare(spec, None, cache_dir)
+    ok = not trusted and not leftovers and same(snapshot(out), expected)
+    reliability.fault("prepare/crash-between-files", survived=ok, data_lost=bool(trusted))
+    assert not trusted and not leftovers
+    assert same(snapshot(out), expected)
+
+
+@pytest.mark.parametrize("point", [fmt.SEQUENCES, fmt.MANIFEST, "replace:1", "replace:2"])
+def test_crash_while_overwriting_keeps_the_previous_folder(tmp_path, monkeypatch, point, reliability):
+    spec = events_spec()
+    out = prepare(spec, tmp_path / "prepared", tmp_path / "cache")
+    before = snapshot(out)
+    created = json.loads((out / fmt.MANIFEST).read_text())["created_at"]
+    with monkeypatch.context() as m:
+        crash_on(m, point)
+        with pytest.raises(Crash):
+            prepare(spec, out, tmp_path / "cache", overwrite=True)
+    intact = (
+        same(snapshot(out), before)
+        and json.loads((out / fmt.MANIFEST).read_text())["created_at"] == created
+        and not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+    )
+    reliability.fault("prepare/crash-while-overwriting", survived=intact, data_lost=not intact)
+    assert intact
+
+
+def test_folder_moved_aside_by_a_killed_run_is_put_back(tmp_path):
+    spec = events_spec()
+    out = prepare(spec, tmp_path / "prepared", tmp_path / "cache")
+    before = snapshot(out)
+    # What a kill between atomic_folder's two renames leaves: the old folder aside, a dead writer's pid.
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True)
+    aside = tmp_path / f".prepared.old-{cache._host()}-{int(dead.stdout)}-0123abcd"
+    os.replace(out, aside)
+    assert not cache.reusable(out, config_hash(spec))
+    assert prepare(spec, out, tmp_path / "cache") == out
+    assert same(snapshot(out), before) and not aside.exists()
+
+
+def test_manifest_missing_a_listed_file_is_not_trusted(tmp_path):
+    spec = events_spec()
+    out = prepare(spec, None, tmp_path / "cache")
+    (out / fmt.CTR).unlink()
+    assert not cache.reusable(out, config_hash(spec))
+    assert (prepare(spec, None, tmp_path / "cache") / fmt.CTR).is_file()
+
+
+# ---- disk full, unwritable out_dir ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("victim", [fmt.SEQUENCES, fmt.MANIFEST])
+def test_disk_full_is_a_clear_error_and_keeps_the_previous_folder(tmp_path, monkeypatch, victim, reliability):
+    if not Path("/dev/full").exists() and victim != fmt.MANIFEST:
+        pytest.skip("/dev/full is needed to make Polars hit a real ENOSPC")
+    spec = events_spec()
+    out = prepare(spec, tmp_path / "prepared", tmp_path / "cache")
+    before = snapshot(out)
+    with monkeypatch.context() as m:
+        disk_full(m, lambda p: p.name == victim)
+        with pytest.raises(RecsysError) as err:
+            prepare(spec, out, tmp_path / "cache", overwrite=True)
+    message = str(err.value)
+    intact = same(snapshot(out), before) and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    clear = str(out) in message and "No space left on device" in message and "out_dir=" in message
+    reliability.fault("disk-full/prepare", survived=intact and clear, data_lost=not intact)
+    assert clear, message
+    assert intact
+
+
+def test_unwritable_out_dir_is_a_clear_error(tmp_path, reliability):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    res = run_prepare_cli(
+        tmp_path, "data=events", f"data.path={FIXTURES / 'events.csv'}", f"out_dir={blocker / 'sub'}"
+    )
+    clear = res.returncode == 2 and f"error: {blocker}" in res.stderr and "Traceback" not in res.stderr
+    reliability.fault("unwritable/prepare", survived=clear and blocker.read_text() == "not a folder")
+    assert clear, res.stderr[-2000:]
+    assert "out_dir=" in res.stderr

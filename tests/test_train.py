@@ -62,3 +62,13 @@ def test_cli_errors_are_clear_and_early(args, expected, tmp_path):
     assert expected in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_early_stop_is_reported_after_testing_the_best_checkpoint(tmp_path):
+    # lr ~ 0: the validation AUC never improves, so patience 1 stops the run after its second epoch.
+    # Testing the best checkpoint restores the callbacks' state from epoch 0; the flag must survive it.
+    args = [*TINY, "trainer.max_epochs=5", "callbacks.early_stopping.patience=1", "module.optimizer.lr=1e-12"]
+    proc = _run(["experiment=ctr", *args], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["stopped_early"] is True and metrics["epochs"] == 2

@@ -230,6 +230,8 @@ def train(cfg: DictConfig, extra_callbacks: list[Callback] | None = None) -> dic
     train_time = time.perf_counter() - start
     # Snapshot now: testing the best checkpoint restores callback states from that earlier epoch.
     epoch_times, best_epoch = list(stats.epoch_times), stats.best_epoch
+    early = next((cb for cb in callbacks if isinstance(cb, EarlyStopping)), None)
+    stopped_early = bool(early is not None and early.stopped_epoch > 0)
 
     test_metrics: dict[str, float] = {}
     if cfg.get("test", True):
@@ -243,7 +245,6 @@ def train(cfg: DictConfig, extra_callbacks: list[Callback] | None = None) -> dic
 
     baseline = popularity_baseline(dm, mask_history=bool(getattr(module.head, "mask_history", False)))
     baseline.update(bias_baseline(dm))
-    stopped = next((cb for cb in callbacks if isinstance(cb, EarlyStopping)), None)
     result: dict[str, Any] = {
         **test_metrics,
         **baseline,
@@ -255,7 +256,7 @@ def train(cfg: DictConfig, extra_callbacks: list[Callback] | None = None) -> dic
         "train_time_s": round(train_time, 3),
         "epoch_time_s": round(sum(epoch_times) / max(len(epoch_times), 1), 3),
         "best_epoch": best_epoch,
-        "stopped_early": bool(stopped is not None and stopped.stopped_epoch > 0),
+        "stopped_early": stopped_early,
         "precision": str(cfg.trainer.get("precision", "32")),
         "world_size": trainer.world_size,
     }

@@ -41,3 +41,13 @@ def disk_full(monkeypatch: pytest.MonkeyPatch, hit: Callable[[Path], bool]) -> N
 
     monkeypatch.setattr(pl.DataFrame, "write_parquet", write_parquet)
     monkeypatch.setattr(Path, "write_text", write_text)
+
+
+# Overrides every tiny training run in the tests shares: a small model, no sanity check, no progress bar.
+SMALL_QUIET_RUN = [
+    "trainer.num_sanity_val_steps=0",
+    "trainer.enable_progress_bar=false",
+    "model.d_model=16",
+    "model.n_layers=1",
+    "model.max_len=20",
+]

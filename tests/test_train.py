@@ -7,17 +7,14 @@ import sys
 import pytest
 
 from recsys_mamba.training.run import RUN_KEYS, TASK_METRICS
+from tests.helpers import SMALL_QUIET_RUN
 
 TINY = [
     "trainer.max_epochs=1",
     "trainer.limit_train_batches=2",
     "trainer.limit_val_batches=1",
     "trainer.limit_test_batches=1",
-    "trainer.num_sanity_val_steps=0",
-    "trainer.enable_progress_bar=false",
-    "model.d_model=16",
-    "model.n_layers=1",
-    "model.max_len=20",
+    *SMALL_QUIET_RUN,
     "data.synthetic.n_users=100",
     "data.synthetic.n_items=80",
     "data.synthetic.mean_events=25",

@@ -17,6 +17,7 @@ import yaml
 
 from recsys_mamba.bench import accuracy, state
 from recsys_mamba.errors import RecsysError
+from tests.helpers import SMALL_QUIET_RUN
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = [
@@ -29,11 +30,7 @@ TINY = [
     "trainer.limit_train_batches=2",
     "trainer.limit_val_batches=1",
     "trainer.limit_test_batches=1",
-    "trainer.num_sanity_val_steps=0",
-    "trainer.enable_progress_bar=false",
-    "model.d_model=16",
-    "model.n_layers=1",
-    "model.max_len=20",
+    *SMALL_QUIET_RUN,
     "datamodule.batch_size=32",
     "logger=csv",
 ]

@@ -10,6 +10,7 @@ import polars as pl
 import pytest
 
 from recsys_mamba.config import compose
+from tests.helpers import SMALL_QUIET_RUN
 
 # Small enough that one epoch of any model takes about a second on one core.
 TINY = [
@@ -17,12 +18,8 @@ TINY = [
     "trainer.limit_train_batches=3",
     "trainer.limit_val_batches=2",
     "trainer.limit_test_batches=2",
-    "trainer.num_sanity_val_steps=0",
-    "trainer.enable_progress_bar=false",
+    *SMALL_QUIET_RUN,
     "trainer.log_every_n_steps=1",
-    "model.d_model=16",
-    "model.n_layers=1",
-    "model.max_len=20",
     "datamodule.batch_size=32",
     "datamodule.eval_batch_size=64",
 ]

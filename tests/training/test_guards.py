@@ -15,6 +15,7 @@ import torch
 from recsys_mamba.errors import RecsysError
 from recsys_mamba.training.module import RecLitModule
 from recsys_mamba.training.run import train
+from tests.helpers import SMALL_QUIET_RUN
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS_PER_EPOCH = 3  # TINY's trainer.limit_train_batches
@@ -123,11 +124,7 @@ def test_cli_exits_2_naming_the_step_and_checkpoint(tmp_path, reliability):
             f"trainer.limit_train_batches={STEPS_PER_EPOCH}",
             "trainer.limit_val_batches=1",
             "trainer.limit_test_batches=1",
-            "trainer.num_sanity_val_steps=0",
-            "trainer.enable_progress_bar=false",
-            "model.d_model=16",
-            "model.n_layers=1",
-            "model.max_len=20",
+            *SMALL_QUIET_RUN,
             "data.synthetic.n_users=160",
             "data.synthetic.n_items=120",
             "data.synthetic.mean_events=30",

@@ -28,6 +28,7 @@ import pytest
 import torch
 
 from recsys_mamba.errors import RecsysError
+from tests.helpers import SMALL_QUIET_RUN
 
 REPO = Path(__file__).resolve().parents[2]
 EPOCHS, BATCHES = 4, 4
@@ -36,12 +37,8 @@ RUN = [
     f"trainer.limit_train_batches={BATCHES}",
     "trainer.limit_val_batches=2",
     "trainer.limit_test_batches=2",
-    "trainer.num_sanity_val_steps=0",
-    "trainer.enable_progress_bar=false",
+    *SMALL_QUIET_RUN,
     "trainer.log_every_n_steps=1",
-    "model.d_model=16",
-    "model.n_layers=1",
-    "model.max_len=20",
     "model.dropout=0.3",  # dropout on: any RNG drift after a resume would change the metrics
     "datamodule.batch_size=32",
     "datamodule.eval_batch_size=64",

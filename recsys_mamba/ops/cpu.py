@@ -1,5 +1,6 @@
-"""CPU backend: compiled numba kernels (parallel over batch x dim, state in registers, chunked
-recompute in the backward). Without numba it warns once and falls back to the `ref` loop."""
+"""CPU backend: compiled numba kernels (parallel over batch x blocks of 16 channels, the channels in
+SIMD lanes, chunked recompute in the backward). Without numba it warns once and falls back to the
+`ref` loop."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 from recsys_mamba.ops.checks import compute_dtype
 from recsys_mamba.ops.ref import selective_scan_ref
 
-CHUNK = 64  # steps re-run per backward chunk: K x d_state buffer stays in L1
+CHUNK = 64  # steps re-run per backward chunk: its K x d_state x 16 buffers stay in L2
 
 _kernels = None
 _warned = False
@@ -41,44 +42,45 @@ def _np(t: torch.Tensor):
 
 class _ScanFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, softplus):
+    def forward(ctx, u, dt, A, B, C, D, z, initial_state):
+        """u, dt, z (batch, L, dim): channels last; B, C (batch, groups, L, N)."""
         k = _kernels
         ct = u.dtype
-        nb, nd, L = u.shape
+        nb, L, nd = u.shape
         N = A.shape[1]
+        At = A.t().contiguous()
         has_z = z is not None
         z_ = z if has_z else u.new_zeros(1, 1, 1)
         out = torch.empty_like(u)
         last = torch.empty(nb, nd, N, dtype=ct)
-        ckpt = torch.empty(nb, nd, (L + CHUNK - 1) // CHUNK, N, dtype=ct)
-        k.scan_fwd(*map(_np, (u, delta, A, B, C, D, z_, delta_bias, initial_state)),
-                   softplus, has_z, CHUNK, _np(out), _np(last), _np(ckpt))
-        ctx.save_for_backward(u, delta, A, B, C, D, z_, delta_bias, ckpt)
-        ctx.flags = (softplus, has_z)
+        ckpt = torch.empty(nb, (L + CHUNK - 1) // CHUNK, N, nd, dtype=ct)
+        k.scan_fwd(*map(_np, (u, dt, At, B, C, D, z_, initial_state)), has_z, CHUNK,
+                   _np(out), _np(last), _np(ckpt))
+        ctx.save_for_backward(u, dt, At, B, C, D, z_, ckpt)
+        ctx.has_z = has_z
         return out, last
 
     @staticmethod
     def backward(ctx, dout, dlast):
         k = _kernels
-        u, delta, A, B, C, D, z, delta_bias, ckpt = ctx.saved_tensors
-        softplus, has_z = ctx.flags
-        nb, nd, _ = u.shape
-        N = A.shape[1]
+        u, dt, At, B, C, D, z, ckpt = ctx.saved_tensors
+        has_z = ctx.has_z
+        nb, _, nd = u.shape
+        N = At.shape[0]
         dout = torch.zeros_like(u) if dout is None else dout.contiguous().to(u.dtype)
         dlast = u.new_zeros(nb, nd, N) if dlast is None else dlast.contiguous().to(u.dtype)
-        # Enough channel slices that every thread has a task even at batch 1.
-        splits = max(1, min(nd, -(-2 * torch.get_num_threads() // nb)))
-        du, ddelta = torch.empty_like(u), torch.empty_like(u)
+        blocks_per_group = -(-nd // B.shape[1] // k.W)
+        du, ddt = torch.empty_like(u), torch.empty_like(u)
         dz = torch.empty_like(z)
         dA_bd = u.new_empty(nb, nd, N)
         dD_bd = u.new_empty(nb, nd)
-        dB_part = u.new_zeros(splits, *B.shape)
-        dC_part = u.new_zeros(splits, *C.shape)
+        dB_part = u.new_empty(blocks_per_group, *B.shape)
+        dC_part = u.new_empty(blocks_per_group, *C.shape)
         dh0 = u.new_empty(nb, nd, N)
-        k.scan_bwd(*map(_np, (u, delta, A, B, C, D, z, delta_bias)), softplus, has_z, CHUNK,
-                   *map(_np, (ckpt, dout, dlast, du, ddelta, dz, dA_bd, dD_bd, dB_part, dC_part, dh0)))
-        return (du, ddelta, dA_bd.sum(0), dB_part.sum(0), dC_part.sum(0), dD_bd.sum(0), dz if has_z else None,
-                ddelta.sum((0, 2)), dh0, None)
+        k.scan_bwd(*map(_np, (u, dt, At, B, C, D, z)), has_z, CHUNK,
+                   *map(_np, (ckpt, dout, dlast, du, ddt, dz, dA_bd, dD_bd, dB_part, dC_part, dh0)))
+        dz = dz if has_z else None
+        return du, ddt, dA_bd.sum(0), dB_part.sum(0), dC_part.sum(0), dD_bd.sum(0), dz, dh0
 
 
 def selective_scan_cpu(
@@ -107,14 +109,24 @@ def selective_scan_cpu(
             return u.new_zeros(default_shape, dtype=ct)
         return t.to(ct).contiguous()
 
+    def channels_last(t: torch.Tensor) -> torch.Tensor:
+        # (batch, dim, L) -> (batch, L, dim); free when t is a transposed view of a projection's output
+        return t.to(ct).transpose(1, 2).contiguous()
+
     def prep_bc(t: torch.Tensor) -> torch.Tensor:
         t = t if grouped else t.unsqueeze(1)
         return t.to(ct).transpose(-1, -2).contiguous()
 
+    # Bias and softplus are elementwise: torch's vectorised ops (and autograd) beat the scalar log1p/exp
+    # they would cost inside the kernel, which then takes the step size dt as it is.
+    dt = channels_last(delta)
+    if delta_bias is not None:
+        dt = dt + delta_bias.to(ct)
+    if delta_softplus:
+        dt = torch.nn.functional.softplus(dt)
     out, last = _ScanFn.apply(
-        prep(u), prep(delta), prep(A), prep_bc(B), prep_bc(C), prep(D, (nd,)),
-        None if z is None else prep(z), prep(delta_bias, (nd,)), prep(initial_state, (nb, nd, N)),
-        delta_softplus,
+        channels_last(u), dt, prep(A), prep_bc(B), prep_bc(C), prep(D, (nd,)),
+        None if z is None else channels_last(z), prep(initial_state, (nb, nd, N)),
     )
-    out = out.to(u.dtype)
+    out = out.transpose(1, 2).to(u.dtype)
     return (out, last) if return_last_state else out

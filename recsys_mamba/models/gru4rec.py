@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from recsys_mamba.models.base import SequenceEncoder, State, select
+from recsys_mamba.models.base import Dropout, SequenceEncoder, State, select
 
 
 class GRU4RecEncoder(SequenceEncoder):
@@ -27,7 +27,7 @@ class GRU4RecEncoder(SequenceEncoder):
         super().__init__(
             n_items, n_categories, n_event_types, d_model, n_layers, dropout, max_len, gradient_checkpointing
         )
-        self.emb_dropout = nn.Dropout(dropout)
+        self.emb_dropout = Dropout(dropout)
         self.gru = nn.GRU(
             d_model, d_model, n_layers, batch_first=True, dropout=dropout if n_layers > 1 else 0.0
         )

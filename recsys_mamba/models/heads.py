@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from recsys_mamba.errors import RecsysError
-from recsys_mamba.models.base import SequenceEncoder
+from recsys_mamba.models.base import Dropout, SequenceEncoder
 
 
 class NextItemHead(nn.Module):
@@ -116,7 +116,7 @@ class CTRHead(nn.Module):
         layers: list[nn.Module] = []
         width = (4 if target_attention else 3) * d_model
         for dim in mlp_dims:
-            layers += [nn.Linear(width, dim), nn.ReLU(), nn.Dropout(dropout)]
+            layers += [nn.Linear(width, dim), nn.ReLU(), Dropout(dropout)]
             width = dim
         layers.append(nn.Linear(width, 1))
         self.mlp = nn.Sequential(*layers)

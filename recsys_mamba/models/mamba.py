@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from recsys_mamba.errors import RecsysError
-from recsys_mamba.models.base import FeedForward, SequenceEncoder, State, select
+from recsys_mamba.models.base import Dropout, FeedForward, SequenceEncoder, State, select
 from recsys_mamba.ops import selective_scan, selective_state_update
 
 LayerState = tuple[Tensor, Tensor]  # conv window (B, d_inner, d_conv - 1), SSM state (B, d_inner, d_state)
@@ -129,7 +129,7 @@ class MambaBlock(nn.Module):
         super().__init__()
         self.norm = make_norm(norm, d_model)
         self.mixer = MambaMixer(d_model, **mixer_kwargs)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.ffn_norm = make_norm(norm, d_model) if ffn else None
         self.ffn = FeedForward(d_model, ffn_mult, dropout) if ffn else None
 
@@ -178,7 +178,7 @@ class MambaEncoder(SequenceEncoder):
         )
         if d_conv < 2:
             raise RecsysError(f"d_conv must be >= 2, got {d_conv}")
-        self.emb_dropout = nn.Dropout(dropout)
+        self.emb_dropout = Dropout(dropout)
         self.blocks = nn.ModuleList(
             MambaBlock(
                 d_model,

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from recsys_mamba.errors import RecsysError
-from recsys_mamba.models.base import FeedForward, SequenceEncoder, State, select
+from recsys_mamba.models.base import Dropout, FeedForward, SequenceEncoder, State, select
 
 
 class CausalSelfAttention(nn.Module):
@@ -56,7 +56,7 @@ class SASRecBlock(nn.Module):
         self.attn = CausalSelfAttention(d_model, n_heads, dropout)
         self.norm2 = nn.LayerNorm(d_model)
         self.ffn = FeedForward(d_model, ffn_mult, dropout)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(
         self, h: Tensor, past: tuple[Tensor, Tensor] | None = None, visible: Tensor | None = None
@@ -88,7 +88,7 @@ class SASRecEncoder(SequenceEncoder):
         self.n_heads = n_heads
         self.emb_scale = math.sqrt(d_model) if scale_embeddings else 1.0
         self.pos_emb = nn.Embedding(max_len, d_model)
-        self.emb_dropout = nn.Dropout(dropout)
+        self.emb_dropout = Dropout(dropout)
         self.blocks = nn.ModuleList(SASRecBlock(d_model, n_heads, ffn_mult, dropout) for _ in range(n_layers))
         self.norm = nn.LayerNorm(d_model)
         nn.init.normal_(self.pos_emb.weight, std=0.02)

@@ -7,6 +7,7 @@ import torch
 
 from recsys_mamba.errors import RecsysError
 from recsys_mamba.models import NextItemHead
+from recsys_mamba.models.base import Dropout
 from tests.models.conftest import make_encoder, random_batch, user_sequences
 
 
@@ -176,3 +177,31 @@ def test_overfits_a_tiny_ml100k_batch(encoder_name: str, ml100k) -> None:
     with torch.no_grad():
         accuracy = (model.score_all(model(inputs)).argmax(-1) == targets).float().mean().item()
     assert accuracy > 0.9, f"train top-1 accuracy {accuracy:.2f} after 200 steps"
+
+
+def test_dropout_keeps_one_minus_p_and_rescales():
+    torch.manual_seed(0)
+    drop = Dropout(0.2).train()
+    x = torch.ones(200_000, requires_grad=True)
+    y = drop(x)
+    kept = y != 0
+    assert abs(kept.float().mean().item() - 0.8) < 0.005
+    torch.testing.assert_close(y[kept], torch.full_like(y[kept], 1 / 0.8))
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, y.detach())  # d(x * mask * scale)/dx = mask * scale
+
+
+def test_dropout_is_identity_in_eval_or_at_zero_and_zeroes_at_one():
+    x = torch.randn(4, 5)
+    assert torch.equal(Dropout(0.5).eval()(x), x)
+    assert torch.equal(Dropout(0.0).train()(x), x)
+    assert torch.equal(Dropout(1.0).train()(x), torch.zeros_like(x))
+
+
+def test_dropout_masks_follow_the_seed():
+    x = torch.randn(64, 32)
+    masks = []
+    for _ in range(2):
+        torch.manual_seed(7)
+        masks.append(Dropout(0.3).train()(x) != 0)
+    assert torch.equal(masks[0], masks[1]) and not masks[0].all()

@@ -10,6 +10,7 @@ batch first, that `split_state` / `merge_states` cut into per-user states and `s
 from __future__ import annotations
 
 import io
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -193,17 +194,23 @@ class SequenceEncoder(nn.Module):
 
 
 class Dropout(nn.Dropout):
-    """nn.Dropout with its mask drawn as uniform noise >= p on CPU: the same Bernoulli(1 - p) mask
-    and scaling, 2.4x faster than the one-draw-at-a-time `bernoulli_` behind F.dropout there (a
-    quarter of a Mamba training step at L = 200, BENCHMARKS.md). On other devices: F.dropout."""
+    """nn.Dropout with a faster mask on CPU, where F.dropout draws one `bernoulli_` at a time (a
+    quarter of a Mamba training step at L = 200, BENCHMARKS.md). Each element gets 16 random bits,
+    four from every 64-bit draw, and is dropped when they fall below p * 2^16 rounded up: a Bernoulli
+    mask with p on a 1/65536 grid (0.2 drops 0.200012), 6x faster to draw than uniform floats. The
+    kept values are scaled by 1 / P(keep) of that grid, so the expectation is exactly x. On other
+    devices: F.dropout."""
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.training or self.p == 0.0:
             return x
-        if x.device.type != "cpu" or self.p == 1.0:
+        dropped = math.ceil(self.p * 65536)
+        if x.device.type != "cpu" or dropped >= 65536:
             return super().forward(x)
-        keep = torch.rand_like(x) >= self.p
-        return x * keep * (1.0 / (1.0 - self.p))
+        n = x.numel()
+        words = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-(2**63), 2**63 - 1)
+        keep = words.view(torch.int16)[:n].view(x.shape) >= dropped - 32768
+        return x * keep * (65536 / (65536 - dropped))
 
 
 class FeedForward(nn.Module):

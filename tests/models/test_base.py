@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -179,16 +181,34 @@ def test_overfits_a_tiny_ml100k_batch(encoder_name: str, ml100k) -> None:
     assert accuracy > 0.9, f"train top-1 accuracy {accuracy:.2f} after 200 steps"
 
 
-def test_dropout_keeps_one_minus_p_and_rescales():
+def test_dropout_keeps_one_minus_p_and_rescales_to_an_unbiased_mean():
     torch.manual_seed(0)
     drop = Dropout(0.2).train()
-    x = torch.ones(200_000, requires_grad=True)
+    x = torch.ones(400_000, requires_grad=True)
     y = drop(x)
     kept = y != 0
-    assert abs(kept.float().mean().item() - 0.8) < 0.005
-    torch.testing.assert_close(y[kept], torch.full_like(y[kept], 1 / 0.8))
+    assert abs(kept.float().mean().item() - 0.8) < 0.003
+    scale = y[kept][0].item()
+    assert abs(scale - 1 / 0.8) < 1e-4  # p on a 1/65536 grid
+    assert torch.equal(y[kept], torch.full_like(y[kept], scale))
+    assert abs(scale * (1 - math.ceil(0.2 * 65536) / 65536) - 1) < 1e-6  # scale = 1 / P(keep) exactly
     y.sum().backward()
     torch.testing.assert_close(x.grad, y.detach())  # d(x * mask * scale)/dx = mask * scale
+
+
+def test_dropout_noise_is_uniform_in_every_16_bit_lane_of_a_draw():
+    # Four elements share one 64-bit draw; a draw without its top bit would keep every 4th element.
+    torch.manual_seed(1)
+    kept = Dropout(0.5).train()(torch.ones(400_000)) != 0
+    for lane in range(4):
+        assert abs(kept[lane::4].float().mean().item() - 0.5) < 0.005, lane
+
+
+@pytest.mark.parametrize("shape", [(1,), (3,), (5, 7), (2, 3, 5)])
+def test_dropout_handles_sizes_that_are_not_a_multiple_of_four(shape):
+    torch.manual_seed(2)
+    y = Dropout(0.1).train()(torch.ones(shape))
+    assert y.shape == shape and ((y == 0) | (y > 1)).all()
 
 
 def test_dropout_is_identity_in_eval_or_at_zero_and_zeroes_at_one():

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from recsys_mamba.errors import RecsysError
+from recsys_mamba.ops.linear_ce import linear_cross_entropy
 
 State = dict[str, Tensor]
 
@@ -129,6 +130,12 @@ class SequenceEncoder(nn.Module):
         scores = hidden @ self.item_emb.weight.t()
         scores[..., 0] = float("-inf")
         return scores
+
+    def cross_entropy_all(self, hidden: Tensor, targets: Tensor) -> Tensor:
+        """Mean cross-entropy of `score_all(hidden)` against targets (N,) in [1, n_items], without
+        the (N, n_items + 1) score matrix (`ops.linear_cross_entropy`). An encoder that overrides
+        score_all overrides this too."""
+        return linear_cross_entropy(hidden, self.item_emb.weight, targets)
 
     def score_candidates(self, hidden: Tensor, items: Tensor) -> Tensor:
         """Scores of given candidates: hidden (..., d_model), items (..., K) -> (..., K)."""

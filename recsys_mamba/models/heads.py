@@ -50,7 +50,7 @@ class NextItemHead(nn.Module):
         if targets.numel() == 0:
             return hidden.sum() * 0.0
         if self.loss_type == "ce":
-            return F.cross_entropy(encoder.score_all(hidden), targets)
+            return encoder.cross_entropy_all(hidden, targets)
         return self._sampled_loss(encoder, hidden, targets, item_log_probs)
 
     def _sampled_loss(

@@ -64,7 +64,8 @@ def linear_cross_entropy(
     """Mean cross-entropy of the scores `hidden @ weight.T` against targets, with column 0 (the
     padding item) excluded from the softmax: hidden (N, d), weight (V, d), targets (N,) in [1, V).
 
-    Computed in float32, or float64 for float64 inputs. Not twice differentiable (the gradient is taken in the forward pass).
+    Computed in float32, or float64 for float64 inputs. Not twice differentiable (the gradient is
+    taken in the forward pass).
     """
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise RecsysError(

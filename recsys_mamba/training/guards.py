@@ -15,9 +15,12 @@ from recsys_mamba.errors import RecsysError
 
 def last_good_checkpoint(trainer: L.Trainer) -> str:
     """Where the newest checkpoint (written before the fault) is and how to resume, or "none saved yet"."""
-    cb = trainer.checkpoint_callback
-    last = getattr(cb, "last_model_path", "") or ""
-    best = getattr(cb, "best_model_path", "") or ""
+    last, best = "", ""
+    for cb in trainer.checkpoint_callbacks:
+        # A checkpoint callback without a monitor keeps the latest epoch (conf/callbacks/last_checkpoint.yaml)
+        newest = getattr(cb, "last_model_path", "") or ("" if cb.monitor else cb.best_model_path)
+        last = last or newest or ""
+        best = best or (cb.best_model_path if cb.monitor else "") or ""
     if not last:
         return best or "none saved yet"
     also = f"; best so far: {best}" if best and best != last else ""

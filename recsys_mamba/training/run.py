@@ -235,7 +235,9 @@ def train(cfg: DictConfig, extra_callbacks: list[Callback] | None = None) -> dic
 
     test_metrics: dict[str, float] = {}
     if cfg.get("test", True):
-        checkpoint = next((cb for cb in callbacks if isinstance(cb, ModelCheckpoint)), None)
+        # The best-epoch checkpoint (the one with a monitor), not last_checkpoint's latest epoch
+        checkpoints = [cb for cb in callbacks if isinstance(cb, ModelCheckpoint)]
+        checkpoint = next((cb for cb in checkpoints if cb.monitor), checkpoints[0] if checkpoints else None)
         if cfg.get("train", True):
             weights = checkpoint.best_model_path if checkpoint is not None else None
         else:

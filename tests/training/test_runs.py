@@ -78,6 +78,18 @@ class _Interrupt(L.Callback):
             trainer.should_stop = True
 
 
+def test_last_ckpt_holds_the_latest_epoch_and_the_best_checkpoint_is_tested(tiny, tmp_path, cache_dir):
+    # mode=min on a metric that rises: the "best" epoch is an early one, so best and last differ.
+    overrides = ["trainer.max_epochs=3", "task.mode=min", "callbacks.early_stopping.patience=10"]
+    result = train(tiny(tmp_path, overrides, cache_dir))
+    folder = tmp_path / "checkpoints"
+    last = torch.load(folder / "last.ckpt", map_location="cpu", weights_only=True)
+    assert last["epoch"] == 2
+    best = sorted(folder.glob("epoch_*.ckpt"))
+    assert [p.name for p in best] == [f"epoch_{result['best_epoch']:03d}.ckpt"]
+    assert sorted(p.name for p in folder.iterdir()) == sorted(["last.ckpt", best[0].name])
+
+
 @pytest.mark.parametrize("task", ["next_item", "ctr"])
 def test_resume_matches_uninterrupted_run(tiny, task, tmp_path, cache_dir):
     # Dropout on, several epochs and full (limited) schedule, so any RNG or sampler drift would show.

@@ -38,6 +38,9 @@ IGNORED_PREFIXES = (
     "trainer.default_root_dir",
     "trainer.enable_progress_bar",
     "callbacks.progress_bar",
+    # Which files hold the latest epoch changes nothing that is tested (the best epoch is)
+    "callbacks.last_checkpoint",
+    "callbacks.model_checkpoint.save_last",
 )
 
 # Leave-one-out, full ranking over all items; ../shared/data/README.md.

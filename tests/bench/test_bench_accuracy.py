@@ -98,6 +98,20 @@ def test_settings_that_vary_name_the_groups(tmp_path):
     assert labels == {"mamba d_state=8", "mamba d_state=16"}
 
 
+def test_checkpoint_file_settings_do_not_split_a_group(tmp_path):
+    # Runs from before and after conf/callbacks/last_checkpoint.yaml existed are the same experiment.
+    _fake_run(tmp_path / "old", "mamba", 1, 0.2)
+    _fake_run(tmp_path / "new", "mamba", 2, 0.22)
+    config = yaml.safe_load((tmp_path / "new" / "config.yaml").read_text())
+    config["callbacks"] = {
+        "model_checkpoint": {"save_last": False},
+        "last_checkpoint": {"filename": "last", "monitor": None},
+    }
+    (tmp_path / "new" / "config.yaml").write_text(yaml.safe_dump(config))
+    groups = accuracy.tabulate([str(tmp_path)])["groups"]
+    assert [(g["label"], g["seeds"]) for g in groups] == [("mamba", [1, 2])]
+
+
 def test_missing_or_broken_runs_are_clear_errors(tmp_path):
     with pytest.raises(RecsysError, match="not a folder"):
         accuracy.tabulate([str(tmp_path / "nope")])

@@ -12,10 +12,13 @@ one L are alive together and the parent asks them for steps in turn (mamba, sasr
 so noise from other work on the machine falls on every encoder alike; medians over `repeats` after
 `warmup` untimed steps.
 
-Peak memory of a step (CPU): the Linux resident high-water mark (VmHWM, reset through
-/proc/self/clear_refs before the step) minus the resident memory just before it (after malloc_trim,
-so freed heap is not counted as in use): what the step adds on top of model, inputs and interpreter.
-On CUDA: torch.cuda.max_memory_allocated minus memory_allocated before the step.
+Peak memory is measured in one extra step per op after the timed repeats, not in the timed steps:
+on CPU it is the Linux resident high-water mark (VmHWM, reset through /proc/self/clear_refs before
+the step) minus the resident memory just before it (after malloc_trim, so freed heap is not counted
+as in use): what the step adds on top of model, inputs and interpreter. The trim makes that step
+fault its memory in afresh, which a training loop reusing its heap does not pay, so timed steps run
+as a training loop's do. On CUDA: torch.cuda.max_memory_allocated minus memory_allocated before the
+step.
 
 Growth exponents are least-squares slopes of log(cost per sequence) against log L over `fit_range`
 (per sequence = per step / batch, so 1 means linear in L). The crossover is the length from which the
@@ -154,10 +157,13 @@ class Case:
             "n_params": sum(p.numel() for p in self.model.parameters()),
         }
 
-    def step(self, train: bool) -> dict[str, Any]:
+    def step(self, train: bool, memory: bool = False) -> dict[str, Any]:
+        """One step, timed. With memory, its peak too: that resets the high-water mark and gives freed
+        heap back to the system first, so the step pays page faults a training loop's reused memory
+        does not (up to a quarter of a step at L = 200), which is why timed steps leave it out."""
         self.model.train(train)
         self.model.zero_grad(set_to_none=True)
-        base = self.memory.start()
+        base = self.memory.start() if memory else 0
         start = time.perf_counter()
         with torch.set_grad_enabled(train):
             hidden = self.model.encode({"items": self.items})
@@ -166,7 +172,7 @@ class Case:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
-        peak = self.memory.peak_since(base)
+        peak = self.memory.peak_since(base) if memory else None
         del hidden
         return {"seconds": seconds, "peak_mib": None if peak is None else peak / MIB}
 
@@ -184,10 +190,10 @@ def serve() -> None:
         case = Case(spec)
         _send({"ready": True, **case.info()})
         for line in sys.stdin:
-            op = json.loads(line)["op"]
+            op = json.loads(line)["op"]  # train | infer, with "_memory" for a step that measures memory
             if op == "quit":
                 return
-            _send(case.step(op == "train"))
+            _send(case.step(op.startswith("train"), memory=op.endswith("_memory")))
     except Exception as err:  # e.g. out of memory: the parent records the case as skipped
         _send({"error": f"{type(err).__name__}: {err}"})
 
@@ -300,7 +306,8 @@ def _spec(cfg: DictConfig, name: str, length: int, batch: int, device: str) -> d
 
 def _new_case(name: str, length: int, batch: int) -> dict[str, Any]:
     return {"encoder": name, "length": length, "batch": batch, "tokens_per_step": batch * length,
-            "status": "ok", "reason": None, "over_limit": False, "warmup": [], "repeats": []}
+            "status": "ok", "reason": None, "over_limit": False, "warmup": [], "repeats": [],
+            "memory": {}}
 
 
 def _skip(case: dict[str, Any], skip: Skip) -> None:
@@ -347,15 +354,23 @@ def measure_length(cfg: DictConfig, names: list[str], length: int, device: str,
                         _skip(cases[n], skip)
                         workers.pop(n).close()
                         continue
-                    rows[n] |= {f"{op}_s": reply["seconds"], f"{op}_peak_mib": reply["peak_mib"]}
+                    rows[n] |= {f"{op}_s": reply["seconds"]}
             for n in workers:
                 cases[n]["repeats"].append(rows[n])
+        for n in list(workers):  # peak memory: one dedicated step per op, after the timed ones
+            try:
+                for op in ("train", "infer"):
+                    reply = workers[n].call(f"{op}_memory")
+                    cases[n]["memory"] |= {f"{op}_s": reply["seconds"], f"{op}_peak_mib": reply["peak_mib"]}
+            except Skip as skip:
+                _skip(cases[n], skip)
+                workers.pop(n).close()
     finally:
         for w in workers.values():
             w.close()
     for case in cases.values():
         if case["status"] == "ok":
-            case["median"] = medians(case["repeats"], case["tokens_per_step"])
+            case["median"] = medians(case["repeats"], case["tokens_per_step"], case["memory"])
             m = case["median"]
             print(f"  {case['encoder']:6s} L={length:6d} batch {batch:4d}: train {m['train_tok_s']:10,.0f} "
                   f"tok/s, infer {m['infer_tok_s']:10,.0f} tok/s, train peak {_mib(m['train_peak_mib'])} MiB",
@@ -368,22 +383,20 @@ def _check_budget(worker: Worker, case: dict[str, Any], repeats: int) -> None:
     if not case["warmup"]:
         return
     last = case["warmup"][-1]
-    estimate = repeats * (last["train_s"] + last["infer_s"])
+    estimate = (repeats + 1) * (last["train_s"] + last["infer_s"])  # + the memory steps
     left = worker.budget_s - worker.spent_s
     if estimate > left:
         raise Skip(f"skipped: {repeats} repeats estimated at {estimate:.0f} s from the warm-up, "
                    f"{left:.0f} s left of max_seconds_per_case={worker.budget_s:g}", over_limit=True)
 
 
-def medians(repeats: list[dict[str, Any]], tokens: int) -> dict[str, Any]:
-    def med(key: str) -> float | None:
-        values = [r[key] for r in repeats if r.get(key) is not None]
-        return statistics.median(values) if values else None
-
-    train_s, infer_s = med("train_s"), med("infer_s")
+def medians(repeats: list[dict[str, Any]], tokens: int, memory: dict[str, Any]) -> dict[str, Any]:
+    """Median times over the timed repeats; peaks from the memory steps."""
+    train_s = statistics.median(r["train_s"] for r in repeats)
+    infer_s = statistics.median(r["infer_s"] for r in repeats)
     return {"train_s": train_s, "infer_s": infer_s, "train_tok_s": tokens / train_s,
-            "infer_tok_s": tokens / infer_s, "train_peak_mib": med("train_peak_mib"),
-            "infer_peak_mib": med("infer_peak_mib")}
+            "infer_tok_s": tokens / infer_s, "train_peak_mib": memory.get("train_peak_mib"),
+            "infer_peak_mib": memory.get("infer_peak_mib")}
 
 
 # ---- analysis --------------------------------------------------------------------------------------
@@ -539,7 +552,8 @@ def benchmark(cfg: DictConfig) -> dict[str, Any]:
                           "no optimiser step, no scoring head",
             "infer_step": "encode under no_grad, eval mode",
             "order": "one worker process per (encoder, L); per repeat every encoder's training step in turn, "
-                     "then every encoder's inference step; medians over repeats after warm-up",
+                     "then every encoder's inference step; medians over repeats after warm-up; peak "
+                     "memory from one more step per op after the repeats (untimed in the medians)",
             "exponents": "least-squares slope of log(cost / batch) against log L over L in "
                          f"{list(cfg.fit_range)}",
         },

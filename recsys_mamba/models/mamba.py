@@ -23,6 +23,8 @@ from torch import Tensor, nn
 from recsys_mamba.errors import RecsysError
 from recsys_mamba.models.base import Dropout, FeedForward, SequenceEncoder, State, select
 from recsys_mamba.ops import selective_scan, selective_state_update
+from recsys_mamba.ops.conv import causal_conv1d
+from recsys_mamba.ops.norm import rms_norm
 
 LayerState = tuple[Tensor, Tensor]  # conv window (B, d_inner, d_conv - 1), SSM state (B, d_inner, d_state)
 
@@ -68,35 +70,24 @@ class MambaMixer(nn.Module):
         dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         return F.softplus(self.dt_proj(dt)), B, C
 
-    def _conv(self, x_padded: Tensor) -> Tensor:
-        """Causal depthwise conv over (B, L + d_conv - 1, d_inner) -> (B, L, d_inner), channels last
-        throughout: run as a conv2d in channels_last memory format, which oneDNN does without the
-        transposing copies a conv1d over (B, d_inner, L) needs around it (2x faster with them)."""
-        out = F.conv2d(
-            x_padded.transpose(1, 2).unsqueeze(2),
-            self.conv1d.weight.unsqueeze(2),
-            self.conv1d.bias,
-            groups=self.d_inner,
-        )
-        return out.squeeze(2).transpose(1, 2)
-
     def forward(
         self, h: Tensor, mask: Tensor, state: LayerState | None = None
     ) -> tuple[Tensor, LayerState | None]:
         """h (B, L, d_model), mask (B, L) -> (B, L, d_model) and, when a state came in, the state after it."""
-        batch = h.shape[0]
         # Two projections, not one split in two: each output is contiguous channels-last (B, L, d_inner),
         # the layout the conv, x_proj and the CPU scan all read without copying.
         w_x, w_z = self.in_proj.weight.chunk(2, dim=0)
         x, z = F.linear(h, w_x), F.linear(h, w_z)
-        # Left-pad with the carried conv window (zeros at the start) so the conv is causal and
-        # continues across chunks.
-        if state is None:
-            window = x.new_zeros(batch, self.d_conv - 1, self.d_inner)
-        else:
-            window = state[0].transpose(1, 2).to(x.dtype)
-        x_padded = torch.cat([window, x], dim=1)
-        x = F.silu(self._conv(x_padded))
+        # The carried conv window (zeros at the start) is the conv's left context, so it continues
+        # across chunks. Channels last in and out: (B, d_inner, L) views of (B, L, d_inner) memory.
+        x_in = x
+        x = causal_conv1d(
+            x.transpose(1, 2),
+            self.conv1d.weight[:, 0],
+            self.conv1d.bias,
+            initial_states=None if state is None else state[0],
+            activation="silu",
+        ).transpose(1, 2)
         dt, B, C = self._ssm_inputs(x)
         dt = dt * mask[..., None]  # dt = 0 at padding: state passes through unchanged
         carry = state is not None
@@ -117,6 +108,7 @@ class MambaMixer(nn.Module):
             return self.out_proj(out.transpose(1, 2)), None
         y, ssm = out
         # The new conv window is the last d_conv - 1 inputs up to each row's last real event.
+        x_padded = torch.cat([state[0].transpose(1, 2).to(x_in.dtype), x_in], dim=1)
         lengths = mask.sum(1).long()
         idx = (lengths[:, None] + torch.arange(self.d_conv - 1, device=h.device))[:, :, None]
         window = x_padded.gather(1, idx.expand(-1, -1, self.d_inner)).transpose(1, 2)
@@ -133,9 +125,16 @@ class MambaMixer(nn.Module):
         return self.out_proj(y), (window[:, :, 1:], ssm)
 
 
+class RMSNorm(nn.RMSNorm):
+    """nn.RMSNorm (same parameters and state dict) with the fused CPU kernel of `ops.norm`."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
 def make_norm(kind: str, d_model: int) -> nn.Module:
     if kind == "rmsnorm":
-        return nn.RMSNorm(d_model, eps=1e-5)
+        return RMSNorm(d_model, eps=1e-5)
     if kind == "layernorm":
         return nn.LayerNorm(d_model, eps=1e-5)
     raise RecsysError(f"norm must be 'rmsnorm' or 'layernorm', got {kind!r}")

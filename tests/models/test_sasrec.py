@@ -7,6 +7,7 @@ import torch
 
 from recsys_mamba.errors import RecsysError
 from recsys_mamba.models import SASRecEncoder
+from recsys_mamba.models.sasrec import CausalSelfAttention
 from tests.models.conftest import make_encoder, random_batch
 
 
@@ -54,3 +55,38 @@ def test_scaled_embeddings_keep_the_contract() -> None:
 def test_heads_must_divide_d_model() -> None:
     with pytest.raises(RecsysError, match="divisible"):
         SASRecEncoder(n_items=5, d_model=30, n_heads=4)
+
+
+def test_cpu_training_attention_spelled_out_equals_sdpa(monkeypatch) -> None:
+    # Train mode on CPU with dropout takes the explicit path (cheap dropout mask); with the mask's p
+    # at 0 it must equal SDPA's causal attention exactly, and SDPA must not be called.
+    torch.manual_seed(0)
+    attn = CausalSelfAttention(d_model=16, n_heads=2, dropout=0.3).double()
+    x = torch.randn(3, 11, 16, dtype=torch.float64)
+    attn.eval()
+    want, _ = attn(x)
+    attn.train()
+    attn.attn_dropout.p = 0.0
+
+    def no_sdpa(*args, **kwargs):
+        raise AssertionError("SDPA called in CPU training with dropout")
+
+    monkeypatch.setattr("recsys_mamba.models.sasrec.F.scaled_dot_product_attention", no_sdpa)
+    got, _ = attn(x)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_cpu_training_attention_dropout_drops_and_rescales() -> None:
+    torch.manual_seed(0)
+    attn = CausalSelfAttention(d_model=16, n_heads=2, dropout=0.5).train()
+    x = torch.randn(2, 9, 16)
+    a, _ = attn(x)
+    b, _ = attn(x)
+    assert not torch.allclose(a, b)  # a fresh mask per call
+    # Each query's kept weights are rescaled by 1 / P(keep): averaged over many masks, the output is
+    # the dropout-free attention.
+    with torch.no_grad():
+        mean = torch.stack([attn(x)[0] for _ in range(2000)]).mean(0)
+        attn.eval()
+        want, _ = attn(x)
+    torch.testing.assert_close(mean, want, rtol=0, atol=0.05)

@@ -4,11 +4,18 @@ import pytest
 import torch
 
 from recsys_mamba.models.mamba import RMSNorm
+from recsys_mamba.ops import norm
 from recsys_mamba.ops.norm import rms_norm
 
 
 def _reference(x, weight, eps):
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
+@pytest.fixture(autouse=True)
+def _always_fused(monkeypatch):
+    # the fused kernel only takes inputs of FUSED_MIN_NUMEL elements or more; test it on small ones too
+    monkeypatch.setattr(norm, "FUSED_MIN_NUMEL", 1)
 
 
 @pytest.mark.parametrize("shape", [(5, 7, 64), (3, 33), (1, 1, 1, 8), (130, 16)], ids=str)
@@ -42,3 +49,21 @@ def test_module_keeps_nn_rmsnorm_state_dict_and_output():
     torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-6)
     # bfloat16 (autocast) takes torch's own op
     torch.testing.assert_close(ours.bfloat16()(x.bfloat16()), theirs.bfloat16()(x.bfloat16()))
+
+
+def test_small_inputs_take_torch_and_large_ones_the_kernel(monkeypatch):
+    monkeypatch.setattr(norm, "FUSED_MIN_NUMEL", 65536)
+    weight = torch.ones(64, requires_grad=True)
+    small, large = torch.randn(4, 64, requires_grad=True), torch.randn(1024, 64, requires_grad=True)
+    assert "_RMSNormFnBackward" not in _graph_names(rms_norm(small, weight, 1e-5).grad_fn)
+    assert "_RMSNormFnBackward" in _graph_names(rms_norm(large, weight, 1e-5).grad_fn)
+
+
+def _graph_names(fn, depth: int = 3) -> set[str]:
+    """Names of the autograd nodes within `depth` steps of fn."""
+    if fn is None or depth == 0:
+        return set()
+    names = {type(fn).__name__}
+    for child, _ in fn.next_functions:
+        names |= _graph_names(child, depth - 1)
+    return names

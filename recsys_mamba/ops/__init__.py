@@ -4,6 +4,9 @@
 `selective_state_update` (argument names, layouts, semantics). Backends: `ref` (sequential PyTorch,
 the oracle), `cpu` (compiled numba kernels, pure-torch fallback), `triton` (fused CUDA kernels; CPU
 tensors only under TRITON_INTERPRET=1), `auto` (triton on CUDA, cpu otherwise).
+
+The Mamba block's other kernels sit beside it: `ops.conv.causal_conv1d` (depthwise causal conv) and
+`ops.norm.rms_norm` (fused RMSNorm), and `ops.linear_ce` the fused next-click loss.
 """
 
 from __future__ import annotations

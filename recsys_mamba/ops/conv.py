@@ -2,10 +2,11 @@
 
 `causal_conv1d` follows the causal-conv1d package's `causal_conv1d_fn` (x (batch, dim, L), weight
 (dim, width), bias, initial_states (batch, dim, width - 1), activation None | "silu"), so the two can
-be swapped. Backends: `cpu` (numba kernels over channels-last memory; gradients in one pass with the
-pre-activation recomputed) and `torch` (oneDNN/cuDNN conv2d, the reference and the CUDA path).
-oneDNN's backward for this depthwise shape is slow: the numba pair takes forward + backward 1.5x (two
-threads) to 2x (one thread) faster at batch 40, L 200, 128 channels (BENCHMARKS.md).
+be swapped. Backends: `cpu` (numba kernels over channels-last memory; the backward in two parallel
+passes, the pre-activation recomputed rather than stored) and `torch` (oneDNN/cuDNN conv2d, the
+reference and the CUDA path). oneDNN's weight gradient is slow for this depthwise shape: the numba
+pair runs forward + backward 1.5x (two threads) to 2x (one thread) faster at batch 40, L 200, 128
+channels (BENCHMARKS.md).
 """
 
 from __future__ import annotations

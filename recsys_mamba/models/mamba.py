@@ -24,7 +24,7 @@ from recsys_mamba.errors import RecsysError
 from recsys_mamba.models.base import Dropout, FeedForward, SequenceEncoder, State, select
 from recsys_mamba.ops import selective_scan, selective_state_update
 from recsys_mamba.ops.conv import causal_conv1d
-from recsys_mamba.ops.norm import rms_norm
+from recsys_mamba.ops.norm import FUSED_MIN_NUMEL, rms_norm
 
 LayerState = tuple[Tensor, Tensor]  # conv window (B, d_inner, d_conv - 1), SSM state (B, d_inner, d_state)
 
@@ -129,6 +129,8 @@ class RMSNorm(nn.RMSNorm):
     """nn.RMSNorm (same parameters and state dict) with the fused CPU kernel of `ops.norm`."""
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.numel() < FUSED_MIN_NUMEL:  # a streaming step: skip the call, torch's op is cheaper here
+            return super().forward(x)
         return rms_norm(x, self.weight, self.eps)
 
 

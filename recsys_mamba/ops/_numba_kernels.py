@@ -261,25 +261,30 @@ def scan_bwd(u, dt, At, B, C, D, z, has_z, K, ckpt, dout, dlast,
 CONV_T = 64  # time steps per causal-conv task; tasks are (batch row, block of steps), all channels
 
 
+@njit(inline="always", fastmath=True)
+def _conv_pre(xp, w, bias, b, t, acc):  # pragma: no cover
+    """acc = bias + sum_k w[k] * xp[b, t + k]: the pre-activation of output step t, whole rows."""
+    acc[:] = bias
+    for k in range(w.shape[0]):
+        xk = xp[b, t + k]
+        wk = w[k]
+        for c in range(acc.shape[0]):
+            acc[c] += wk[c] * xk[c]
+
+
 @njit(parallel=True, fastmath=True, cache=True)
 def conv_fwd(xp, w, bias, silu, out):  # pragma: no cover
     """Causal depthwise conv, channels last: xp (batch, L + K - 1, C) is the input with its K - 1 steps
     of left context, w (K, C), bias (C,), out (batch, L, C); silu applies SiLU to the result. The inner
     loops run along whole channel rows, so LLVM vectorises them."""
     nb, L, nc = out.shape
-    K = w.shape[0]
     one = out.dtype.type(1)
     nt = (L + CONV_T - 1) // CONV_T
     for task in prange(nb * nt):
         b, t0 = task // nt, task % nt * CONV_T
         acc = np.empty(nc, dtype=out.dtype)
         for t in range(t0, min(L, t0 + CONV_T)):
-            acc[:] = bias
-            for k in range(K):
-                xk = xp[b, t + k]
-                wk = w[k]
-                for c in range(nc):
-                    acc[c] += wk[c] * xk[c]
+            _conv_pre(xp, w, bias, b, t, acc)
             ot = out[b, t]
             if silu:
                 for c in range(nc):
@@ -308,12 +313,7 @@ def conv_bwd(xp, w, bias, silu, dout, g, dxp, dw_part, db_part):  # pragma: no c
             gt = g[b, t]
             dt_ = dout[b, t]
             if silu:
-                acc[:] = bias
-                for k in range(K):
-                    xk = xp[b, t + k]
-                    wk = w[k]
-                    for c in range(nc):
-                        acc[c] += wk[c] * xk[c]
+                _conv_pre(xp, w, bias, b, t, acc)
                 for c in range(nc):
                     sg = one / (one + fast_exp(-acc[c]))
                     gt[c] = dt_[c] * sg * (one + acc[c] * (one - sg))

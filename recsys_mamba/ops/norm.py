@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from recsys_mamba.errors import RecsysError
+
 
 def _kernels():
     from recsys_mamba.ops.cpu import _load_kernels
@@ -42,6 +44,9 @@ FUSED_MIN_NUMEL = 65536  # below it (a streaming step's few rows) torch's ops co
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm over x's last axis (size d) with a (d,) weight; x's shape and dtype out."""
+    if x.dim() < 1 or tuple(weight.shape) != (x.shape[-1],):
+        raise RecsysError(f"rms_norm: weight has shape {tuple(weight.shape)}, expected (d,) with d the size "
+                          f"of x's last axis; x has shape {tuple(x.shape)}")
     # numel first: the streaming step's tiny inputs leave after one check
     fused = (x.numel() >= FUSED_MIN_NUMEL and x.device.type == "cpu"
              and x.dtype in (torch.float32, torch.float64) and weight.dtype == x.dtype

@@ -3,6 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from recsys_mamba.errors import RecsysError
 from recsys_mamba.models.mamba import RMSNorm
 from recsys_mamba.ops import norm
 from recsys_mamba.ops.norm import rms_norm
@@ -67,3 +68,10 @@ def _graph_names(fn, depth: int = 3) -> set[str]:
     for child, _ in fn.next_functions:
         names |= _graph_names(child, depth - 1)
     return names
+
+
+@pytest.mark.parametrize(("x", "weight"),
+                         [(torch.randn(3, 8), torch.ones(7)), (torch.tensor(1.0), torch.ones(1))])
+def test_a_weight_that_does_not_fit_x_is_a_clear_error(x, weight):
+    with pytest.raises(RecsysError, match=r"rms_norm: weight has shape .* expected \(d,\)"):
+        rms_norm(x, weight, 1e-5)

@@ -150,7 +150,7 @@ def check_datamodule(cfg: DictConfig) -> None:
     pin = _get(cfg, "datamodule.pin_memory")
     if pin is not None:
         checks.boolean(pin, "datamodule.pin_memory")
-    for name in ("ctr_train_windows", "positive_targets"):
+    for name in ("ctr_train_windows", "next_item_windows", "positive_targets", "bucket_by_length"):
         if _present(cfg, f"datamodule.{name}"):
             checks.boolean(_get(cfg, f"datamodule.{name}"), f"datamodule.{name}")
     checks.output_dir(_get(cfg, "paths.cache_dir"), "paths.cache_dir")

@@ -3,8 +3,9 @@
 Sequences are held as flat numpy arrays with per-user offsets; a batch is cut out of them in one
 vectorised step (`__getitems__`), so there is no per-sample Python work.
 
-- next_item, train: one row per user, its training events shifted by one (input t predicts t + 1), so
-  every prefix is trained; the most recent `max_len` inputs are kept. With `positive_targets`, events
+- next_item, train: a user's training events shifted by one (input t predicts t + 1), so every prefix
+  is trained; one row per user with the most recent `max_len` inputs, or with `next_item_windows`
+  overlapping rows that together train every target (`NextItemTrainDataset`). With `positive_targets`, events
   labelled 0 (skipped impressions) are inputs but never targets.
 - next_item, valid / test: one row per user, the first event of that split is the target and every
   earlier event (train, and valid for test) the history.
@@ -111,30 +112,60 @@ class _BatchDataset(Dataset):
 
 
 class NextItemTrainDataset(_BatchDataset):
+    """Training rows for next-click: inputs are a user's training events, targets the same shifted by one.
+
+    Without `windows`, one row per user holds the most recent `max_len` inputs (the SASRec convention),
+    so a user with more training events than that contributes only their last `max_len` targets.
+    With `windows`, such a user gets overlapping rows ending every `max_len // 2` inputs back from the
+    most recent one, and each target is trained in exactly one row: the one where it has the most
+    context (at least `max_len - max_len // 2` earlier events, or all of them near the start). Every
+    training target is then used, as when each prefix is its own sample, at about twice the encoder
+    work for the long users instead of `max_len` times.
+    """
+
     def __init__(
-        self, store: SequenceStore, max_len: int, n_train: np.ndarray, positive_only: bool = True
+        self,
+        store: SequenceStore,
+        max_len: int,
+        n_train: np.ndarray,
+        positive_only: bool = True,
+        windows: bool = False,
     ) -> None:
         super().__init__(store, max_len)
         self.positive_only = positive_only and "labels" in store.flat
-        self.rows = np.flatnonzero(n_train >= 2)
-        self.n_train = n_train[self.rows]
+        users = np.flatnonzero(n_train >= 2)
+        n_inputs = n_train[users] - 1
+        stride = max(max_len // 2, 1)
+        # Windows beyond the most recent one: ceil((n_inputs - max_len) / stride), 0 when all fit.
+        n_older = np.maximum(0, -((max_len - n_inputs) // stride)) if windows else np.zeros_like(n_inputs)
+        per_user = n_older + 1
+        self.rows = np.repeat(users, per_user)
+        back = np.arange(per_user.sum()) - np.repeat(np.cumsum(per_user) - per_user, per_user)
+        end = np.repeat(n_inputs, per_user) - back * stride
+        self.offset = np.maximum(0, end - max_len)  # first input of the row, within the user's sequence
+        self.length = end - self.offset
+        # A row that starts at the user's first event trains all its targets; a later window only its
+        # last `stride`, since the row before it (one stride older) gives the others more context.
+        older_exists = windows & (self.offset > 0)
+        self.first_target = np.where(older_exists, self.length - stride, 0)
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def lengths(self) -> np.ndarray:
-        return np.minimum(self.n_train - 1, self.max_len)
+        return self.length
 
     def build(self, idx: np.ndarray) -> Batch:
-        n_inputs = self.n_train[idx] - 1
-        length = np.minimum(n_inputs, self.max_len)
-        start = self.store.start[self.rows[idx]] + n_inputs - length
+        length = self.length[idx]
+        start = self.store.start[self.rows[idx]] + self.offset[idx]
         batch = self.store.history(start, length)
-        batch["targets"] = self.store.gather("items", start + 1, length, batch["items"].shape[1])
+        width = batch["items"].shape[1]
+        trained = np.arange(width)[None, :] >= self.first_target[idx][:, None]
         if self.positive_only:
             # Skipped impressions (label 0) stay in the input history but are not targets to predict.
-            clicked = self.store.gather("labels", start + 1, length, batch["items"].shape[1]) != 0
-            batch["targets"] = batch["targets"] * clicked
+            trained &= self.store.gather("labels", start + 1, length, width).numpy() != 0
+        targets = self.store.gather("items", start + 1, length, width)
+        batch["targets"] = targets * torch.from_numpy(trained)
         return batch
 
 
@@ -303,6 +334,7 @@ class RecDataModule(L.LightningDataModule):
         seed: int = 42,
         positive_targets: bool = True,
         ctr_train_windows: bool = True,
+        next_item_windows: bool = True,
         bucket_by_length: bool = False,
         cache_dir: str | None = None,
         prepared_dir: str | None = None,
@@ -322,6 +354,7 @@ class RecDataModule(L.LightningDataModule):
         self.seed = int(seed)
         self.positive_targets = bool(positive_targets)
         self.ctr_train_windows = bool(ctr_train_windows)
+        self.next_item_windows = bool(next_item_windows)
         self.bucket_by_length = bool(bucket_by_length)
         self.cache_dir = cache_dir
         self.prepared_dir = Path(prepared_dir) if prepared_dir else None
@@ -373,7 +406,9 @@ class RecDataModule(L.LightningDataModule):
                 first[:, 1] >= 0, first[:, 1], np.where(first[:, 2] >= 0, first[:, 2], store.length)
             )
             self.datasets = {
-                "train": NextItemTrainDataset(store, self.max_len, n_train, self.positive_targets),
+                "train": NextItemTrainDataset(
+                    store, self.max_len, n_train, self.positive_targets, self.next_item_windows
+                ),
                 "valid": NextItemEvalDataset(store, self.max_len, first[:, 1]),
                 "test": NextItemEvalDataset(store, self.max_len, first[:, 2]),
             }

@@ -21,7 +21,7 @@ def _sequences(prepared):
 
 
 def test_next_item_train_rows_are_shifted_truncated_and_right_padded(prepared):
-    dm = _dm(prepared)
+    dm = _dm(prepared, next_item_windows=False)
     seqs = _sequences(prepared)
     ds = dm.datasets["train"]
     batch = ds.__getitems__(list(range(len(ds))))
@@ -35,6 +35,41 @@ def test_next_item_train_rows_are_shifted_truncated_and_right_padded(prepared):
         assert all(v == 0 for v in items[n:] + targets[n:])  # right padding
         assert batch["lengths"][row] == n
     assert batch["items"].dtype == torch.int64 and batch["categories"].shape == batch["items"].shape
+
+
+@pytest.mark.parametrize("max_len", [5, 6])
+def test_next_item_windows_train_every_target_once_with_most_context(prepared, max_len):
+    seqs = _sequences(prepared)
+    last_only = _dm(prepared, max_len=max_len, next_item_windows=False).datasets["train"]
+    ds = _dm(prepared, max_len=max_len).datasets["train"]  # windows are the default
+    assert len(ds) > len(last_only)  # users longer than max_len get several rows
+    batch = ds.__getitems__(list(range(len(ds))))
+    stride = max_len // 2
+    trained: dict[int, list[int]] = {}
+    for row in range(len(ds)):
+        user = int(ds.store.users[ds.rows[row]])
+        columns = (seqs[user][k] for k in ("items", "splits", "labels"))
+        events = [(i, lab) for i, s, lab in zip(*columns, strict=True) if s == 0]
+        items, targets = batch["items"][row].tolist(), batch["targets"][row].tolist()
+        n = int(batch["lengths"][row])
+        offset = int(ds.offset[row])
+        assert 1 <= n <= max_len and items[:n] == [i for i, _ in events[offset : offset + n]]
+        for pos in range(n):
+            target, label = events[offset + pos + 1]
+            if targets[pos]:
+                assert targets[pos] == target and label != 0
+                # Context: every earlier event, or at least max_len - stride of them.
+                assert offset == 0 or pos >= n - stride
+                trained.setdefault(user, []).append(offset + pos + 1)
+        assert all(v == 0 for v in items[n:] + targets[n:])
+    for user, positions in trained.items():
+        events = [lab for s, lab in zip(seqs[user]["splits"], seqs[user]["labels"], strict=True) if s == 0]
+        expected = [p for p in range(1, len(events)) if events[p] != 0]
+        assert sorted(positions) == expected  # each clicked training event is a target exactly once
+    # Each user's newest row holds the same inputs as the one row without windows.
+    _, newest = np.unique(ds.rows, return_index=True)
+    plain = last_only.__getitems__(list(range(len(last_only))))
+    assert torch.equal(ds.__getitems__(newest.tolist())["items"], plain["items"])
 
 
 def test_next_item_eval_target_is_first_event_of_split(prepared):

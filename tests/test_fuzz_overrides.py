@@ -211,6 +211,8 @@ TRAIN = [
     Key("datamodule.batch_size", ints(1, 2**24)),
     Key("datamodule.eval_batch_size", ints(1, 2**24)),
     Key("datamodule.num_workers", ints(0, 1024)),
+    Key("datamodule.next_item_windows", boolean),
+    Key("datamodule.bucket_by_length", boolean),
     Key("model.d_model", ints(1, 2**20)),
     Key("model.d_state", ints(1, 2**20)),
     Key("model.d_conv", ints(2, 2**20)),

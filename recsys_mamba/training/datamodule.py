@@ -120,7 +120,7 @@ class NextItemTrainDataset(_BatchDataset):
     most recent one, and each target is trained in exactly one row: the one where it has the most
     context (at least `max_len - max_len // 2` earlier events, or all of them near the start). Every
     training target is then used, as when each prefix is its own sample, at about twice the encoder
-    work for the long users instead of `max_len` times.
+    work for those users, where a sample per prefix would cost up to `max_len` times as much.
     """
 
     def __init__(

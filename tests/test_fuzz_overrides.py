@@ -223,6 +223,7 @@ TRAIN = [
     Key("model.d_model", lambda v: ints(1, 2**20)(v) and v % 2 == 0, base=("model=sasrec",)),
     Key("model.n_heads", lambda v: ints(1, 2**20)(v) and 64 % v == 0, base=("model=sasrec",)),
     Key("head.n_negatives", ints(1, 2**20)),
+    Key("head.seen_bias", boolean),
     Key("head.dropout", nums(0, 1, hi_open=True), base=("task=ctr",)),
     Key(
         "head.mlp_dims",
@@ -347,6 +348,8 @@ BENCH_SCORE = [
     Key("models.sasrec.d_model", lambda v: ints(1, 2**20)(v) and v % 2 == 0),
     Key("output_json", out_file, PATH),
 ]
+
+
 def is_folder(v: Any) -> bool:
     return isinstance(v, str) and bool(v.strip()) and Path(v).is_dir()
 

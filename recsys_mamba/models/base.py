@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from recsys_mamba.errors import RecsysError
-from recsys_mamba.ops.linear_ce import linear_cross_entropy
+from recsys_mamba.ops.linear_ce import SeenItems, linear_cross_entropy
 
 State = dict[str, Tensor]
 
@@ -131,11 +131,18 @@ class SequenceEncoder(nn.Module):
         scores[..., 0] = float("-inf")
         return scores
 
-    def cross_entropy_all(self, hidden: Tensor, targets: Tensor) -> Tensor:
+    def cross_entropy_all(
+        self,
+        hidden: Tensor,
+        targets: Tensor,
+        seen_bias: Tensor | None = None,
+        seen: SeenItems | None = None,
+    ) -> Tensor:
         """Mean cross-entropy of `score_all(hidden)` against targets (N,) in [1, n_items], without
-        the (N, n_items + 1) score matrix (`ops.linear_cross_entropy`). An encoder that overrides
-        score_all overrides this too."""
-        return linear_cross_entropy(hidden, self.item_emb.weight, targets)
+        the (N, n_items + 1) score matrix (`ops.linear_cross_entropy`); with `seen`, each row's
+        already-seen items score `seen_bias` more. An encoder that overrides score_all overrides
+        this too."""
+        return linear_cross_entropy(hidden, self.item_emb.weight, targets, seen_bias=seen_bias, seen=seen)
 
     def score_candidates(self, hidden: Tensor, items: Tensor) -> Tensor:
         """Scores of given candidates: hidden (..., d_model), items (..., K) -> (..., K)."""

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from recsys_mamba.errors import RecsysError
 from recsys_mamba.models.base import Dropout, SequenceEncoder
+from recsys_mamba.ops.linear_ce import SeenItems
 
 
 class NextItemHead(nn.Module):
@@ -21,10 +22,21 @@ class NextItemHead(nn.Module):
 
     Targets equal to 0 (padding) are ignored, so hidden states of every position of a padded batch
     can be flattened and passed as they are.
+
+    With `seen_bias`, one learned scalar is added to the score of every item the input sequence
+    already holds (up to the scored position), in training and at ranking alike. A data set where
+    users do not come back to an item (each movie rated once) drives it negative, one with repeat
+    purchases positive: a repeat-or-explore prior the encoder would otherwise have to learn by
+    remembering every item of the sequence in its hidden state.
     """
 
     def __init__(
-        self, loss: str = "ce", n_negatives: int = 1024, logq: bool = True, mask_history: bool = False
+        self,
+        loss: str = "ce",
+        n_negatives: int = 1024,
+        logq: bool = True,
+        mask_history: bool = False,
+        seen_bias: bool = False,
     ) -> None:
         super().__init__()
         if loss not in ("ce", "sampled"):
@@ -35,26 +47,44 @@ class NextItemHead(nn.Module):
         self.n_negatives = n_negatives
         self.logq = logq
         self.mask_history = mask_history
+        self.seen_bias = nn.Parameter(torch.zeros(())) if seen_bias else None
 
     def loss(
-        self, encoder: SequenceEncoder, hidden: Tensor, targets: Tensor, item_log_probs: Tensor | None = None
+        self,
+        encoder: SequenceEncoder,
+        hidden: Tensor,
+        targets: Tensor,
+        item_log_probs: Tensor | None = None,
+        seen: SeenItems | None = None,
     ) -> Tensor:
         """Mean loss over the non-padding targets; hidden (N, d), targets (N,).
 
         item_log_probs (n_items + 1,): log of the distribution negatives are drawn from (e.g. item
         popularity), finite for every item that can be a target (smooth zero counts); None means
-        uniform. Only used by the sampled loss.
+        uniform. Only used by the sampled loss. seen: what each row's sequence held so far (one row
+        per target); required with seen_bias, ignored without.
         """
+        if self.seen_bias is not None and seen is None:
+            raise RecsysError("NextItemHead(seen_bias=True).loss needs seen: the items each row has seen")
+        seen = seen if self.seen_bias is not None else None
         keep = targets != 0
         hidden, targets = hidden[keep], targets[keep]
+        if seen is not None:
+            seen = seen.subset(keep)
         if targets.numel() == 0:
-            return hidden.sum() * 0.0
+            return hidden.sum() * 0.0 + (0.0 if self.seen_bias is None else self.seen_bias * 0.0)
         if self.loss_type == "ce":
-            return encoder.cross_entropy_all(hidden, targets)
-        return self._sampled_loss(encoder, hidden, targets, item_log_probs)
+            bias = None if seen is None else self.seen_bias
+            return encoder.cross_entropy_all(hidden, targets, bias, seen)
+        return self._sampled_loss(encoder, hidden, targets, item_log_probs, seen)
 
     def _sampled_loss(
-        self, encoder: SequenceEncoder, hidden: Tensor, targets: Tensor, item_log_probs: Tensor | None
+        self,
+        encoder: SequenceEncoder,
+        hidden: Tensor,
+        targets: Tensor,
+        item_log_probs: Tensor | None,
+        seen: SeenItems | None,
     ) -> Tensor:
         # One set of negatives shared by the whole batch; logQ correction subtracts each item's log
         # sampling probability so popular items are not over-penalised (Yi et al., 2019).
@@ -70,6 +100,9 @@ class NextItemHead(nn.Module):
         negatives = torch.multinomial(log_q.softmax(0), self.n_negatives, replacement=True)
         pos_logits = encoder.score_candidates(hidden, targets[:, None])  # (N, 1)
         neg_logits = hidden @ encoder.item_emb(negatives).t()  # (N, K)
+        if seen is not None:
+            pos_logits = pos_logits + self.seen_bias * seen.contains(targets[:, None])
+            neg_logits = neg_logits + self.seen_bias * seen.contains(negatives)
         if self.logq:
             pos_logits = pos_logits - log_q[targets][:, None]
             neg_logits = neg_logits - log_q[negatives][None, :]
@@ -79,9 +112,23 @@ class NextItemHead(nn.Module):
         logits = torch.cat([pos_logits, neg_logits], dim=1)
         return F.cross_entropy(logits, torch.zeros_like(targets))
 
-    def rank_scores(self, encoder: SequenceEncoder, hidden: Tensor, history: Tensor | None = None) -> Tensor:
-        """Scores of every item (B, n_items + 1) for ranking; history items get -inf when mask_history."""
+    def rank_scores(
+        self,
+        encoder: SequenceEncoder,
+        hidden: Tensor,
+        history: Tensor | None = None,
+        seen: SeenItems | None = None,
+    ) -> Tensor:
+        """Scores of every item (B, n_items + 1) for ranking; history items get -inf when mask_history.
+
+        seen (one row per hidden row): the items each input sequence holds, for seen_bias; required
+        with it.
+        """
         scores = encoder.score_all(hidden)
+        if self.seen_bias is not None:
+            if seen is None:
+                raise RecsysError("NextItemHead(seen_bias=True) ranks with seen: the items of each sequence")
+            scores = scores + self.seen_bias * seen.mask()
         if self.mask_history and history is not None:
             scores = scores.scatter(1, history, float("-inf"))
         return scores

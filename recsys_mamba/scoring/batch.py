@@ -7,6 +7,7 @@ import polars as pl
 import torch
 from torch import Tensor
 
+from recsys_mamba.ops.linear_ce import SeenItems
 from recsys_mamba.scoring.model import ScoringModel
 
 SIDE = ("categories", "event_types")
@@ -22,12 +23,29 @@ def padded(lists: pl.Series, width: int) -> Tensor:
 
 
 def encode(model: ScoringModel, users: pl.DataFrame) -> tuple[Tensor, Tensor]:
-    """Hidden states (B, L, d) of users with at least one event, and the mask (B, L)."""
+    """Hidden states (B, L, d) of users with at least one event, and the encoded items (B, L)."""
     width = max(1, min(model.max_len, int(users["items"].list.len().max() or 1)))
     batch = {name: padded(users[name], width) for name in ("items", *SIDE)}
     with torch.no_grad():
         hidden = model.encoder.encode(batch)
-    return hidden, batch["items"] != 0
+    return hidden, batch["items"]
+
+
+def seen_items(model: ScoringModel, items: Tensor) -> SeenItems | None:
+    """What each right-padded row of items (B, W) holds, when the head learned a seen-item bias."""
+    if getattr(model.head, "seen_bias", None) is None:
+        return None
+    return SeenItems.last(items, model.n_items + 1, (items != 0).sum(1))
+
+
+def next_item_scores(model: ScoringModel, hidden: Tensor, items: Tensor) -> Tensor:
+    """Scores of every item (B, n_items + 1) from last hidden states (B, d) of the rows of items
+    (B, W): the head's ranking scores, so a learned seen-item bias counts as in training."""
+    seen = seen_items(model, items)
+    with torch.no_grad():
+        if seen is None:
+            return model.encoder.score_all(hidden)
+        return model.head.rank_scores(model.encoder, hidden, None, seen)
 
 
 def last_state(hidden: Tensor, mask: Tensor) -> Tensor:
@@ -78,9 +96,8 @@ def user_scores(model: ScoringModel, users: pl.DataFrame) -> Tensor:
     scores = popularity_scores(model).expand(len(users), -1).clone()
     warm = (users["items"].list.len() > 0).to_numpy()
     if warm.any():
-        hidden, mask = encode(model, users.filter(pl.Series(warm)))
-        with torch.no_grad():
-            scores[torch.from_numpy(warm)] = model.encoder.score_all(last_state(hidden, mask))
+        hidden, items = encode(model, users.filter(pl.Series(warm)))
+        scores[torch.from_numpy(warm)] = next_item_scores(model, last_state(hidden, items != 0), items)
     return scores
 
 
@@ -101,7 +118,8 @@ def candidate_chunk(model: ScoringModel, users: pl.DataFrame, pairs: pl.DataFram
     score = popularity_scores(model).numpy()[idx].astype(np.float32)
     warm_rows = np.flatnonzero(~cold & (idx > 0))
     if warm_rows.size:
-        hidden, mask = encode(model, users)
+        hidden, history = encode(model, users)
+        mask = history != 0
         user_row = torch.from_numpy(rows[warm_rows])
         items = torch.from_numpy(idx[warm_rows])
         with torch.no_grad():
@@ -112,6 +130,10 @@ def candidate_chunk(model: ScoringModel, users: pl.DataFrame, pairs: pl.DataFram
             else:
                 h = last_state(hidden, mask)[user_row]
                 value = model.encoder.score_candidates(h, items[:, None])[:, 0]
+                seen = seen_items(model, history)
+                if seen is not None:
+                    was_seen = seen.subset(user_row).contains(items[:, None])[:, 0]
+                    value = value + model.head.seen_bias * was_seen
         score[warm_rows] = value.float().numpy()
     return pl.DataFrame(
         {

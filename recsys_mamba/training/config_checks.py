@@ -76,7 +76,7 @@ def check_head(cfg: DictConfig) -> None:
         checks.integer(
             _get(cfg, "head.n_negatives"), "head.n_negatives", minimum=1, maximum=_LIMIT, example=1024
         )
-    for name in ("logq", "mask_history", "target_attention"):
+    for name in ("logq", "mask_history", "seen_bias", "target_attention"):
         if _present(cfg, f"head.{name}"):
             checks.boolean(_get(cfg, f"head.{name}"), f"head.{name}")
     if _present(cfg, "head.mlp_dims"):

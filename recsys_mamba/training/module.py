@@ -14,6 +14,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 
 from recsys_mamba.metrics import ctr_metrics, ranking_metrics, target_ranks
+from recsys_mamba.ops.linear_ce import SeenItems
 
 Batch = dict[str, Tensor]
 # Recommendations kept per evaluated history (catalogue coverage and popularity bias in reports).
@@ -97,12 +98,24 @@ class RecLitModule(L.LightningModule):
         mask = torch.arange(hidden.shape[1], device=hidden.device)[None, :] < lengths[:, None]
         return self.head(self.encoder, hidden, mask, batch["cand_items"], batch.get("cand_categories"))
 
+    def _seen(
+        self, items: Tensor, where: Tensor | None = None, lengths: Tensor | None = None
+    ) -> SeenItems | None:
+        """What each scored position's sequence holds, for a head with a seen-item bias; else None."""
+        if getattr(self.head, "seen_bias", None) is None:
+            return None
+        n_classes = self.encoder.n_items + 1
+        if where is not None:
+            return SeenItems.causal(items, n_classes, where)
+        return SeenItems.last(items, n_classes, lengths)
+
     def rank_scores(self, batch: Batch) -> Tensor:
         """Scores of every item (B, n_items + 1) for the next event after each history."""
         hidden = last_hidden(self.encoder.encode(batch), batch["lengths"])
         # The head masks the history only when its `mask_history` is on.
         history = history_without_target(batch["items"], batch["target"])
-        return self.head.rank_scores(self.encoder, hidden, history)
+        seen = self._seen(batch["items"], lengths=batch["lengths"])
+        return self.head.rank_scores(self.encoder, hidden, history, seen)
 
     # ---- training -------------------------------------------------------------------------------
 
@@ -121,9 +134,13 @@ class RecLitModule(L.LightningModule):
             hidden = self.encoder.encode(batch)
             targets = batch["targets"]
             real = targets > 0
-            loss = self.head.loss(self.encoder, hidden[real], targets[real], self.item_log_probs)
+            seen = self._seen(batch["items"], where=real)
+            loss = self.head.loss(self.encoder, hidden[real], targets[real], self.item_log_probs, seen)
         n = len(batch["labels"] if self.task == "ctr" else batch["index"])
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=n)
+        if getattr(self.head, "seen_bias", None) is not None:
+            bias = self.head.seen_bias.detach()
+            self.log("train/seen_bias", bias, on_step=False, on_epoch=True, batch_size=n)
         return loss
 
     # ---- evaluation -----------------------------------------------------------------------------
@@ -140,7 +157,8 @@ class RecLitModule(L.LightningModule):
             # Published numbers use either protocol, so both are ranked; the head's mask_history picks
             # the primary one (monitored, plain metric names, top-K), the other is reported beside it.
             hidden = last_hidden(self.encoder.encode(batch), batch["lengths"])
-            unmasked = self.head.rank_scores(self.encoder, hidden, None).float()
+            seen = self._seen(batch["items"], lengths=batch["lengths"])
+            unmasked = self.head.rank_scores(self.encoder, hidden, None, seen).float()
             history = history_without_target(batch["items"], batch["target"])
             masked = unmasked.scatter(1, history, float("-inf"))
             scores = masked if getattr(self.head, "mask_history", False) else unmasked

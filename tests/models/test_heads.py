@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from recsys_mamba.errors import RecsysError
 from recsys_mamba.models import CTRHead, NextItemHead
+from recsys_mamba.ops.linear_ce import SeenItems
 from tests.models.conftest import make_encoder, random_batch
 
 
@@ -66,6 +67,40 @@ def test_rank_scores_masks_history_only_when_asked(encoder) -> None:
     torch.testing.assert_close(plain, encoder.score_all(hidden))
     assert torch.isneginf(masked[0, [0, 4, 9]]).all() and torch.isneginf(masked[1, [0, 1]]).all()
     assert torch.isfinite(masked).sum() == torch.isfinite(plain).sum() - 3
+
+
+def test_seen_bias_lifts_exactly_the_items_of_each_sequence(encoder) -> None:
+    head = NextItemHead(seen_bias=True, mask_history=True)
+    with torch.no_grad():
+        head.seen_bias.fill_(-2.5)
+    hidden, items = torch.randn(2, 16), torch.tensor([[4, 9, 4], [1, 0, 0]])
+    seen = SeenItems.last(items, encoder.n_items + 1, torch.tensor([3, 1]))
+    scores = head.rank_scores(encoder, hidden, None, seen)
+    difference = scores - encoder.score_all(hidden)
+    expected = torch.zeros_like(difference)
+    expected[0, [4, 9]] = expected[1, 1] = -2.5
+    torch.testing.assert_close(difference[:, 1:], expected[:, 1:])
+    with pytest.raises(RecsysError, match="seen"):
+        head.rank_scores(encoder, hidden)
+    with pytest.raises(RecsysError, match="seen"):
+        head.loss(encoder, hidden, torch.tensor([2, 3]))
+
+
+@pytest.mark.parametrize("loss", ["ce", "sampled"])
+def test_seen_bias_learns_the_sign_of_repeat_behaviour(encoder, loss) -> None:
+    """Targets that repeat an input pull the bias up, targets that never do push it down."""
+    torch.manual_seed(0)
+    items = torch.randint(1, 31, (8, 6))
+    where = torch.ones_like(items, dtype=torch.bool)
+    seen = SeenItems.causal(items, encoder.n_items + 1, where)
+    hidden = torch.randn(len(seen.rows), 16)
+    repeats = items[seen.rows, (seen.positions - 1).clamp(min=0)]
+    fresh = torch.tensor([next(i for i in range(1, 31) if not m[i]) for m in seen.mask()])
+    head = NextItemHead(loss, n_negatives=64, seen_bias=True)
+    slopes = {}
+    for name, targets in (("repeat", repeats), ("fresh", fresh)):
+        (slopes[name],) = torch.autograd.grad(head.loss(encoder, hidden, targets, seen=seen), head.seen_bias)
+    assert slopes["repeat"] < 0 < slopes["fresh"]
 
 
 @pytest.mark.parametrize("target_attention", [True, False])

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from recsys_mamba.errors import RecsysError
-from recsys_mamba.ops.linear_ce import linear_cross_entropy
+from recsys_mamba.ops.linear_ce import SeenItems, linear_cross_entropy
 
 
 def unfused(hidden, weight, targets):
@@ -80,3 +80,59 @@ def test_shape_mismatches_are_refused():
         linear_cross_entropy(hidden, weight, targets[:5])
     with pytest.raises(RecsysError, match="chunk_rows"):
         linear_cross_entropy(hidden, weight, targets, chunk_rows=0)
+
+
+def brute_seen(items, rows, positions, n_classes):
+    """(N, n_classes) bool: the items of sequence rows[i] at positions 0..positions[i], looped."""
+    mask = torch.zeros(len(rows), n_classes, dtype=torch.bool)
+    for i, (r, p) in enumerate(zip(rows.tolist(), positions.tolist(), strict=True)):
+        for item in items[r, : p + 1].tolist():
+            if item:
+                mask[i, item] = True
+    return mask
+
+
+def test_seen_items_are_each_positions_own_causal_prefix():
+    items = torch.tensor([[3, 5, 3, 2, 0, 0], [1, 1, 4, 5, 2, 6], [6, 0, 0, 0, 0, 0]])
+    where = items != 0
+    where[1, 2] = False
+    seen = SeenItems.causal(items, 7, where)
+    torch.testing.assert_close(seen.mask(), brute_seen(items, seen.rows, seen.positions, 7))
+    assert seen.mask()[:, 0].sum() == 0  # padding is never "seen"
+    last = SeenItems.last(items, 7, where.sum(1) + torch.tensor([0, 1, 0]))
+    torch.testing.assert_close(last.mask(), brute_seen(items, torch.arange(3), torch.tensor([3, 5, 0]), 7))
+    candidates = torch.tensor([[3, 2, 6], [1, 6, 6], [6, 1, 0]])
+    expected = torch.stack([last.mask()[i, candidates[i]] for i in range(3)])
+    torch.testing.assert_close(last.contains(candidates), expected)
+    torch.testing.assert_close(last.contains(torch.tensor([6, 3])), last.mask()[:, [6, 3]])
+
+
+@pytest.mark.parametrize("chunk_rows", [256, 3])
+def test_seen_bias_matches_the_full_score_matrix_plus_the_bias_on_seen_items(chunk_rows):
+    g = torch.Generator().manual_seed(3)
+    items = torch.randint(1, 12, (4, 9), generator=g)  # repeats within a row on purpose
+    items[2, 6:] = 0
+    where = items != 0
+    seen = SeenItems.causal(items, 12, where)
+    hidden, weight, targets = leaves(int(where.sum()), 6, 12, torch.float64, seed=4)
+    targets = torch.where(torch.arange(len(targets)) % 3 == 0, items[where], targets)  # some repeats
+    bias = torch.tensor(-0.8, dtype=torch.float64, requires_grad=True)
+    scores = hidden @ weight.t() + bias * brute_seen(items, seen.rows, seen.positions, 12)
+    scores[:, 0] = float("-inf")
+    expected = F.cross_entropy(scores, targets)
+    want = torch.autograd.grad(expected, (hidden, weight, bias))
+    loss = linear_cross_entropy(hidden, weight, targets, chunk_rows=chunk_rows, seen_bias=bias, seen=seen)
+    got = torch.autograd.grad(loss, (hidden, weight, bias))
+    torch.testing.assert_close(loss, expected)
+    for g_got, g_want in zip(got, want, strict=True):
+        torch.testing.assert_close(g_got, g_want)
+    assert want[2].abs() > 1e-3  # the bias gradient is a real check, not zero against zero
+
+
+def test_seen_needs_its_bias_and_one_row_per_target():
+    hidden, weight, targets = leaves(4, 6, 12, torch.float32)
+    seen = SeenItems.causal(torch.tensor([[1, 2, 3, 4]]), 12, torch.ones(1, 4, dtype=torch.bool))
+    with pytest.raises(RecsysError, match="together"):
+        linear_cross_entropy(hidden, weight, targets, seen=seen)
+    with pytest.raises(RecsysError, match="one row per target"):
+        linear_cross_entropy(hidden[:3], weight, targets[:3], seen=seen, seen_bias=torch.zeros(()))

@@ -24,11 +24,21 @@ OVERRIDES = [f"{group}.{k}={v}" for group, kv in TINY.items() for k, v in kv.ite
 
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return train_tiny(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def trained_seen_bias(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return train_tiny(tmp_path_factory, "head.seen_bias=true")
+
+
+def train_tiny(tmp_path_factory: pytest.TempPathFactory, *overrides: str) -> dict[str, Path]:
     from recsys_mamba.training.run import train
 
     run = tmp_path_factory.mktemp("run")
     cache = tmp_path_factory.mktemp("cache")
-    cfg = compose("train", overrides=[*OVERRIDES, f"paths.output_dir={run}", f"paths.cache_dir={cache}"])
+    paths = [f"paths.output_dir={run}", f"paths.cache_dir={cache}"]
+    cfg = compose("train", overrides=[*OVERRIDES, *paths, *overrides])
     train(cfg)
     ckpt = run / "checkpoints" / "last.ckpt"
     prepared = next(p for p in cache.iterdir() if (p / "manifest.json").is_file())

@@ -27,7 +27,8 @@ def read(folder: Path) -> pl.DataFrame:
 
 
 def model_scores(trained: dict[str, Path], user_id: str, max_len: int = 20) -> torch.Tensor:
-    """The trained module's own ranking scores for one user's prepared history."""
+    """The trained module's own ranking scores for one user's prepared history (plus the learned
+    seen-item bias on the items of that history, when the head has one)."""
     module_state = torch.load(trained["ckpt"], map_location="cpu", weights_only=True)["state_dict"]
     model = load_model(trained["ckpt"])
     model.encoder.load_state_dict({k[8:]: v for k, v in module_state.items() if k.startswith("encoder.")})
@@ -38,7 +39,11 @@ def model_scores(trained: dict[str, Path], user_id: str, max_len: int = 20) -> t
         k: torch.tensor([seq[k][0].to_list()[-max_len:]]) for k in ("items", "categories", "event_types")
     }
     with torch.no_grad():
-        return model.encoder.score_all(model.encoder.encode(batch)[:, -1])[0]
+        scores = model.encoder.score_all(model.encoder.encode(batch)[:, -1])[0]
+    bias = module_state.get("head.seen_bias")
+    if bias is not None:
+        scores[batch["items"][0]] += bias
+    return scores
 
 
 def test_topk_scores_equal_the_model_and_skip_seen(trained, tmp_path: Path) -> None:
@@ -56,6 +61,27 @@ def test_topk_scores_equal_the_model_and_skip_seen(trained, tmp_path: Path) -> N
     job(trained, tmp_path / "b", "top_k=5", "exclude_seen=false")
     unmasked = read(tmp_path / "b").filter(pl.col("user_id") == user)
     assert unmasked["score"][0] == pytest.approx(float(expected.max()), rel=1e-4)
+
+
+def test_a_learned_seen_bias_scores_as_in_training(trained_seen_bias, tmp_path: Path) -> None:
+    bias = torch.load(trained_seen_bias["ckpt"], map_location="cpu", weights_only=True)["state_dict"]
+    assert bias["head.seen_bias"] != 0  # trained, so the check below sees the bias at work
+    job(trained_seen_bias, tmp_path / "t", "top_k=50", "exclude_seen=false")
+    out = read(tmp_path / "t")
+    model = load_model(trained_seen_bias["ckpt"])
+    for user in out["user_id"].unique().sort().head(3):
+        rows = out.filter(pl.col("user_id") == user)
+        expected = model_scores(trained_seen_bias, user)
+        idx = [model.id_to_idx[i] for i in rows["item_id"]]
+        np.testing.assert_allclose(rows["score"].to_numpy(), expected[idx].numpy(), rtol=1e-4, atol=1e-5)
+    user = out["user_id"][0]
+    seen = pl.read_parquet(trained_seen_bias["events"]).filter(pl.col("user_id") == user).tail(2)
+    pairs = pl.DataFrame({"user_id": [user] * 2, "item_id": seen["item_id"]})
+    pairs.write_parquet(tmp_path / "pairs.parquet")
+    job(trained_seen_bias, tmp_path / "c", "mode=candidates", f"input={tmp_path / 'pairs.parquet'}")
+    got = pl.concat([pl.read_parquet(f) for f in (tmp_path / "c").glob("*.parquet")])
+    expected = model_scores(trained_seen_bias, user)[[model.id_to_idx[i] for i in got["item_id"]]]
+    np.testing.assert_allclose(got["score"].to_numpy(), expected.numpy(), rtol=1e-4, atol=1e-5)
 
 
 def test_shards_cover_each_user_once(trained, tmp_path: Path) -> None:

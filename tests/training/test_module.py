@@ -63,3 +63,28 @@ def test_eval_reports_both_protocols_and_masking_only_lifts_the_target(tiny, tmp
     assert (out["ranks"] == out[f"ranks_{primary}"]).all()
     assert metrics["ndcg@10"] == metrics[f"{primary}_ndcg@10"]
     assert metrics["masked_hr@10"] >= metrics["unmasked_hr@10"]
+
+
+def test_seen_bias_is_trained_through_the_module_and_ranks_like_the_head(tiny, tmp_path):
+    from recsys_mamba.training.run import build
+
+    cfg = tiny(tmp_path, ["task=next_item", "head.seen_bias=true"])
+    dm, module = build(cfg)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    module.log = lambda *a, **k: None
+    module.training_step(batch, 0).backward()
+    assert module.head.seen_bias.grad.abs() > 0  # the loss reaches the bias
+    with torch.no_grad():
+        module.head.seen_bias.fill_(-3.0)
+    module.eval()
+    test = next(iter(dm.test_dataloader()))
+    with torch.no_grad():
+        scores = module.rank_scores(test)
+        hidden = module.encoder.encode(test)
+        plain = module.encoder.score_all(hidden[torch.arange(len(hidden)), test["lengths"] - 1])
+    lifted = (scores - plain)[:, 1:]
+    for row, items in enumerate(test["items"]):
+        in_history = torch.zeros(lifted.shape[1], dtype=torch.bool)
+        in_history[items[items > 0] - 1] = True
+        torch.testing.assert_close(lifted[row], -3.0 * in_history.float())

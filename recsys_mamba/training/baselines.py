@@ -10,7 +10,7 @@ from sklearn.linear_model import LogisticRegression
 
 from recsys_mamba.metrics import auc, gauc, logloss, ranking_metrics, target_ranks
 from recsys_mamba.training.datamodule import CTRDataset, RecDataModule
-from recsys_mamba.training.module import history_without_target
+from recsys_mamba.training.module import maskable_history
 
 
 def popularity_baseline(
@@ -29,7 +29,7 @@ def popularity_baseline(
     for batch in dm.test_dataloader():
         scores = counts.expand(len(batch["target"]), -1).clone()
         if mask_history:
-            scores.scatter_(1, history_without_target(batch["items"], batch["target"]), float("-inf"))
+            scores.scatter_(1, maskable_history(batch), float("-inf"))
         ranks.append(target_ranks(scores, batch["target"]))
     metrics = ranking_metrics(torch.cat(ranks))
     return {f"{prefix}{k}": metrics[k] for k in ("hr@10", "ndcg@10", "mrr@10")}

@@ -189,6 +189,9 @@ class NextItemEvalDataset(_BatchDataset):
         batch = self.store.history(start, length)
         batch["target"] = torch.from_numpy(self.store.flat["items"][self.store.start[rows] + pos])
         batch["users"] = torch.from_numpy(self.store.users[rows])
+        # Every earlier item, not only the encoded window: the masked protocol removes the whole history.
+        width = max(int(pos.max(initial=0)), 1)
+        batch["history"] = self.store.gather("items", self.store.start[rows], pos, width)
         return batch
 
 

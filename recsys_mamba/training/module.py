@@ -44,6 +44,12 @@ def history_without_target(items: Tensor, target: Tensor) -> Tensor:
     return items.masked_fill(items == target.unsqueeze(1), 0)
 
 
+def maskable_history(batch: Batch) -> Tensor:
+    """The items the masked protocol removes: the user's whole history before the target (the
+    batch's "history"; its encoded "items" when it has none), the target's own id blanked."""
+    return history_without_target(batch.get("history", batch["items"]), batch["target"])
+
+
 def last_hidden(hidden: Tensor, lengths: Tensor) -> Tensor:
     """Hidden state at each row's last real position, (B, d); rows with no history use position 0."""
     pos = (lengths.long() - 1).clamp(min=0)
@@ -113,9 +119,8 @@ class RecLitModule(L.LightningModule):
         """Scores of every item (B, n_items + 1) for the next event after each history."""
         hidden = last_hidden(self.encoder.encode(batch), batch["lengths"])
         # The head masks the history only when its `mask_history` is on.
-        history = history_without_target(batch["items"], batch["target"])
         seen = self._seen(batch["items"], lengths=batch["lengths"])
-        return self.head.rank_scores(self.encoder, hidden, history, seen)
+        return self.head.rank_scores(self.encoder, hidden, maskable_history(batch), seen)
 
     # ---- training -------------------------------------------------------------------------------
 
@@ -159,8 +164,7 @@ class RecLitModule(L.LightningModule):
             hidden = last_hidden(self.encoder.encode(batch), batch["lengths"])
             seen = self._seen(batch["items"], lengths=batch["lengths"])
             unmasked = self.head.rank_scores(self.encoder, hidden, None, seen).float()
-            history = history_without_target(batch["items"], batch["target"])
-            masked = unmasked.scatter(1, history, float("-inf"))
+            masked = unmasked.scatter(1, maskable_history(batch), float("-inf"))
             scores = masked if getattr(self.head, "mask_history", False) else unmasked
             # Column 0 is padding, never a recommendation.
             top = scores[:, 1:].topk(min(EVAL_TOP_K, scores.shape[1] - 1), dim=1).indices + 1

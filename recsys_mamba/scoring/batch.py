@@ -31,6 +31,11 @@ def encode(model: ScoringModel, users: pl.DataFrame) -> tuple[Tensor, Tensor]:
     return hidden, batch["items"]
 
 
+def whole_history(lists: pl.Series) -> Tensor:
+    """Right-padded (B, W) ids of every item of each history list, however long (W >= 1)."""
+    return padded(lists, max(1, int(lists.list.len().max() or 1)))
+
+
 def seen_items(model: ScoringModel, items: Tensor) -> SeenItems | None:
     """What each right-padded row of items (B, W) holds, when the head learned a seen-item bias."""
     if getattr(model.head, "seen_bias", None) is None:
@@ -39,8 +44,9 @@ def seen_items(model: ScoringModel, items: Tensor) -> SeenItems | None:
 
 
 def next_item_scores(model: ScoringModel, hidden: Tensor, items: Tensor) -> Tensor:
-    """Scores of every item (B, n_items + 1) from last hidden states (B, d) of the rows of items
-    (B, W): the head's ranking scores, so a learned seen-item bias counts as in training."""
+    """Scores of every item (B, n_items + 1) from last hidden states (B, d) of users whose whole
+    histories are the rows of items (B, W): the head's ranking scores, so a learned seen-item bias
+    counts every item the user has had, as in evaluation, not only the encoded window."""
     seen = seen_items(model, items)
     with torch.no_grad():
         if seen is None:
@@ -96,8 +102,10 @@ def user_scores(model: ScoringModel, users: pl.DataFrame) -> Tensor:
     scores = popularity_scores(model).expand(len(users), -1).clone()
     warm = (users["items"].list.len() > 0).to_numpy()
     if warm.any():
-        hidden, items = encode(model, users.filter(pl.Series(warm)))
-        scores[torch.from_numpy(warm)] = next_item_scores(model, last_state(hidden, items != 0), items)
+        warm_users = users.filter(pl.Series(warm))
+        hidden, items = encode(model, warm_users)
+        state = last_state(hidden, items != 0)
+        scores[torch.from_numpy(warm)] = next_item_scores(model, state, whole_history(warm_users["items"]))
     return scores
 
 
@@ -130,7 +138,7 @@ def candidate_chunk(model: ScoringModel, users: pl.DataFrame, pairs: pl.DataFram
             else:
                 h = last_state(hidden, mask)[user_row]
                 value = model.encoder.score_candidates(h, items[:, None])[:, 0]
-                seen = seen_items(model, history)
+                seen = seen_items(model, whole_history(users["items"]))
                 if seen is not None:
                     was_seen = seen.subset(user_row).contains(items[:, None])[:, 0]
                     value = value + model.head.seen_bias * was_seen

@@ -115,11 +115,20 @@ class RecLitModule(L.LightningModule):
             return SeenItems.causal(items, n_classes, where)
         return SeenItems.last(items, n_classes, lengths)
 
+    def _ranking_seen(self, batch: Batch) -> SeenItems | None:
+        """What each ranked user has seen: the whole history before the target when the batch carries
+        it (evaluation batches do), not only the encoded window of `max_len` events, so a seen-item
+        bias reaches items watched before the window as well."""
+        if "history" not in batch:
+            return self._seen(batch["items"], lengths=batch["lengths"])
+        history = batch["history"]
+        return self._seen(history, lengths=(history != 0).sum(1))
+
     def rank_scores(self, batch: Batch) -> Tensor:
         """Scores of every item (B, n_items + 1) for the next event after each history."""
         hidden = last_hidden(self.encoder.encode(batch), batch["lengths"])
         # The head masks the history only when its `mask_history` is on.
-        seen = self._seen(batch["items"], lengths=batch["lengths"])
+        seen = self._ranking_seen(batch)
         return self.head.rank_scores(self.encoder, hidden, maskable_history(batch), seen)
 
     # ---- training -------------------------------------------------------------------------------
@@ -162,7 +171,7 @@ class RecLitModule(L.LightningModule):
             # Published numbers use either protocol, so both are ranked; the head's mask_history picks
             # the primary one (monitored, plain metric names, top-K), the other is reported beside it.
             hidden = last_hidden(self.encoder.encode(batch), batch["lengths"])
-            seen = self._seen(batch["items"], lengths=batch["lengths"])
+            seen = self._ranking_seen(batch)
             unmasked = self.head.rank_scores(self.encoder, hidden, None, seen).float()
             masked = unmasked.scatter(1, maskable_history(batch), float("-inf"))
             scores = masked if getattr(self.head, "mask_history", False) else unmasked

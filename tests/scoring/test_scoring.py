@@ -27,8 +27,9 @@ def read(folder: Path) -> pl.DataFrame:
 
 
 def model_scores(trained: dict[str, Path], user_id: str, max_len: int = 20) -> torch.Tensor:
-    """The trained module's own ranking scores for one user's prepared history (plus the learned
-    seen-item bias on the items of that history, when the head has one)."""
+    """The trained module's own ranking scores for one user's prepared history, its last `max_len`
+    events encoded (plus the learned seen-item bias on every item of the whole history, when the
+    head has one)."""
     module_state = torch.load(trained["ckpt"], map_location="cpu", weights_only=True)["state_dict"]
     model = load_model(trained["ckpt"])
     model.encoder.load_state_dict({k[8:]: v for k, v in module_state.items() if k.startswith("encoder.")})
@@ -42,7 +43,7 @@ def model_scores(trained: dict[str, Path], user_id: str, max_len: int = 20) -> t
         scores = model.encoder.score_all(model.encoder.encode(batch)[:, -1])[0]
     bias = module_state.get("head.seen_bias")
     if bias is not None:
-        scores[batch["items"][0]] += bias
+        scores[torch.tensor(seq["items"][0].to_list()).unique()] += bias
     return scores
 
 
@@ -69,7 +70,14 @@ def test_a_learned_seen_bias_scores_as_in_training(trained_seen_bias, tmp_path: 
     job(trained_seen_bias, tmp_path / "t", "top_k=50", "exclude_seen=false")
     out = read(tmp_path / "t")
     model = load_model(trained_seen_bias["ckpt"])
-    for user in out["user_id"].unique().sort().head(3):
+    events = pl.read_parquet(trained_seen_bias["events"])
+    # Users with items met only before the last max_len = 20 events: the bias must reach those too.
+    long = events.group_by("user_id").agg(
+        pl.col("item_id").head(pl.len() - 20).is_in(pl.col("item_id").tail(20).implode()).not_().any().alias("older")
+    )
+    users = long.filter("older")["user_id"].sort().head(3)
+    assert len(users) == 3
+    for user in users:
         rows = out.filter(pl.col("user_id") == user)
         expected = model_scores(trained_seen_bias, user)
         idx = [model.id_to_idx[i] for i in rows["item_id"]]

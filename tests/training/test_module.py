@@ -65,10 +65,10 @@ def test_eval_reports_both_protocols_and_masking_only_lifts_the_target(tiny, tmp
     assert metrics["masked_hr@10"] >= metrics["unmasked_hr@10"]
 
 
-def test_seen_bias_is_trained_through_the_module_and_ranks_like_the_head(tiny, tmp_path):
+def test_seen_bias_is_trained_through_the_module_and_ranks_over_the_whole_history(tiny, tmp_path):
     from recsys_mamba.training.run import build
 
-    cfg = tiny(tmp_path, ["task=next_item", "head.seen_bias=true"])
+    cfg = tiny(tmp_path, ["task=next_item", "head.seen_bias=true", "datamodule.max_len=5"])
     dm, module = build(cfg)
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
@@ -84,7 +84,9 @@ def test_seen_bias_is_trained_through_the_module_and_ranks_like_the_head(tiny, t
         hidden = module.encoder.encode(test)
         plain = module.encoder.score_all(hidden[torch.arange(len(hidden)), test["lengths"] - 1])
     lifted = (scores - plain)[:, 1:]
-    for row, items in enumerate(test["items"]):
+    # Items met before the encoded window of 5 events are seen too: ranking lifts the whole history.
+    assert any(set(h.tolist()) - set(w.tolist()) for h, w in zip(test["history"], test["items"], strict=True))
+    for row, items in enumerate(test["history"]):
         in_history = torch.zeros(lifted.shape[1], dtype=torch.bool)
         in_history[items[items > 0] - 1] = True
         torch.testing.assert_close(lifted[row], -3.0 * in_history.float())

@@ -72,8 +72,9 @@ def test_a_learned_seen_bias_scores_as_in_training(trained_seen_bias, tmp_path: 
     model = load_model(trained_seen_bias["ckpt"])
     events = pl.read_parquet(trained_seen_bias["events"])
     # Users with items met only before the last max_len = 20 events: the bias must reach those too.
+    recent = pl.col("item_id").tail(20).implode()
     long = events.group_by("user_id").agg(
-        pl.col("item_id").head(pl.len() - 20).is_in(pl.col("item_id").tail(20).implode()).not_().any().alias("older")
+        pl.col("item_id").head(pl.len() - 20).is_in(recent).not_().any().alias("older")
     )
     users = long.filter("older")["user_id"].sort().head(3)
     assert len(users) == 3

@@ -31,23 +31,22 @@ def encode(model: ScoringModel, users: pl.DataFrame) -> tuple[Tensor, Tensor]:
     return hidden, batch["items"]
 
 
-def whole_history(lists: pl.Series) -> Tensor:
-    """Right-padded (B, W) ids of every item of each history list, however long (W >= 1)."""
-    return padded(lists, max(1, int(lists.list.len().max() or 1)))
-
-
-def seen_items(model: ScoringModel, items: Tensor) -> SeenItems | None:
-    """What each right-padded row of items (B, W) holds, when the head learned a seen-item bias."""
+def seen_items(model: ScoringModel, histories: pl.Series) -> SeenItems | None:
+    """Every item each user of `histories` (lists of item indices) has had, each once, when the head
+    learned a seen-item bias: the whole history, not only the encoded window; else None."""
     if getattr(model.head, "seen_bias", None) is None:
         return None
-    return SeenItems.last(items, model.n_items + 1, (items != 0).sum(1))
+    distinct = histories.list.unique()
+    lengths = torch.from_numpy(distinct.list.len().to_numpy().astype(np.int64))
+    items = padded(distinct, max(1, int(lengths.max()) if len(lengths) else 1))
+    return SeenItems.last(items, model.n_items + 1, lengths)
 
 
-def next_item_scores(model: ScoringModel, hidden: Tensor, items: Tensor) -> Tensor:
-    """Scores of every item (B, n_items + 1) from last hidden states (B, d) of users whose whole
-    histories are the rows of items (B, W): the head's ranking scores, so a learned seen-item bias
-    counts every item the user has had, as in evaluation, not only the encoded window."""
-    seen = seen_items(model, items)
+def next_item_scores(model: ScoringModel, hidden: Tensor, histories: pl.Series) -> Tensor:
+    """Scores of every item (B, n_items + 1) from last hidden states (B, d) of the users of
+    `histories`: the head's ranking scores, so a learned seen-item bias counts every item the user
+    has had, as in evaluation."""
+    seen = seen_items(model, histories)
     with torch.no_grad():
         if seen is None:
             return model.encoder.score_all(hidden)
@@ -105,7 +104,7 @@ def user_scores(model: ScoringModel, users: pl.DataFrame) -> Tensor:
         warm_users = users.filter(pl.Series(warm))
         hidden, items = encode(model, warm_users)
         state = last_state(hidden, items != 0)
-        scores[torch.from_numpy(warm)] = next_item_scores(model, state, whole_history(warm_users["items"]))
+        scores[torch.from_numpy(warm)] = next_item_scores(model, state, warm_users["items"])
     return scores
 
 
@@ -138,7 +137,7 @@ def candidate_chunk(model: ScoringModel, users: pl.DataFrame, pairs: pl.DataFram
             else:
                 h = last_state(hidden, mask)[user_row]
                 value = model.encoder.score_candidates(h, items[:, None])[:, 0]
-                seen = seen_items(model, whole_history(users["items"]))
+                seen = seen_items(model, users["items"])
                 if seen is not None:
                     was_seen = seen.subset(user_row).contains(items[:, None])[:, 0]
                     value = value + model.head.seen_bias * was_seen

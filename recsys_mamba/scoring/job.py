@@ -85,7 +85,7 @@ def _stream(model: ScoringModel, cfg: DictConfig, out: Path, prefix: str) -> tup
     def score(chunk: pl.DataFrame) -> pl.DataFrame:
         # The state holds the whole stream, so a seen-item bias counts every item the user has had.
         hidden = store.hidden(chunk["user_id"].to_list())
-        scores = batch.next_item_scores(model, hidden, batch.whole_history(chunk["items"])).detach()
+        scores = batch.next_item_scores(model, hidden, chunk["items"]).detach()
         return batch.rank_rows(model, scores, chunk, cfg.top_k, cfg.exclude_seen)
 
     parts_ = parts.run_parts(out, prefix, chunked(users, cfg.chunk_size), score, cfg.progress, cfg.pause_s)

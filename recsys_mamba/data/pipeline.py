@@ -20,9 +20,9 @@ import polars as pl
 from omegaconf import DictConfig
 
 import recsys_mamba
+from recsys_mamba.data import attributes, readers, splits, steps, synthetic, validate
 from recsys_mamba.data import ctr as ctr_samples
 from recsys_mamba.data import format as fmt
-from recsys_mamba.data import readers, splits, steps, synthetic, validate
 from recsys_mamba.data.cache import atomic_folder, describe_source, reusable
 from recsys_mamba.data.spec import config_hash, normalize
 from recsys_mamba.errors import RecsysError
@@ -206,10 +206,29 @@ def _write(work: Path, name: str, df: pl.DataFrame) -> str:
     return name
 
 
+def _attributes(
+    work: Path,
+    files: list[str],
+    read: tuple[pl.Series, pl.DataFrame] | None,
+    item_map: pl.DataFrame,
+    path: Path | None,
+) -> tuple[int, dict[str, Any] | None]:
+    """Write the attribute map and per-item attribute lists; (n_attributes, manifest entry)."""
+    if read is None or path is None:
+        return 0, None
+    attribute_map, table, info = attributes.build(*read, item_map, path)
+    files.append(_write(work, fmt.ATTRIBUTE_MAP, attribute_map))
+    files.append(_write(work, fmt.ITEM_ATTRIBUTES, table))
+    return attribute_map.height, info
+
+
 def _run(spec: dict[str, Any], source: Path, work: Path, scratch: Path) -> dict[str, Any]:
     started = time.perf_counter()
     run = _Run(spec, source)
     timed = has_timestamps(spec)
+    # read (and checked) before the events, so a bad attributes file fails before the long work
+    attribute_path = attributes.source(spec)
+    attribute_pairs = None if attribute_path is None else attributes.read(attribute_path, spec)
     df = _clean(run, _read(run, scratch), timed)
     maps: dict[str, pl.DataFrame] = {}
     df, event_names = _index(run, df, maps)
@@ -224,6 +243,8 @@ def _run(spec: dict[str, Any], source: Path, work: Path, scratch: Path) -> dict[
     files.append(_write(work, fmt.ITEM_MAP, items))
     if "category" in maps:
         files.append(_write(work, fmt.CATEGORY_MAP, _as_string_map(maps["category"], "category")))
+    n_attributes, attribute_info = _attributes(work, files, attribute_pairs, maps["item"], attribute_path)
+    del attribute_pairs
     ctr_info = None
     if spec["ctr"] is not None:
         item_category = np.concatenate([[0], items.get_column("category_idx").fill_null(0).to_numpy()])
@@ -242,6 +263,8 @@ def _run(spec: dict[str, Any], source: Path, work: Path, scratch: Path) -> dict[
         "steps": run.steps,
         "split": spec["split"],
         "ctr": ctr_info,
+        "n_attributes": n_attributes,
+        "item_attributes": attribute_info,
         "files": files,
         "prepare_seconds": round(time.perf_counter() - started, 3),
     }
@@ -285,7 +308,7 @@ def prepare(
             "name": spec["name"],
             "config": spec,
             "config_hash": cfg_hash,
-            "sources": [describe_source(source)],
+            "sources": [describe_source(p) for p in (source, attributes.source(spec)) if p is not None],
             **body,
             "package_version": recsys_mamba.__version__,
             "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),

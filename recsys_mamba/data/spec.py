@@ -11,6 +11,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from recsys_mamba import checks
+from recsys_mamba.data import attributes
 from recsys_mamba.data.format import FORMAT_VERSION
 from recsys_mamba.errors import RecsysError
 
@@ -43,7 +44,11 @@ DEFAULTS: dict[str, Any] = {
     "ctr": None,
     "engine": "streaming",
     "synthetic": None,
+    "item_attributes": None,
 }
+
+# keys added to DEFAULTS after the first release; config_hash leaves them out while they are null
+_ADDED_KEYS = ("item_attributes",)
 
 CTR_DEFAULTS: dict[str, Any] = {
     "label_from": "rating",
@@ -228,21 +233,39 @@ def check_values(spec: dict[str, Any]) -> None:
         checks.integer(ctr["negatives"], "data.ctr.negatives", minimum=0, maximum=10_000, example=1)
         checks.seed(ctr["seed"], "data.ctr.seed")
     _check_synthetic(spec["synthetic"])
+    _check_item_attributes(spec["item_attributes"])
 
 
-def check_source(spec: dict[str, Any]) -> None:
-    """The input file of a normalized spec exists (synthetic data has none), checked before any work."""
-    if spec["format"] == "synthetic":
-        return
-    path = Path(spec["path"]).expanduser()
-    if not path.is_file():
-        kind = "is a folder, not a file" if path.is_dir() else "no such file"
+def _check_item_attributes(value: Any) -> None:
+    key, suffixes = attributes.KEY, attributes.SUFFIXES
+    path = checks.path(value, key, optional=True)
+    if path is not None and path.suffix.lower() not in suffixes:
         raise RecsysError(
-            f"data.path={path}: {kind}; set data.path=/path/to/file (or paths.shared_data_dir=...)"
+            f"{key}={value!r}: the file's suffix names its format and must be one of {list(suffixes)} "
+            '(.json: {"<item id>": [attribute, ...]}; .csv/.tsv/.parquet: columns item_id, attribute)'
         )
 
 
+def check_source(spec: dict[str, Any]) -> None:
+    """The input files of a normalized spec exist (synthetic data has no event file), checked before
+    any work."""
+    if spec["format"] != "synthetic":
+        path = Path(spec["path"]).expanduser()
+        if not path.is_file():
+            kind = "is a folder, not a file" if path.is_dir() else "no such file"
+            raise RecsysError(
+                f"data.path={path}: {kind}; set data.path=/path/to/file (or paths.shared_data_dir=...)"
+            )
+    extra = attributes.source(spec)
+    if extra is not None:
+        attributes.check_file(extra)
+
+
 def config_hash(spec: dict[str, Any]) -> str:
-    """Short, stable hash of a normalized data config (and the output format version)."""
+    """Short, stable hash of a normalized data config (and the output format version).
+
+    Keys added later are left out while they hold their off value, so the hash of a config that
+    does not use them (and with it the cache folder and checkpoints' `data_config_hash`) stays as it was."""
+    spec = {k: v for k, v in spec.items() if not (k in _ADDED_KEYS and v is None)}
     text = json.dumps({"format_version": FORMAT_VERSION, "data": spec}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:12]

@@ -2,9 +2,11 @@
 
 An encoder maps a right-padded batch of item ids (0 = padding) plus optional side inputs
 (category, event type) to hidden states (batch, length, d_model). Scores are dot products with the
-tied item embeddings. Streaming goes through `init_state` / `step`; a state is a dict of tensors,
-batch first, that `split_state` / `merge_states` cut into per-user states and `save_state` /
-`load_state` turn into bytes for a key-value store.
+tied item vectors: the item's own embedding, plus the mean embedding of its attributes when the data
+has item attributes, so an item seen in few training events still shares what its attributes
+learned, as an input and as a prediction. Streaming goes through `init_state` / `step`; a state
+is a dict of tensors, batch first, that `split_state` / `merge_states` cut into per-user states
+and `save_state` / `load_state` turn into bytes for a key-value store.
 """
 
 from __future__ import annotations
@@ -38,7 +40,10 @@ class SequenceEncoder(nn.Module):
         dropout: float = 0.2,
         max_len: int = 200,
         gradient_checkpointing: bool = False,
+        item_attributes: Tensor | None = None,
     ) -> None:
+        """item_attributes: (n_items + 1, K) attribute ids per item (1..n_attributes, 0 = padding),
+        e.g. `recsys_mamba.data.load_item_attributes`; None for items without side features."""
         super().__init__()
         if n_items < 1:
             raise RecsysError(f"n_items must be >= 1, got {n_items}")
@@ -57,7 +62,12 @@ class SequenceEncoder(nn.Module):
         self.event_type_emb = (
             nn.Embedding(n_event_types + 1, d_model, padding_idx=0) if n_event_types > 0 else None
         )
-        for emb in (self.item_emb, self.category_emb, self.event_type_emb):
+        self.attribute_emb: nn.EmbeddingBag | None = None
+        if item_attributes is not None:
+            table = _attribute_table(item_attributes, n_items)
+            self.register_buffer("item_attributes", table)  # saved with the weights: checkpoints stand alone
+            self.attribute_emb = nn.EmbeddingBag(int(table.max()) + 1, d_model, mode="mean", padding_idx=0)
+        for emb in (self.item_emb, self.category_emb, self.event_type_emb, self.attribute_emb):
             if emb is not None:
                 nn.init.normal_(emb.weight, std=0.02)
                 with torch.no_grad():
@@ -93,11 +103,26 @@ class SequenceEncoder(nn.Module):
                 _check_ids(name, ids, count)
         return mask
 
+    @property
+    def n_attributes(self) -> int:
+        return 0 if self.attribute_emb is None else self.attribute_emb.num_embeddings - 1
+
+    def item_vectors(self, items: Tensor | None = None) -> Tensor:
+        """The tied vector of each item id in `items` (..., d_model), or of every id 0..n_items:
+        its embedding plus the mean embedding of its attributes (padding excluded)."""
+        if self.attribute_emb is None:
+            return self.item_emb.weight if items is None else self.item_emb(items)
+        if items is None:
+            return self.item_emb.weight + self.attribute_emb(self.item_attributes)
+        flat = items.reshape(-1)
+        attributes = self.attribute_emb(self.item_attributes[flat]).view(*items.shape, -1)
+        return self.item_emb(items) + attributes
+
     def embed(
         self, items: Tensor, categories: Tensor | None = None, event_types: Tensor | None = None
     ) -> Tensor:
-        """Item embedding plus whichever side-feature embeddings this encoder has and were given."""
-        x = self.item_emb(items)
+        """Item vector plus whichever side-feature embeddings this encoder has and were given."""
+        x = self.item_vectors(items)
         if categories is not None and self.category_emb is not None:
             x = x + self.category_emb(categories)
         if event_types is not None and self.event_type_emb is not None:
@@ -127,7 +152,7 @@ class SequenceEncoder(nn.Module):
         The issue's (batch, n_items) with the padding column kept so that column i is item id i;
         column 0 is always -inf so padding is never ranked or predicted.
         """
-        scores = hidden @ self.item_emb.weight.t()
+        scores = hidden @ self.item_vectors().t()
         scores[..., 0] = float("-inf")
         return scores
 
@@ -142,12 +167,12 @@ class SequenceEncoder(nn.Module):
         the (N, n_items + 1) score matrix (`ops.linear_cross_entropy`); with `seen`, each row's
         already-seen items score `seen_bias` more. An encoder that overrides score_all overrides
         this too."""
-        return linear_cross_entropy(hidden, self.item_emb.weight, targets, seen_bias=seen_bias, seen=seen)
+        return linear_cross_entropy(hidden, self.item_vectors(), targets, seen_bias=seen_bias, seen=seen)
 
     def score_candidates(self, hidden: Tensor, items: Tensor) -> Tensor:
         """Scores of given candidates: hidden (..., d_model), items (..., K) -> (..., K)."""
         _check_ids("candidate items", items, self.n_items)
-        return (self.item_emb(items) @ hidden.unsqueeze(-1)).squeeze(-1)
+        return (self.item_vectors(items) @ hidden.unsqueeze(-1)).squeeze(-1)
 
     # ---- optimisation ---------------------------------------------------------------------------
 
@@ -259,3 +284,22 @@ def _check_ids(name: str, ids: Tensor, count: int) -> None:
             f"{name} ids must lie in [0, {count}] (0 = padding), got values in [{low}, {high}]; "
             f"check the vocabulary sizes passed to the encoder"
         )
+
+
+def _attribute_table(table: Any, n_items: int) -> Tensor:
+    """Check an (n_items + 1, K) table of attribute ids (row 0 = padding item) and return it as long."""
+    table = torch.as_tensor(table)
+    if table.dim() != 2 or table.shape[0] != n_items + 1 or table.shape[1] < 1:
+        raise RecsysError(
+            f"item_attributes must have shape (n_items + 1, K) = ({n_items + 1}, K >= 1), got "
+            f"{tuple(table.shape)}; build it from the prepared data (recsys_mamba.data.load_item_attributes)"
+        )
+    if table.is_floating_point() or table.is_complex() or table.dtype == torch.bool:
+        raise RecsysError(f"item_attributes must hold integer attribute ids, got dtype {table.dtype}")
+    table = table.long()
+    if int(table.min()) < 0 or int(table.max()) < 1 or bool(table[0].any()):
+        raise RecsysError(
+            "item_attributes must hold ids >= 1 with 0 as padding, at least one attribute, and an all-0 "
+            f"row 0 (the padding item); got values in [{int(table.min())}, {int(table.max())}]"
+        )
+    return table

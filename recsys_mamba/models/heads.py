@@ -99,7 +99,7 @@ class NextItemHead(nn.Module):
         log_q[0] = float("-inf")  # padding is never a negative
         negatives = torch.multinomial(log_q.softmax(0), self.n_negatives, replacement=True)
         pos_logits = encoder.score_candidates(hidden, targets[:, None])  # (N, 1)
-        neg_logits = hidden @ encoder.item_emb(negatives).t()  # (N, K)
+        neg_logits = hidden @ encoder.item_vectors(negatives).t()  # (N, K)
         if seen is not None:
             pos_logits = pos_logits + self.seen_bias * seen.contains(targets[:, None])
             neg_logits = neg_logits + self.seen_bias * seen.contains(negatives)

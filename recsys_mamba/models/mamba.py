@@ -182,6 +182,7 @@ class MambaEncoder(SequenceEncoder):
         dropout: float = 0.2,
         max_len: int = 200,
         gradient_checkpointing: bool = False,
+        item_attributes: Tensor | None = None,
         d_state: int = 16,
         d_conv: int = 4,
         expand: int = 2,
@@ -194,7 +195,15 @@ class MambaEncoder(SequenceEncoder):
         scan_backend: str = "auto",
     ) -> None:
         super().__init__(
-            n_items, n_categories, n_event_types, d_model, n_layers, dropout, max_len, gradient_checkpointing
+            n_items,
+            n_categories,
+            n_event_types,
+            d_model,
+            n_layers,
+            dropout,
+            max_len,
+            gradient_checkpointing,
+            item_attributes,
         )
         if d_conv < 2:
             raise RecsysError(f"d_conv must be >= 2, got {d_conv}")

@@ -86,12 +86,21 @@ class SASRecEncoder(SequenceEncoder):
         dropout: float = 0.2,
         max_len: int = 200,
         gradient_checkpointing: bool = False,
+        item_attributes: Tensor | None = None,
         n_heads: int = 2,
         ffn_mult: int = 4,
         scale_embeddings: bool = False,
     ) -> None:
         super().__init__(
-            n_items, n_categories, n_event_types, d_model, n_layers, dropout, max_len, gradient_checkpointing
+            n_items,
+            n_categories,
+            n_event_types,
+            d_model,
+            n_layers,
+            dropout,
+            max_len,
+            gradient_checkpointing,
+            item_attributes,
         )
         self.n_heads = n_heads
         self.emb_scale = math.sqrt(d_model) if scale_embeddings else 1.0

@@ -14,7 +14,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from recsys_mamba.config import register_resolvers
-from recsys_mamba.data.format import ITEM_MAP, load_manifest
+from recsys_mamba.data.format import ITEM_MAP, load_item_attributes, load_manifest
 from recsys_mamba.errors import RecsysError
 from recsys_mamba.models.base import SequenceEncoder
 from recsys_mamba.training.checkpoint import check_expected, check_targets, load_checkpoint
@@ -80,6 +80,11 @@ def read_checkpoint(ckpt: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
     return load_checkpoint(ckpt)
 
 
+def _attribute_input(folder: Path) -> dict[str, torch.Tensor]:
+    table = load_item_attributes(folder)
+    return {} if table is None else {"item_attributes": torch.from_numpy(table)}
+
+
 def _submodule_state(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
@@ -113,6 +118,7 @@ def load_model(
             n_items=n_items,
             n_categories=int(manifest.get("n_categories") or 0),
             n_event_types=int(manifest.get("n_event_types") or 0),
+            **_attribute_input(folder),
         )
     head = instantiate(cfg.head)
     if isinstance(head, functools.partial):

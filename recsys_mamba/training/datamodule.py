@@ -364,6 +364,7 @@ class RecDataModule(L.LightningDataModule):
         self.manifest: dict[str, Any] = {}
         self.datasets: dict[str, _BatchDataset] = {}
         self.item_counts: np.ndarray | None = None
+        self.item_attributes: np.ndarray | None = None  # (n_items + 1, K) attribute ids, if any
         self.ctr_train: pl.DataFrame | None = None
 
     # ---- preparation ----------------------------------------------------------------------------
@@ -394,10 +395,11 @@ class RecDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:
             return
-        from recsys_mamba.data import load_manifest
+        from recsys_mamba.data import load_item_attributes, load_manifest
 
         folder = self.prepared_path()
         self.manifest = dict(load_manifest(folder))
+        self.item_attributes = load_item_attributes(folder)
         store = SequenceStore(_read(folder, "sequences.parquet"))
         items = _read(folder, "item_map.parquet", columns=["item_idx", "count"])
         counts = np.zeros(int(self.manifest["n_items"]) + 1, dtype=np.float64)
@@ -445,6 +447,13 @@ class RecDataModule(L.LightningDataModule):
             "n_categories": int(self.manifest.get("n_categories") or 0),
             "n_event_types": int(self.manifest.get("n_event_types") or 0),
         }
+
+    @property
+    def encoder_inputs(self) -> dict[str, Any]:
+        """What the data gives an encoder's constructor: `sizes`, and the item attribute table if any."""
+        if self.item_attributes is None:
+            return dict(self.sizes)
+        return {**self.sizes, "item_attributes": torch.from_numpy(self.item_attributes)}
 
     # ---- loaders --------------------------------------------------------------------------------
 

@@ -136,7 +136,7 @@ def build(cfg: DictConfig) -> tuple[RecDataModule, L.LightningModule]:
     dm.setup()
     encoder = instantiate(cfg.model)
     if callable(encoder) and not isinstance(encoder, torch.nn.Module):
-        encoder = encoder(**dm.sizes)
+        encoder = encoder(**dm.encoder_inputs)
     head = instantiate(cfg.head)
     if isinstance(head, functools.partial):  # a head sized by the encoder (CTRHead needs d_model)
         kwargs: dict[str, Any] = {} if "d_model" in head.keywords else {"d_model": encoder.d_model}

@@ -26,6 +26,13 @@ def read(folder: Path) -> pl.DataFrame:
     return pl.concat([pl.read_parquet(f) for f in files]).sort(["user_id", "rank"])
 
 
+def user_sequence(trained: dict[str, Path], user_id: str) -> pl.DataFrame:
+    """One user's row of the prepared sequences.parquet."""
+    users = pl.read_parquet(trained["prepared"] / "user_map.parquet")
+    idx = users.filter(pl.col("user_id").cast(pl.String) == user_id)["user_idx"].item()
+    return pl.read_parquet(trained["prepared"] / "sequences.parquet").filter(pl.col("user_idx") == idx)
+
+
 def model_scores(trained: dict[str, Path], user_id: str, max_len: int = 20) -> torch.Tensor:
     """The trained module's own ranking scores for one user's prepared history, its last `max_len`
     events encoded (plus the learned seen-item bias on every item of the whole history, when the
@@ -33,9 +40,7 @@ def model_scores(trained: dict[str, Path], user_id: str, max_len: int = 20) -> t
     module_state = torch.load(trained["ckpt"], map_location="cpu", weights_only=True)["state_dict"]
     model = load_model(trained["ckpt"])
     model.encoder.load_state_dict({k[8:]: v for k, v in module_state.items() if k.startswith("encoder.")})
-    users = pl.read_parquet(trained["prepared"] / "user_map.parquet")
-    idx = users.filter(pl.col("user_id").cast(pl.String) == user_id)["user_idx"].item()
-    seq = pl.read_parquet(trained["prepared"] / "sequences.parquet").filter(pl.col("user_idx") == idx)
+    seq = user_sequence(trained, user_id)
     batch = {
         k: torch.tensor([seq[k][0].to_list()[-max_len:]]) for k in ("items", "categories", "event_types")
     }
@@ -159,3 +164,34 @@ def test_checkpoint_of_another_data_set(trained, tmp_path: Path) -> None:
     other = prepare(data.data, cache_dir=trained["cache"])
     with pytest.raises(RecsysError, match="another data set"):
         job(trained, tmp_path, f"prepared={other}")
+
+
+def test_item_attributes_are_trained_saved_and_scored(trained_attributes, tmp_path: Path) -> None:
+    from recsys_mamba.data import load_item_attributes, load_manifest
+
+    manifest = load_manifest(trained_attributes["prepared"])
+    info = manifest["item_attributes"]
+    assert manifest["n_attributes"] == 4 and info["items_with_attributes"] == manifest["n_items"]
+    assert info["unknown_items"] == 1000 - manifest["n_items"]  # the file's ids without events: counted
+    table = torch.from_numpy(load_item_attributes(trained_attributes["prepared"]))
+    state = torch.load(trained_attributes["ckpt"], map_location="cpu", weights_only=True)["state_dict"]
+    assert torch.equal(state["encoder.item_attributes"], table)
+    # The tied item vectors, by hand from the saved weights: own embedding + mean of its attributes.
+    attr = state["encoder.attribute_emb.weight"]
+    counts = (table > 0).sum(1, keepdim=True).clamp(min=1)
+    attribute_sum = attr[table].masked_fill(table[..., None] == 0, 0).sum(1)
+    vectors = state["encoder.item_emb.weight"] + attribute_sum / counts
+    model = load_model(trained_attributes["ckpt"])
+    assert torch.allclose(model.encoder.item_vectors(), vectors, atol=1e-6)
+    job(trained_attributes, tmp_path / "t", "top_k=10", "exclude_seen=false")
+    out = read(tmp_path / "t")
+    user = out["user_id"][0]
+    seq = user_sequence(trained_attributes, user)
+    batch = {k: torch.tensor([seq[k][0].to_list()[-20:]]) for k in ("items", "categories", "event_types")}
+    with torch.no_grad():
+        hidden = model.encoder.encode(batch)[0, -1]
+    expected = hidden @ vectors[1:].t()
+    rows = out.filter(pl.col("user_id") == user)
+    idx = [model.id_to_idx[i] - 1 for i in rows["item_id"]]
+    np.testing.assert_allclose(rows["score"].to_numpy(), expected[idx].numpy(), rtol=1e-4, atol=1e-5)
+    assert rows["score"][0] == pytest.approx(float(expected.max()), rel=1e-4)

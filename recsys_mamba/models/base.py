@@ -162,12 +162,22 @@ class SequenceEncoder(nn.Module):
         targets: Tensor,
         seen_bias: Tensor | None = None,
         seen: SeenItems | None = None,
+        prior_weight: Tensor | None = None,
+        prior: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor:
         """Mean cross-entropy of `score_all(hidden)` against targets (N,) in [1, n_items], without
         the (N, n_items + 1) score matrix (`ops.linear_cross_entropy`); with `seen`, each row's
-        already-seen items score `seen_bias` more. An encoder that overrides score_all overrides
-        this too."""
-        return linear_cross_entropy(hidden, self.item_vectors(), targets, seen_bias=seen_bias, seen=seen)
+        already-seen items score `seen_bias` more, with `prior` (items, values) `prior_weight` times
+        the values. An encoder that overrides score_all overrides this too."""
+        return linear_cross_entropy(
+            hidden,
+            self.item_vectors(),
+            targets,
+            seen_bias=seen_bias,
+            seen=seen,
+            prior_weight=prior_weight,
+            prior=prior,
+        )
 
     def score_candidates(self, hidden: Tensor, items: Tensor) -> Tensor:
         """Scores of given candidates: hidden (..., d_model), items (..., K) -> (..., K)."""

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from recsys_mamba.errors import RecsysError
 from recsys_mamba.models.base import Dropout, SequenceEncoder
+from recsys_mamba.models.transitions import TransitionTable
 from recsys_mamba.ops.linear_ce import SeenItems
 
 
@@ -28,6 +29,10 @@ class NextItemHead(nn.Module):
     users do not come back to an item (each movie rated once) drives it negative, one with repeat
     purchases positive: a repeat-or-explore prior the encoder would otherwise have to learn by
     remembering every item of the sequence in its hidden state.
+
+    With `transition_prior`, a learned weight times log(1 + how often each item followed the row's
+    current item in the training sequences) is added too (`models.transitions`); the table is
+    attached from the training data with `attach_transitions` and saved with the weights.
     """
 
     def __init__(
@@ -37,6 +42,7 @@ class NextItemHead(nn.Module):
         logq: bool = True,
         mask_history: bool = False,
         seen_bias: bool = False,
+        transition_prior: bool = False,
     ) -> None:
         super().__init__()
         if loss not in ("ce", "sampled"):
@@ -48,6 +54,21 @@ class NextItemHead(nn.Module):
         self.logq = logq
         self.mask_history = mask_history
         self.seen_bias = nn.Parameter(torch.zeros(())) if seen_bias else None
+        self.transition_weight = nn.Parameter(torch.zeros(())) if transition_prior else None
+        self.transitions: TransitionTable | None = None
+
+    def attach_transitions(self, table: TransitionTable) -> None:
+        """The training data's transition counts, for a head with transition_prior (before loading
+        a checkpoint into it: the table's size must match the saved one)."""
+        self.transitions = table
+
+    def _table(self) -> TransitionTable:
+        if self.transitions is None:
+            raise RecsysError(
+                "NextItemHead(transition_prior=True) has no transition table: attach_transitions(table) "
+                "with the training data's counts (training.run.build does)"
+            )
+        return self.transitions
 
     def loss(
         self,
@@ -56,27 +77,37 @@ class NextItemHead(nn.Module):
         targets: Tensor,
         item_log_probs: Tensor | None = None,
         seen: SeenItems | None = None,
+        inputs: Tensor | None = None,
     ) -> Tensor:
         """Mean loss over the non-padding targets; hidden (N, d), targets (N,).
 
         item_log_probs (n_items + 1,): log of the distribution negatives are drawn from (e.g. item
         popularity), finite for every item that can be a target (smooth zero counts); None means
         uniform. Only used by the sampled loss. seen: what each row's sequence held so far (one row
-        per target); required with seen_bias, ignored without.
+        per target); required with seen_bias, ignored without. inputs (N,): the item each row has
+        just seen, whose successors the transition prior lifts; required with transition_prior.
         """
         if self.seen_bias is not None and seen is None:
             raise RecsysError("NextItemHead(seen_bias=True).loss needs seen: the items each row has seen")
+        if self.transition_weight is not None and inputs is None:
+            raise RecsysError("NextItemHead(transition_prior=True).loss needs inputs: each row's item")
         seen = seen if self.seen_bias is not None else None
         keep = targets != 0
         hidden, targets = hidden[keep], targets[keep]
         if seen is not None:
             seen = seen.subset(keep)
         if targets.numel() == 0:
-            return hidden.sum() * 0.0 + (0.0 if self.seen_bias is None else self.seen_bias * 0.0)
+            unused = [p for p in (self.seen_bias, self.transition_weight) if p is not None]
+            return hidden.sum() * 0.0 + sum(p * 0.0 for p in unused)
+        prior = None
+        if self.transition_weight is not None:
+            # Leave-one-out: the pair being predicted is not counted, as a test pair is not.
+            prior = self._table().successors(inputs[keep], exclude=targets)
         if self.loss_type == "ce":
             bias = None if seen is None else self.seen_bias
-            return encoder.cross_entropy_all(hidden, targets, bias, seen)
-        return self._sampled_loss(encoder, hidden, targets, item_log_probs, seen)
+            weight = None if prior is None else self.transition_weight
+            return encoder.cross_entropy_all(hidden, targets, bias, seen, weight, prior)
+        return self._sampled_loss(encoder, hidden, targets, item_log_probs, seen, inputs, keep)
 
     def _sampled_loss(
         self,
@@ -85,6 +116,8 @@ class NextItemHead(nn.Module):
         targets: Tensor,
         item_log_probs: Tensor | None,
         seen: SeenItems | None,
+        inputs: Tensor | None = None,
+        keep: Tensor | None = None,
     ) -> Tensor:
         # One set of negatives shared by the whole batch; logQ correction subtracts each item's log
         # sampling probability so popular items are not over-penalised (Yi et al., 2019).
@@ -103,6 +136,12 @@ class NextItemHead(nn.Module):
         if seen is not None:
             pos_logits = pos_logits + self.seen_bias * seen.contains(targets[:, None])
             neg_logits = neg_logits + self.seen_bias * seen.contains(negatives)
+        if self.transition_weight is not None:
+            table, current = self._table(), inputs[keep]
+            pos_prior = table.values(current, targets[:, None]).expm1().sub(1).clamp(min=0).log1p()
+            neg_prior = table.values(current, negatives[None, :].expand(len(current), -1))
+            pos_logits = pos_logits + self.transition_weight * pos_prior  # leave-one-out, as in `loss`
+            neg_logits = neg_logits + self.transition_weight * neg_prior
         if self.logq:
             pos_logits = pos_logits - log_q[targets][:, None]
             neg_logits = neg_logits - log_q[negatives][None, :]
@@ -118,17 +157,22 @@ class NextItemHead(nn.Module):
         hidden: Tensor,
         history: Tensor | None = None,
         seen: SeenItems | None = None,
+        last_items: Tensor | None = None,
     ) -> Tensor:
         """Scores of every item (B, n_items + 1) for ranking; history items get -inf when mask_history.
 
         seen (one row per hidden row): the items each input sequence holds, for seen_bias; required
-        with it.
+        with it. last_items (B,): each sequence's last item, for transition_prior; required with it.
         """
         scores = encoder.score_all(hidden)
         if self.seen_bias is not None:
             if seen is None:
                 raise RecsysError("NextItemHead(seen_bias=True) ranks with seen: the items of each sequence")
             scores = scores + self.seen_bias * seen.mask()
+        if self.transition_weight is not None:
+            if last_items is None:
+                raise RecsysError("NextItemHead(transition_prior=True) ranks with last_items (each row's)")
+            scores = scores + self.transition_weight * self._table().dense(last_items).to(scores.dtype)
         if self.mask_history and history is not None:
             scores = scores.scatter(1, history, float("-inf"))
         return scores

@@ -94,9 +94,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
         chunk_rows: int,
         seen_bias: Tensor | None,
         seen: SeenItems | None,
+        prior_weight: Tensor | None,
+        prior_items: Tensor | None,
+        prior_values: Tensor | None,
     ) -> Tensor:
         want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         want_b = seen is not None and ctx.needs_input_grad[4]
+        want_p = prior_items is not None and ctx.needs_input_grad[6]
         n = hidden.shape[0]
         with torch.autocast(hidden.device.type, enabled=False):
             ct = torch.promote_types(torch.promote_types(hidden.dtype, weight.dtype), torch.float32)
@@ -105,6 +109,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad_h = torch.empty_like(h_all) if want_h else None
             grad_w = torch.zeros_like(w) if want_w else None
             grad_b = h_all.new_zeros(()) if want_b else None
+            grad_p = h_all.new_zeros(()) if want_p else None
+            pw = None if prior_items is None else prior_weight.detach().to(ct)
             total = h_all.new_zeros(())
             for start in range(0, n, chunk_rows):
                 h = h_all[start : start + chunk_rows]
@@ -113,10 +119,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 if seen is not None:
                     cols = seen.columns(start, start + chunk_rows)  # column 0 gets 0 and stays -inf
                     scores.scatter_add_(1, cols, (cols > 0).to(ct) * bias)
+                if prior_items is not None:
+                    p_cols = prior_items[start : start + chunk_rows]
+                    p_vals = prior_values[start : start + chunk_rows].to(ct)
+                    scores.scatter_add_(1, p_cols, p_vals * pw)
                 scores[:, 0] = float("-inf")  # column 0 is the padding item, never a class
                 lse = torch.logsumexp(scores, 1, keepdim=True)
                 total += (lse - scores.gather(1, t)).sum()
-                if not (want_h or want_w or want_b):
+                if not (want_h or want_w or want_b or want_p):
                     continue
                 grad = scores.sub_(lse).exp_()  # softmax, in place of the scores
                 grad.scatter_add_(1, t, grad.new_full(t.shape, -1.0))
@@ -126,19 +136,19 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     grad_w.addmm_(grad.t(), h)
                 if want_b:
                     grad_b += grad.gather(1, cols)[cols > 0].sum()
-        ctx.save_for_backward(grad_h, grad_w, grad_b)
+                if want_p:
+                    grad_p += (grad.gather(1, p_cols) * p_vals).sum()
+        ctx.save_for_backward(grad_h, grad_w, grad_b, grad_p)
         ctx.n = max(n, 1)
-        ctx.dtypes = (hidden.dtype, weight.dtype, None if seen_bias is None else seen_bias.dtype)
+        ctx.dtypes = tuple(None if t is None else t.dtype for t in (hidden, weight, seen_bias, prior_weight))
         return total / ctx.n
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor):
-        grad_h, grad_w, grad_b = ctx.saved_tensors
         scale = grad_loss / ctx.n
-        dh = None if grad_h is None else (grad_h * scale).to(ctx.dtypes[0])
-        dw = None if grad_w is None else (grad_w * scale).to(ctx.dtypes[1])
-        db = None if grad_b is None else (grad_b * scale).to(ctx.dtypes[2])
-        return dh, dw, None, None, db, None
+        grads = zip(ctx.saved_tensors, ctx.dtypes, strict=True)
+        dh, dw, db, dp = (None if g is None else (g * scale).to(dtype) for g, dtype in grads)
+        return dh, dw, None, None, db, None, dp, None, None
 
 
 def linear_cross_entropy(
@@ -148,13 +158,18 @@ def linear_cross_entropy(
     chunk_rows: int = CHUNK_ROWS,
     seen_bias: Tensor | None = None,
     seen: SeenItems | None = None,
+    prior_weight: Tensor | None = None,
+    prior: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
     """Mean cross-entropy of the scores `hidden @ weight.T` against targets, with column 0 (the
     padding item) excluded from the softmax: hidden (N, d), weight (V, d), targets (N,) in [1, V).
 
     With `seen` (one row per hidden row) and a scalar `seen_bias`, each row's already-seen items
-    score `seen_bias` more. Computed in float32, or float64 for float64 inputs. Not twice
-    differentiable (the gradient is taken in the forward pass).
+    score `seen_bias` more. With `prior` = (items (N, K), values (N, K)) and a scalar `prior_weight`,
+    row i's item items[i, k] scores prior_weight * values[i, k] more (slots of item 0 add nothing:
+    column 0 is never a class), e.g. `models.transitions.TransitionTable.successors`. Computed in
+    float32, or float64 for float64 inputs. Not twice differentiable (the gradient is taken in the
+    forward pass).
     """
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise RecsysError(
@@ -182,4 +197,19 @@ def linear_cross_entropy(
                 f"columns, got {seen.rows.shape[0]} rows and {seen.n_classes} columns"
             )
         seen_bias = seen_bias.reshape(())
-    return _LinearCrossEntropy.apply(hidden, weight, targets.long(), chunk_rows, seen_bias, seen)
+    prior_items = prior_values = None
+    if (prior is None) != (prior_weight is None):
+        raise RecsysError("linear_cross_entropy takes prior and prior_weight together, or neither")
+    if prior is not None:
+        prior_items, prior_values = prior
+        if prior_weight.numel() != 1:
+            raise RecsysError(f"prior_weight must be a scalar, got shape {tuple(prior_weight.shape)}")
+        if prior_items.shape != prior_values.shape or prior_items.shape[:1] != targets.shape:
+            raise RecsysError(
+                f"prior items and values must both be (N, K) with N = {targets.shape[0]} targets, got "
+                f"{tuple(prior_items.shape)} and {tuple(prior_values.shape)}"
+            )
+        prior_weight = prior_weight.reshape(())
+    return _LinearCrossEntropy.apply(
+        hidden, weight, targets.long(), chunk_rows, seen_bias, seen, prior_weight, prior_items, prior_values
+    )

@@ -42,15 +42,22 @@ def seen_items(model: ScoringModel, histories: pl.Series) -> SeenItems | None:
     return SeenItems.last(items, model.n_items + 1, lengths)
 
 
+def last_items(model: ScoringModel, histories: pl.Series) -> Tensor | None:
+    """Each user's last item (B,), when the head has a transition prior (which starts from it)."""
+    if getattr(model.head, "transition_weight", None) is None:
+        return None
+    return torch.from_numpy(histories.list.last().fill_null(0).to_numpy().astype(np.int64))
+
+
 def next_item_scores(model: ScoringModel, hidden: Tensor, histories: pl.Series) -> Tensor:
     """Scores of every item (B, n_items + 1) from last hidden states (B, d) of the users of
     `histories`: the head's ranking scores, so a learned seen-item bias counts every item the user
-    has had, as in evaluation."""
-    seen = seen_items(model, histories)
+    has had, and a transition prior starts from the last one, as in evaluation."""
+    seen, last = seen_items(model, histories), last_items(model, histories)
     with torch.no_grad():
-        if seen is None:
+        if seen is None and last is None:
             return model.encoder.score_all(hidden)
-        return model.head.rank_scores(model.encoder, hidden, None, seen)
+        return model.head.rank_scores(model.encoder, hidden, None, seen, last)
 
 
 def last_state(hidden: Tensor, mask: Tensor) -> Tensor:
@@ -141,6 +148,10 @@ def candidate_chunk(model: ScoringModel, users: pl.DataFrame, pairs: pl.DataFram
                 if seen is not None:
                     was_seen = seen.subset(user_row).contains(items[:, None])[:, 0]
                     value = value + model.head.seen_bias * was_seen
+                last = last_items(model, users["items"])
+                if last is not None:
+                    prior = model.head.transitions.values(last[user_row], items[:, None])[:, 0]
+                    value = value + model.head.transition_weight * prior
         score[warm_rows] = value.float().numpy()
     return pl.DataFrame(
         {

@@ -17,6 +17,7 @@ from recsys_mamba.config import register_resolvers
 from recsys_mamba.data.format import ITEM_MAP, load_item_attributes, load_manifest
 from recsys_mamba.errors import RecsysError
 from recsys_mamba.models.base import SequenceEncoder
+from recsys_mamba.models.transitions import TransitionTable
 from recsys_mamba.training.checkpoint import check_expected, check_targets, load_checkpoint
 
 
@@ -123,6 +124,10 @@ def load_model(
     head = instantiate(cfg.head)
     if isinstance(head, functools.partial):
         head = head(**({} if "d_model" in head.keywords else {"d_model": encoder.d_model}))
+    if getattr(head, "transition_weight", None) is not None:
+        # the training data's transition counts travel in the checkpoint; size the table to load them
+        saved = state.get("head.transitions.keys")
+        head.attach_transitions(TransitionTable.empty(n_items, 0 if saved is None else saved.numel()))
     try:
         encoder.load_state_dict(_submodule_state(state, "encoder."))
         head.load_state_dict(_submodule_state(state, "head."))

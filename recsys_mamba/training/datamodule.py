@@ -29,6 +29,7 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from recsys_mamba.errors import RecsysError
+from recsys_mamba.models.transitions import TransitionTable, consecutive_pairs
 
 TASKS = ("next_item", "ctr")
 SPLITS = {"train": 0, "valid": 1, "test": 2}
@@ -366,6 +367,8 @@ class RecDataModule(L.LightningDataModule):
         self.item_counts: np.ndarray | None = None
         self.item_attributes: np.ndarray | None = None  # (n_items + 1, K) attribute ids, if any
         self.ctr_train: pl.DataFrame | None = None
+        self.store: SequenceStore | None = None  # next_item: every user's events
+        self.n_train: np.ndarray | None = None  # next_item: each user's training events (a prefix)
 
     # ---- preparation ----------------------------------------------------------------------------
 
@@ -410,6 +413,7 @@ class RecDataModule(L.LightningDataModule):
             n_train = np.where(
                 first[:, 1] >= 0, first[:, 1], np.where(first[:, 2] >= 0, first[:, 2], store.length)
             )
+            self.store, self.n_train = store, n_train
             self.datasets = {
                 "train": NextItemTrainDataset(
                     store, self.max_len, n_train, self.positive_targets, self.next_item_windows
@@ -447,6 +451,15 @@ class RecDataModule(L.LightningDataModule):
             "n_categories": int(self.manifest.get("n_categories") or 0),
             "n_event_types": int(self.manifest.get("n_event_types") or 0),
         }
+
+    def transition_table(self) -> TransitionTable:
+        """Counts of every pair of consecutive training events, for a head's transition prior."""
+        if self.store is None or self.n_train is None:
+            raise RecsysError(
+                "head.transition_prior counts next_item training sequences: use task=next_item (setup first)"
+            )
+        pairs = consecutive_pairs(self.store.flat["items"], self.store.start, self.n_train)
+        return TransitionTable(int(self.manifest["n_items"]), *pairs)
 
     @property
     def encoder_inputs(self) -> dict[str, Any]:

@@ -50,6 +50,12 @@ def maskable_history(batch: Batch) -> Tensor:
     return history_without_target(batch.get("history", batch["items"]), batch["target"])
 
 
+def last_items(batch: Batch) -> Tensor:
+    """Each row's last real input item (B,): where a transition prior starts from."""
+    rows = torch.arange(batch["items"].shape[0], device=batch["items"].device)
+    return batch["items"][rows, (batch["lengths"] - 1).clamp(min=0)]
+
+
 def last_hidden(hidden: Tensor, lengths: Tensor) -> Tensor:
     """Hidden state at each row's last real position, (B, d); rows with no history use position 0."""
     pos = (lengths.long() - 1).clamp(min=0)
@@ -129,7 +135,8 @@ class RecLitModule(L.LightningModule):
         hidden = last_hidden(self.encoder.encode(batch), batch["lengths"])
         # The head masks the history only when its `mask_history` is on.
         seen = self._ranking_seen(batch)
-        return self.head.rank_scores(self.encoder, hidden, maskable_history(batch), seen)
+        last = last_items(batch)
+        return self.head.rank_scores(self.encoder, hidden, maskable_history(batch), seen, last)
 
     # ---- training -------------------------------------------------------------------------------
 
@@ -149,12 +156,18 @@ class RecLitModule(L.LightningModule):
             targets = batch["targets"]
             real = targets > 0
             seen = self._seen(batch["items"], where=real)
-            loss = self.head.loss(self.encoder, hidden[real], targets[real], self.item_log_probs, seen)
+            inputs = batch["items"][real]  # the item each trained position has just seen
+            loss = self.head.loss(
+                self.encoder, hidden[real], targets[real], self.item_log_probs, seen, inputs
+            )
         n = len(batch["labels"] if self.task == "ctr" else batch["index"])
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=n)
         if getattr(self.head, "seen_bias", None) is not None:
             bias = self.head.seen_bias.detach()
             self.log("train/seen_bias", bias, on_step=False, on_epoch=True, batch_size=n)
+        if getattr(self.head, "transition_weight", None) is not None:
+            weight = self.head.transition_weight.detach()
+            self.log("train/transition_weight", weight, on_step=False, on_epoch=True, batch_size=n)
         return loss
 
     # ---- evaluation -----------------------------------------------------------------------------
@@ -172,7 +185,7 @@ class RecLitModule(L.LightningModule):
             # the primary one (monitored, plain metric names, top-K), the other is reported beside it.
             hidden = last_hidden(self.encoder.encode(batch), batch["lengths"])
             seen = self._ranking_seen(batch)
-            unmasked = self.head.rank_scores(self.encoder, hidden, None, seen).float()
+            unmasked = self.head.rank_scores(self.encoder, hidden, None, seen, last_items(batch)).float()
             masked = unmasked.scatter(1, maskable_history(batch), float("-inf"))
             scores = masked if getattr(self.head, "mask_history", False) else unmasked
             # Column 0 is padding, never a recommendation.

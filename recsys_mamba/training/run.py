@@ -143,6 +143,8 @@ def build(cfg: DictConfig) -> tuple[RecDataModule, L.LightningModule]:
         if head.keywords.get("base_rate", 0.0) is None and dm.ctr_train is not None:
             kwargs["base_rate"] = float(dm.ctr_train["label"].cast(float).mean())
         head = head(**kwargs)
+    if getattr(head, "transition_weight", None) is not None:
+        head.attach_transitions(dm.transition_table())
     module = instantiate(cfg.module, encoder=encoder, head=head, item_counts=torch.as_tensor(dm.item_counts))
     return dm, module
 

@@ -136,3 +136,42 @@ def test_seen_needs_its_bias_and_one_row_per_target():
         linear_cross_entropy(hidden, weight, targets, seen=seen)
     with pytest.raises(RecsysError, match="one row per target"):
         linear_cross_entropy(hidden[:3], weight, targets[:3], seen=seen, seen_bias=torch.zeros(()))
+
+
+@pytest.mark.parametrize("chunk_rows", [256, 2])
+def test_a_weighted_prior_matches_the_full_score_matrix_plus_weight_times_values(chunk_rows):
+    """prior = (items, values) per row, together with the seen bias, as the transition prior uses it."""
+    g = torch.Generator().manual_seed(5)
+    hidden, weight, targets = leaves(7, 6, 12, torch.float64, seed=6)
+    items = torch.stack([torch.randperm(11, generator=g)[:4] + 1 for _ in range(7)])  # distinct per row
+    items[:, 3] = 0  # a padding slot in every row, and a value on it that must add nothing
+    values = torch.rand(7, 4, generator=g, dtype=torch.float64)
+    seen = SeenItems.last(torch.randint(1, 12, (7, 3), generator=g), 12, torch.full((7,), 3))
+    bias = torch.tensor(-0.5, dtype=torch.float64, requires_grad=True)
+    prior_weight = torch.tensor(1.3, dtype=torch.float64, requires_grad=True)
+    dense = torch.zeros(7, 12, dtype=torch.float64).scatter_add(1, items, values * (items > 0))
+    scores = hidden @ weight.t() + bias * seen.mask() + prior_weight * dense
+    scores[:, 0] = float("-inf")
+    expected = F.cross_entropy(scores, targets)
+    want = torch.autograd.grad(expected, (hidden, weight, bias, prior_weight))
+    loss = linear_cross_entropy(
+        hidden, weight, targets, chunk_rows, bias, seen, prior_weight=prior_weight, prior=(items, values)
+    )
+    got = torch.autograd.grad(loss, (hidden, weight, bias, prior_weight))
+    torch.testing.assert_close(loss, expected)
+    for g_got, g_want in zip(got, want, strict=True):
+        torch.testing.assert_close(g_got, g_want)
+    assert want[3].abs() > 1e-3
+
+
+def test_a_prior_needs_its_weight_and_one_row_per_target():
+    hidden, weight, targets = leaves(4, 6, 12, torch.float32)
+    items, values = torch.ones(4, 2, dtype=torch.long), torch.ones(4, 2)
+    with pytest.raises(RecsysError, match="together"):
+        linear_cross_entropy(hidden, weight, targets, prior=(items, values))
+    with pytest.raises(RecsysError, match=r"\(N, K\) with N = 3"):
+        linear_cross_entropy(
+            hidden[:3], weight, targets[:3], prior_weight=torch.ones(()), prior=(items, values)
+        )
+    with pytest.raises(RecsysError, match="scalar"):
+        linear_cross_entropy(hidden, weight, targets, prior_weight=torch.ones(2), prior=(items, values))

@@ -34,6 +34,11 @@ def trained_seen_bias(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Pat
 
 
 @pytest.fixture(scope="session")
+def trained_transitions(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return train_tiny(tmp_path_factory, "head.transition_prior=true", "head.seen_bias=true")
+
+
+@pytest.fixture(scope="session")
 def trained_attributes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Trained with item attributes: item i has "shape" i % 3 and, for every fourth item, "large".
     The file covers the generator's whole id range (100,000 + 20 ids per item), most of it unused."""

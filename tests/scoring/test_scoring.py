@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +52,23 @@ def model_scores(trained: dict[str, Path], user_id: str, max_len: int = 20) -> t
     bias = module_state.get("head.seen_bias")
     if bias is not None:
         scores[torch.tensor(seq["items"][0].to_list()).unique()] += bias
+    weight = module_state.get("head.transition_weight")
+    if weight is not None:
+        following = transition_counts(trained["prepared"]).get(seq["items"][0].to_list()[-1], {})
+        for item, count in following.items():
+            scores[item] += weight * math.log1p(count)
     return scores
+
+
+def transition_counts(prepared: Path) -> dict[int, Counter]:
+    """item -> Counter of the items that came right after it in some user's training events."""
+    seq = pl.read_parquet(prepared / "sequences.parquet")
+    counts: dict[int, Counter] = {}
+    for items, splits in zip(seq["items"].to_list(), seq["splits"].to_list(), strict=True):
+        train = [item for item, split in zip(items, splits, strict=True) if split == 0]
+        for a, b in itertools.pairwise(train):
+            counts.setdefault(a, Counter())[b] += 1
+    return counts
 
 
 def test_topk_scores_equal_the_model_and_skip_seen(trained, tmp_path: Path) -> None:
@@ -95,6 +114,28 @@ def test_a_learned_seen_bias_scores_as_in_training(trained_seen_bias, tmp_path: 
     job(trained_seen_bias, tmp_path / "c", "mode=candidates", f"input={tmp_path / 'pairs.parquet'}")
     got = pl.concat([pl.read_parquet(f) for f in (tmp_path / "c").glob("*.parquet")])
     expected = model_scores(trained_seen_bias, user)[[model.id_to_idx[i] for i in got["item_id"]]]
+    np.testing.assert_allclose(got["score"].to_numpy(), expected.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_a_learned_transition_prior_scores_as_in_training(trained_transitions, tmp_path: Path) -> None:
+    state = torch.load(trained_transitions["ckpt"], map_location="cpu", weights_only=True)["state_dict"]
+    assert state["head.transition_weight"] != 0  # trained, so the checks below see the prior at work
+    job(trained_transitions, tmp_path / "t", "top_k=50", "exclude_seen=false")
+    out = read(tmp_path / "t")
+    model = load_model(trained_transitions["ckpt"])
+    users = out["user_id"].unique().sort().head(3)
+    for user in users:
+        rows = out.filter(pl.col("user_id") == user)
+        expected = model_scores(trained_transitions, user)
+        idx = [model.id_to_idx[i] for i in rows["item_id"]]
+        np.testing.assert_allclose(rows["score"].to_numpy(), expected[idx].numpy(), rtol=1e-4, atol=1e-5)
+    user = users[0]
+    top = out.filter(pl.col("user_id") == user)["item_id"][:4]
+    pairs = pl.DataFrame({"user_id": [user] * 4, "item_id": top})
+    pairs.write_parquet(tmp_path / "pairs.parquet")
+    job(trained_transitions, tmp_path / "c", "mode=candidates", f"input={tmp_path / 'pairs.parquet'}")
+    got = pl.concat([pl.read_parquet(f) for f in (tmp_path / "c").glob("*.parquet")])
+    expected = model_scores(trained_transitions, user)[[model.id_to_idx[i] for i in got["item_id"]]]
     np.testing.assert_allclose(got["score"].to_numpy(), expected.numpy(), rtol=1e-4, atol=1e-5)
 
 

@@ -1,0 +1,122 @@
+"""The transition table and the head's transition prior: counts, leave-one-out, ranking."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from recsys_mamba.errors import RecsysError
+from recsys_mamba.models.heads import NextItemHead
+from recsys_mamba.models.transitions import TransitionTable, consecutive_pairs
+from tests.models.conftest import make_encoder
+
+# 1 -> 2 three times, 1 -> 3 once, 2 -> 1 once, 3 -> 5 once; item 4 never leads anywhere
+SOURCES, TARGETS = [1, 1, 1, 2, 3, 1], [2, 2, 3, 1, 5, 2]
+
+
+def brute_counts(n_items: int = 5) -> torch.Tensor:
+    counts = torch.zeros(n_items + 1, n_items + 1)
+    for a, b in zip(SOURCES, TARGETS, strict=True):
+        counts[a, b] += 1
+    return counts
+
+
+def test_the_table_counts_every_pair_and_reads_back_the_same_counts_three_ways() -> None:
+    table = TransitionTable(5, SOURCES, TARGETS)
+    assert table.n_pairs == 4
+    logs = brute_counts().log1p()
+    items = torch.tensor([1, 2, 3, 4, 0])
+    torch.testing.assert_close(table.dense(items), logs[items])
+    cols, values = table.successors(items)
+    assert cols.shape == (5, 2) and (cols[3:] == 0).all() and (values[3:] == 0).all()
+    torch.testing.assert_close(torch.zeros(5, 6).scatter_add(1, cols, values), logs[items])
+    candidates = torch.tensor([[2, 3, 4, 0], [1, 5, 2, 3], [5, 5, 1, 0], [1, 2, 3, 4], [1, 2, 0, 0]])
+    expected = logs[items[:, None], candidates] * (candidates > 0)
+    torch.testing.assert_close(table.values(items, candidates), expected)
+
+
+def test_leave_one_out_drops_exactly_one_occurrence_of_the_predicted_pair() -> None:
+    table = TransitionTable(5, SOURCES, TARGETS)
+    cols, values = table.successors(torch.tensor([1, 3, 1]), exclude=torch.tensor([2, 5, 4]))
+    counts = torch.zeros(3, 6).scatter_add(1, cols, values.expm1())
+    assert counts[0, 2] == pytest.approx(2) and counts[0, 3] == pytest.approx(1)  # 3 - 1, untouched
+    assert counts[1, 5] == pytest.approx(0)  # the only 3 -> 5 is the one being predicted
+    assert counts[2, 2] == pytest.approx(3)  # excluding a pair that never occurred changes nothing
+
+
+def test_an_empty_table_of_the_saved_size_loads_a_saved_one() -> None:
+    table = TransitionTable(5, SOURCES, TARGETS)
+    loaded = TransitionTable.empty(5, table.n_pairs)
+    loaded.load_state_dict(table.state_dict())
+    torch.testing.assert_close(loaded.dense(torch.arange(6)), table.dense(torch.arange(6)))
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        TransitionTable.empty(5, 3).load_state_dict(table.state_dict())
+
+
+def test_consecutive_pairs_stay_within_each_users_prefix() -> None:
+    items = np.array([1, 2, 3, 4, 5, 6, 7])  # user 0: 1 2 3 4 (train 3), user 1: 5 6 7 (train 2)
+    src, dst = consecutive_pairs(items, np.array([0, 4]), np.array([3, 2]))
+    assert list(zip(src, dst, strict=True)) == [(1, 2), (2, 3), (5, 6)]
+
+
+@pytest.mark.parametrize(("sources", "targets"), [([1, 2], [3]), ([0], [1]), ([1], [6])])
+def test_bad_pairs_are_refused(sources, targets) -> None:
+    with pytest.raises(RecsysError, match="transition"):
+        TransitionTable(5, sources, targets)
+
+
+def head_with_prior(weight: float = 0.8) -> NextItemHead:
+    head = NextItemHead(transition_prior=True)
+    head.attach_transitions(TransitionTable(5, SOURCES, TARGETS))
+    with torch.no_grad():
+        head.transition_weight.fill_(weight)
+    return head
+
+
+def test_ranking_adds_the_weighted_log_counts_from_each_rows_last_item() -> None:
+    encoder, head = make_encoder("mamba", n_items=5), head_with_prior()
+    hidden = torch.randn(3, encoder.d_model)
+    last = torch.tensor([1, 3, 4])
+    scores = head.rank_scores(encoder, hidden, last_items=last)
+    torch.testing.assert_close(scores, encoder.score_all(hidden) + 0.8 * brute_counts().log1p()[last])
+    with pytest.raises(RecsysError, match="last_items"):
+        head.rank_scores(encoder, hidden)
+    with pytest.raises(RecsysError, match="attach_transitions"):
+        NextItemHead(transition_prior=True).rank_scores(encoder, hidden, last_items=last)
+
+
+@pytest.mark.parametrize("loss", ["ce", "sampled"])
+def test_the_loss_sees_the_counts_without_the_predicted_pair(loss: str) -> None:
+    """Against a reference built from brute-force counts with the predicted pair taken out: the full
+    softmax for ce, the same drawn negatives (same seed) for sampled softmax."""
+    torch.manual_seed(0)
+    encoder = make_encoder("mamba", n_items=5)
+    head = head_with_prior()
+    head.loss_type, head.n_negatives, head.logq = loss, 6, False
+    hidden = torch.randn(4, encoder.d_model)
+    inputs, targets = torch.tensor([1, 1, 3, 2]), torch.tensor([2, 3, 5, 4])
+    counts = brute_counts()[inputs]
+    rows = torch.arange(4)
+    counts[rows, targets] -= counts[rows, targets].clamp(max=1)
+    scores = encoder.score_all(hidden) + 0.8 * counts.log1p()
+    if loss == "ce":
+        expected = F.cross_entropy(scores[:, 1:], targets - 1)
+    else:
+        torch.manual_seed(7)
+        probs = torch.full((6,), 0.2)
+        probs[0] = 0.0
+        negatives = torch.multinomial(probs, 6, replacement=True)
+        prior = brute_counts().log1p()[inputs][:, negatives]
+        negative_scores = encoder.score_all(hidden)[:, negatives] + 0.8 * prior
+        negative_scores = negative_scores.masked_fill(negatives[None, :] == targets[:, None], float("-inf"))
+        logits = torch.cat([scores[rows, targets][:, None], negative_scores], dim=1)
+        expected = F.cross_entropy(logits, torch.zeros(4, dtype=torch.long))
+        torch.manual_seed(7)
+    got = head.loss(encoder, hidden, targets, inputs=inputs)
+    torch.testing.assert_close(got.detach(), expected.detach())
+    got.backward()
+    assert head.transition_weight.grad is not None and head.transition_weight.grad != 0
+    with pytest.raises(RecsysError, match="inputs"):
+        head.loss(encoder, hidden, targets)

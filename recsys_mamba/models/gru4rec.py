@@ -26,14 +26,7 @@ class GRU4RecEncoder(SequenceEncoder):
     ) -> None:
         """max_len and gradient_checkpointing are accepted for the shared contract and unused."""
         super().__init__(
-            n_items,
-            n_categories,
-            n_event_types,
-            d_model,
-            n_layers,
-            dropout,
-            max_len,
-            gradient_checkpointing,
+            n_items, n_categories, n_event_types, d_model, n_layers, dropout, max_len, gradient_checkpointing,
             item_attributes,
         )
         self.emb_dropout = Dropout(dropout)

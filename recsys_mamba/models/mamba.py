@@ -195,14 +195,7 @@ class MambaEncoder(SequenceEncoder):
         scan_backend: str = "auto",
     ) -> None:
         super().__init__(
-            n_items,
-            n_categories,
-            n_event_types,
-            d_model,
-            n_layers,
-            dropout,
-            max_len,
-            gradient_checkpointing,
+            n_items, n_categories, n_event_types, d_model, n_layers, dropout, max_len, gradient_checkpointing,
             item_attributes,
         )
         if d_conv < 2:

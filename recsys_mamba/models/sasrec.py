@@ -92,14 +92,7 @@ class SASRecEncoder(SequenceEncoder):
         scale_embeddings: bool = False,
     ) -> None:
         super().__init__(
-            n_items,
-            n_categories,
-            n_event_types,
-            d_model,
-            n_layers,
-            dropout,
-            max_len,
-            gradient_checkpointing,
+            n_items, n_categories, n_event_types, d_model, n_layers, dropout, max_len, gradient_checkpointing,
             item_attributes,
         )
         self.n_heads = n_heads

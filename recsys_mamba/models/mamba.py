@@ -5,11 +5,11 @@ dropout -> residual, optionally followed by a pre-norm position-wise feed-forwar
 mixer is in_proj to x and z -> causal depthwise conv1d -> SiLU -> x_proj to (dt, B, C) -> dt_proj
 -> selective scan (`recsys_mamba.ops`) with D skip and SiLU(z) gate -> out_proj.
 
-Everything is causal, so right padding cannot reach a real position; padding also gets dt = 0 (the
-SSM state passes through unchanged) and is kept out of the conv state, so a state carried out of
-a padded batch is the state after each row's last real event. That state (conv window + SSM state
-per layer) has a fixed size however long the history: `step` streams one event at a time and
-`encode_long` encodes very long histories chunk by chunk with bounded memory.
+Everything is causal, so right padding cannot reach a real position. When a state is carried,
+padding also gets dt = 0 (the SSM state passes through unchanged) and is kept out of the conv state,
+so a state carried out of a padded batch is the state after each row's last real event. That state
+(conv window + SSM state per layer) has a fixed size however long the history: `step` streams one event
+at a time and `encode_long` encodes very long histories chunk by chunk with bounded memory.
 """
 
 from __future__ import annotations
@@ -66,9 +66,13 @@ class MambaMixer(nn.Module):
         self.D = nn.Parameter(torch.ones(self.d_inner))
 
     def _ssm_inputs(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """x (..., d_inner) after the conv -> dt (..., d_inner), B and C (..., d_state)."""
+        """x (..., d_inner) after the conv -> raw dt (..., d_inner) before dt_proj's bias and the
+        softplus, B and C (..., d_state)."""
         dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        return F.softplus(self.dt_proj(dt)), B, C
+        # dt @ W^T with W^T made contiguous: autograd then forms the weight gradient as dt^T @ grad,
+        # (dt_rank, tokens) x (tokens, d_inner), which runs 5x faster on CPU than F.linear's
+        # grad^T @ dt with its output of width dt_rank (0.3 against 1.5 ms at 8,000 tokens, rank 4).
+        return torch.matmul(dt, self.dt_proj.weight.t().contiguous()), B, C
 
     def forward(
         self, h: Tensor, mask: Tensor, state: LayerState | None = None
@@ -89,8 +93,12 @@ class MambaMixer(nn.Module):
             activation="silu",
         ).transpose(1, 2)
         dt, B, C = self._ssm_inputs(x)
-        dt = dt * mask[..., None]  # dt = 0 at padding: state passes through unchanged
         carry = state is not None
+        if carry:
+            # dt = 0 at padding: the state passes through unchanged, so the state carried out is the one
+            # after each row's last real event. Without a carried state padding needs nothing: it only
+            # follows real events (right padding, causal layers), and the encoder zeroes its outputs.
+            dt = F.softplus(dt + self.dt_proj.bias) * mask[..., None]
         # selective_scan_fn's layouts, (B, d_inner, L) and (B, d_state, L), as transposed views
         out = selective_scan(
             x.transpose(1, 2),
@@ -100,6 +108,8 @@ class MambaMixer(nn.Module):
             C.transpose(1, 2),
             self.D.float(),
             z.transpose(1, 2),
+            delta_bias=None if carry else self.dt_proj.bias,
+            delta_softplus=not carry,
             return_last_state=carry,
             initial_state=state[1] if carry else None,
             backend=self.scan_backend,
@@ -121,7 +131,10 @@ class MambaMixer(nn.Module):
         x = F.silu((window * self.conv1d.weight[:, 0]).sum(-1) + self.conv1d.bias)
         dt, B, C = self._ssm_inputs(x)
         ssm = state[1].clone()
-        y = selective_state_update(ssm, x, dt, -torch.exp(self.A_log.float()), B, C, self.D.float(), z)
+        y = selective_state_update(
+            ssm, x, dt, -torch.exp(self.A_log.float()), B, C, self.D.float(), z, dt_bias=self.dt_proj.bias,
+            dt_softplus=True,
+        )
         return self.out_proj(y), (window[:, :, 1:], ssm)
 
 

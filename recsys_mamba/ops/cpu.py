@@ -42,8 +42,9 @@ def _np(t: torch.Tensor):
 
 class _ScanFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, u, dt, A, B, C, D, z, initial_state):
-        """u, dt, z (batch, L, dim): channels last; B, C (batch, groups, L, N)."""
+    def forward(ctx, u, delta, delta_bias, softplus, A, B, C, D, z, initial_state):
+        """u, delta, z (batch, L, dim): channels last; B, C (batch, groups, L, N); delta raw: the
+        kernel adds delta_bias and applies softplus when asked."""
         k = _kernels
         ct = u.dtype
         nb, L, nd = u.shape
@@ -52,12 +53,14 @@ class _ScanFn(torch.autograd.Function):
         has_z = z is not None
         z_ = z if has_z else u.new_zeros(1, 1, 1)
         out = torch.empty_like(u)
+        dt = torch.empty_like(u)  # the step size the recurrence used, for the backward
         last = torch.empty(nb, nd, N, dtype=ct)
         ckpt = torch.empty(nb, (L + CHUNK - 1) // CHUNK, N, nd, dtype=ct)
-        k.scan_fwd(*map(_np, (u, dt, At, B, C, D, z_, initial_state)), has_z, CHUNK,
-                   _np(out), _np(last), _np(ckpt))
+        k.scan_fwd(_np(u), _np(delta), _np(delta_bias), softplus,
+                   *map(_np, (At, B, C, D, z_, initial_state)), has_z, CHUNK,
+                   _np(out), _np(last), _np(ckpt), _np(dt))
         ctx.save_for_backward(u, dt, At, B, C, D, z_, ckpt)
-        ctx.has_z = has_z
+        ctx.has_z, ctx.softplus = has_z, softplus
         return out, last
 
     @staticmethod
@@ -70,17 +73,19 @@ class _ScanFn(torch.autograd.Function):
         dout = torch.zeros_like(u) if dout is None else dout.contiguous().to(u.dtype)
         dlast = u.new_zeros(nb, nd, N) if dlast is None else dlast.contiguous().to(u.dtype)
         blocks_per_group = -(-nd // B.shape[1] // k.W)
-        du, ddt = torch.empty_like(u), torch.empty_like(u)
+        du, ddelta = torch.empty_like(u), torch.empty_like(u)
         dz = torch.empty_like(z)
         dA_bd = u.new_empty(nb, nd, N)
         dD_bd = u.new_empty(nb, nd)
         dB_part = u.new_empty(blocks_per_group, *B.shape)
         dC_part = u.new_empty(blocks_per_group, *C.shape)
         dh0 = u.new_empty(nb, nd, N)
-        k.scan_bwd(*map(_np, (u, dt, At, B, C, D, z)), has_z, CHUNK,
-                   *map(_np, (ckpt, dout, dlast, du, ddt, dz, dA_bd, dD_bd, dB_part, dC_part, dh0)))
+        k.scan_bwd(_np(u), _np(dt), ctx.softplus, *map(_np, (At, B, C, D, z)), has_z, CHUNK,
+                   *map(_np, (ckpt, dout, dlast, du, ddelta, dz, dA_bd, dD_bd, dB_part, dC_part, dh0)))
         dz = dz if has_z else None
-        return du, ddt, dA_bd.sum(0), dB_part.sum(0), dC_part.sum(0), dD_bd.sum(0), dz, dh0
+        dbias = ddelta.sum((0, 1)) if ctx.needs_input_grad[2] else None
+        return (du, ddelta, dbias, None, dA_bd.sum(0), dB_part.sum(0), dC_part.sum(0), dD_bd.sum(0), dz,
+                dh0)
 
 
 def selective_scan_cpu(
@@ -117,16 +122,12 @@ def selective_scan_cpu(
         t = t if grouped else t.unsqueeze(1)
         return t.to(ct).transpose(-1, -2).contiguous()
 
-    # Bias and softplus are elementwise: torch's vectorised ops (and autograd) beat the scalar log1p/exp
-    # they would cost inside the kernel, which then takes the step size dt as it is.
-    dt = channels_last(delta)
-    if delta_bias is not None:
-        dt = dt + delta_bias.to(ct)
-    if delta_softplus:
-        dt = torch.nn.functional.softplus(dt)
+    # Bias and softplus are fused into the kernels (one pass over the step sizes instead of torch's
+    # add, softplus and their backward ops, each a pass over (batch, L, dim)).
     out, last = _ScanFn.apply(
-        channels_last(u), dt, prep(A), prep_bc(B), prep_bc(C), prep(D, (nd,)),
-        None if z is None else channels_last(z), prep(initial_state, (nb, nd, N)),
+        channels_last(u), channels_last(delta), prep(delta_bias, (nd,)), bool(delta_softplus), prep(A),
+        prep_bc(B), prep_bc(C), prep(D, (nd,)), None if z is None else channels_last(z),
+        prep(initial_state, (nb, nd, N)),
     )
     out = out.transpose(1, 2).to(u.dtype)
     return (out, last) if return_last_state else out

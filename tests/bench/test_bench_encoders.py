@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import sys
 
 import pytest
@@ -164,3 +165,24 @@ def test_bad_value_exits_cleanly_from_the_cli(tmp_path, monkeypatch, capsys):
         _run_cli(tmp_path, monkeypatch, "repeats=0")
     assert exit_info.value.code == 2
     assert "error: bench encoders: repeats must be an integer >= 1" in capsys.readouterr().err
+
+
+def test_paired_ratio_pairs_repeat_by_repeat_and_drives_the_goal():
+    # Repeat i of one encoder ran beside repeat i of the other: the paired ratio is the median of the
+    # per-repeat ratios (sasrec seconds / mamba seconds), not the ratio of the two medians.
+    def case(name: str, train_s: list[float]) -> dict:
+        c = _case(name, 200, 40, statistics.median(train_s), 1.0)
+        c["repeats"] = [{"train_s": t, "infer_s": t / 3} for t in train_s]
+        return c
+
+    cases = [case("mamba", [1.0, 2.0, 2.0]), case("sasrec", [2.1, 2.2, 1.1])]
+    (r,) = encoders.ratios(cases, "mamba", "sasrec")
+    assert r["train"] == pytest.approx(2.1 / 2.0)
+    assert r["train_paired"] == {"median": pytest.approx(1.1), "q1": pytest.approx(0.825),
+                                 "q3": pytest.approx(1.6), "n": 3}
+    assert r["infer_paired"]["median"] == pytest.approx(1.1)
+    result = {"pair": ["mamba", "sasrec"], "ratios": [r], "fits": {}}
+    assert encoders.goals(result)["train_ratio_L200"]["value"] == pytest.approx(1.1)
+    assert "paired over 3 repeats 1.10x (quartiles 0.83-1.60), ratio of medians 1.05x" in encoders.summary(
+        result | {"crossover": {}, "goals": encoders.goals(result), "config": {"fit_range": [1, 2]},
+                  "wall_s": 1.0})

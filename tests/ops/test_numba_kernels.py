@@ -7,7 +7,7 @@ from ops_scan_cases import assert_matches_ref, make_inputs
 
 numba = pytest.importorskip("numba")
 
-from recsys_mamba.ops._numba_kernels import fast_exp  # noqa: E402
+from recsys_mamba.ops._numba_kernels import W, fast_exp, fast_softplus  # noqa: E402
 from recsys_mamba.ops.cpu import selective_scan_cpu  # noqa: E402
 
 
@@ -28,6 +28,24 @@ def test_fast_exp_is_accurate_to_the_dtype_over_its_whole_range(dtype, lo, hi):
     assert rel.max() < 2 * np.finfo(dtype).eps
 
 
+@numba.njit
+def _fast_softplus_all(x):
+    out = np.empty_like(x)
+    for j in range(x.size):
+        out[j] = fast_softplus(x[j])
+    return out
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_fast_softplus_is_accurate_to_the_dtype_over_its_whole_range(dtype):
+    # Relative error, so the tail where softplus(x) ~ exp(x) is tiny counts as much as the rest.
+    x = np.concatenate([np.linspace(-80.0, 80.0, 100_001), np.linspace(-1.0, 1.0, 10_001)]).astype(dtype)
+    got = _fast_softplus_all(x)
+    assert got.dtype == dtype
+    want = np.logaddexp(0.0, x.astype(np.float64))
+    assert (np.abs(got / want - 1.0)).max() < 4 * np.finfo(dtype).eps
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_fast_exp_saturates_instead_of_overflowing(dtype):
     tiny, huge = _fast_exp_all(np.array([-1e6, 1e6], dtype=dtype))
@@ -46,10 +64,14 @@ def test_nan_inputs_reach_the_scan_output(name):
     assert out[..., 3:].isnan().any() and not out[..., :3].isnan().any()
 
 
-@pytest.mark.parametrize("shape", [(2, 40, 30, 4, 2), (1, 33, 20, 16, 0), (3, 16, 9, 2, 0)], ids=str)
+@pytest.mark.parametrize(
+    "shape",
+    [(2, 2 * (W + 4), 30, 4, 2), (1, 2 * W + 1, 20, 16, 0), (3, W, 9, 2, 0), (2, 24, 7, 3, 0)],
+    ids=str,
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_channel_blocks_that_straddle_groups_or_end_short(shape, dtype):
-    # Kernels work on blocks of 16 channels inside one B/C group: 40 channels in 2 groups -> blocks of
-    # 16 + 4 per group; 33 channels -> 16 + 16 + 1.
+    # Kernels work on blocks of W channels inside one B/C group: 2 (W + 4) channels in 2 groups -> blocks
+    # of W + 4 per group; 2 W + 1 channels -> W + W + 1; 24 channels -> one short block.
     tol = {"rtol": 6e-4, "atol": 2e-3} if dtype == torch.float32 else {"rtol": 1e-9, "atol": 1e-9}
     assert_matches_ref("cpu", make_inputs(*shape, dtype=dtype, seed=3), True, **tol)

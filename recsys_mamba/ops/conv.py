@@ -2,8 +2,8 @@
 
 `causal_conv1d` follows the causal-conv1d package's `causal_conv1d_fn` (x (batch, dim, L), weight
 (dim, width), bias, initial_states (batch, dim, width - 1), activation None | "silu"), so the two can
-be swapped. Backends: `cpu` (numba kernels over channels-last memory; the backward in two parallel
-passes, the pre-activation recomputed rather than stored) and `torch` (oneDNN/cuDNN conv2d, the
+be swapped. Backends: `cpu` (numba kernels over channels-last memory; the backward in one parallel
+pass, the pre-activation recomputed rather than stored) and `torch` (oneDNN/cuDNN conv2d, the
 reference and the CUDA path). oneDNN's weight gradient is slow for this depthwise shape: the numba
 pair runs forward + backward 1.5x (two threads) to 2x (one thread) faster at batch 40, L 200, 128
 channels (BENCHMARKS.md).
@@ -45,12 +45,11 @@ class _ConvFn(torch.autograd.Function):
         dout = dout.contiguous().to(xp.dtype)
         nb, length, nc = dout.shape
         tasks = nb * -(-length // k.CONV_T)
-        scratch, dxp = torch.empty_like(dout), torch.empty_like(xp)
+        dxp = torch.empty_like(xp)
         dw_part = xp.new_empty(tasks, *weight_kc.shape)
         db_part = xp.new_empty(tasks, nc)
         xp_, w_, b_ = (t.detach().numpy() for t in (xp, weight_kc, bias))
-        k.conv_bwd(xp_, w_, b_, ctx.silu, dout.numpy(), scratch.numpy(), dxp.numpy(), dw_part.numpy(),
-                   db_part.numpy())
+        k.conv_bwd(xp_, w_, b_, ctx.silu, dout.numpy(), dxp.numpy(), dw_part.numpy(), db_part.numpy())
         return dxp, dw_part.sum(0), db_part.sum(0), None
 
 

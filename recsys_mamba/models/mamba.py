@@ -70,8 +70,8 @@ class MambaMixer(nn.Module):
         softplus, B and C (..., d_state)."""
         dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         # dt @ W^T with W^T made contiguous: autograd then forms the weight gradient as dt^T @ grad,
-        # (dt_rank, tokens) x (tokens, d_inner), which runs 5x faster on CPU than F.linear's
-        # grad^T @ dt with its output of width dt_rank (0.3 against 1.5 ms at 8,000 tokens, rank 4).
+        # (dt_rank, tokens) x (tokens, d_inner), which runs 6-8x faster on CPU than F.linear's
+        # grad^T @ dt with its output dt_rank wide (BENCHMARKS.md, "Encoders against sequence length").
         return torch.matmul(dt, self.dt_proj.weight.t().contiguous()), B, C
 
     def forward(

@@ -20,9 +20,8 @@ from numba import njit, prange, types
 from numba.extending import overload
 
 # Channels per task. Every inner loop runs over these lanes, and each loop pays a fixed setup (alias
-# checks, remainder) that 16 lanes could not amortise on AVX2: 64 ran the backward 2.8x and the forward
-# 1.6x faster than 16 (two threads, batch 40, L 200, dim 128; BENCHMARKS.md), and still leaves two tasks
-# per row of a dim-128 batch of one.
+# checks, remainder) that 16 lanes could not amortise on AVX2 (BENCHMARKS.md, "Encoders against
+# sequence length", 2026-12-03); 64 still leaves two tasks per row of a dim-128 batch of one.
 W = 64
 
 _LOG2E = 1.4426950408889634
@@ -349,8 +348,7 @@ def conv_bwd(xp, w, bias, silu, dout, dxp, dw_part, db_part):  # pragma: no cove
     in a task-local buffer, and from it gathers its own rows of dxp (no two tasks write one row), its
     share of the weight gradient and of the bias gradient. dw_part (tasks, K, C) and db_part (tasks, C)
     are summed over the first axis by the caller, tasks = batch * ceil(L / CONV_T). The halo costs
-    (K - 1) / CONV_T more pre-activations; one pass instead of two, with g never written out, took
-    3.0 against 3.3 ms (two threads, batch 40, L 200, 128 channels)."""
+    (K - 1) / CONV_T more pre-activations and saves writing g out and reading it back."""
     nb, L, nc = dout.shape
     K = w.shape[0]
     zero, one = dout.dtype.type(0), dout.dtype.type(1)

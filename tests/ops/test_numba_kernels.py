@@ -11,12 +11,21 @@ from recsys_mamba.ops._numba_kernels import W, fast_exp, fast_softplus  # noqa: 
 from recsys_mamba.ops.cpu import selective_scan_cpu  # noqa: E402
 
 
-@numba.njit
-def _fast_exp_all(x):
-    out = np.empty_like(x)
-    for j in range(x.size):
-        out[j] = fast_exp(x[j])
-    return out
+def _elementwise(fn):
+    """A compiled loop applying a numba-only scalar function (fast_exp, fast_softplus) to a 1-D array."""
+
+    @numba.njit
+    def apply(x):
+        out = np.empty_like(x)
+        for j in range(x.size):
+            out[j] = fn(x[j])
+        return out
+
+    return apply
+
+
+_fast_exp_all = _elementwise(fast_exp)
+_fast_softplus_all = _elementwise(fast_softplus)
 
 
 @pytest.mark.parametrize(("dtype", "lo", "hi"), [(np.float32, -87.0, 88.0), (np.float64, -708.0, 709.0)])
@@ -26,14 +35,6 @@ def test_fast_exp_is_accurate_to_the_dtype_over_its_whole_range(dtype, lo, hi):
     assert got.dtype == dtype
     rel = np.abs(got.astype(np.float64) / np.exp(x.astype(np.float64)) - 1.0)
     assert rel.max() < 2 * np.finfo(dtype).eps
-
-
-@numba.njit
-def _fast_softplus_all(x):
-    out = np.empty_like(x)
-    for j in range(x.size):
-        out[j] = fast_softplus(x[j])
-    return out
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 # torch first, pinned, so pip takes the CPU build here instead of resolving a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup main test test-slow lint bench-all
+.PHONY: setup main test test-slow lint
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml

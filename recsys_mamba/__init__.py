@@ -1,3 +1,5 @@
 """recsys-mamba: behaviour logs to event sequences, Mamba and attention encoders for next-click and CTR."""
 
-__version__ = "0.1.0"
+from recsys_mamba.version import __version__
+
+__all__ = ["__version__"]

@@ -1,4 +1,5 @@
-"""Ranking and CTR metrics: plain torch / numpy (+ scikit-learn for AUC); no data or model imports."""
+"""Ranking, CTR and calibration metrics: plain torch / numpy (+ scikit-learn for AUC); no data or model
+imports."""
 
 from __future__ import annotations
 
@@ -97,3 +98,31 @@ def ctr_metrics(users: np.ndarray, labels: np.ndarray, logits: np.ndarray) -> di
         "gauc": gauc(users, labels, logits),
         "logloss": logloss(labels, probs),
     }
+
+
+def sigmoid(logits: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-np.asarray(logits, dtype=np.float64)))
+
+
+def reliability_bins(labels: np.ndarray, probs: np.ndarray, n_bins: int = 10) -> dict[str, np.ndarray]:
+    """Equal-width probability bins: sample count, mean predicted probability and observed rate."""
+    probs = np.asarray(probs, dtype=np.float64)
+    labels = np.asarray(labels, dtype=np.float64)
+    # The right edge belongs to the last bin, so p = 1.0 is counted.
+    which = np.minimum((probs * n_bins).astype(np.int64), n_bins - 1)
+    count = np.bincount(which, minlength=n_bins).astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_prob = np.bincount(which, weights=probs, minlength=n_bins) / count
+        rate = np.bincount(which, weights=labels, minlength=n_bins) / count
+    return {"count": count, "mean_prob": mean_prob, "rate": rate}
+
+
+def expected_calibration_error(labels: np.ndarray, probs: np.ndarray, n_bins: int = 10) -> float:
+    """Sum over bins of |observed rate - mean probability|, weighted by the bin's share of samples."""
+    bins = reliability_bins(labels, probs, n_bins)
+    total = bins["count"].sum()
+    if total == 0:
+        return float("nan")
+    used = bins["count"] > 0
+    gap = np.abs(bins["rate"][used] - bins["mean_prob"][used])
+    return float(np.sum(gap * bins["count"][used]) / total)

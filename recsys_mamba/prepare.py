@@ -10,6 +10,7 @@ from recsys_mamba import checks
 from recsys_mamba.config import hydra_entry
 from recsys_mamba.data import load_manifest, prepare
 from recsys_mamba.data.spec import check_source, normalize
+from recsys_mamba.schema import Bool, Check, PathTo, Rule, Schema
 
 
 def summary(folder: Path) -> str:
@@ -22,13 +23,18 @@ def summary(folder: Path) -> str:
     )
 
 
+# Every value of conf/prepare.yaml (and the data config), before any file is read. Whether the output
+# folders can be written is found out by creating them, still before reading.
+PREPARE = Schema(
+    Rule("overwrite", Bool()),
+    Rule("out_dir", PathTo(optional=True)),
+    Rule("paths.cache_dir", PathTo()),
+    Check(lambda cfg: check_source(normalize(checks.select(cfg, "data")))),
+)
+
+
 def validate_config(cfg: DictConfig) -> None:
-    """Every value of conf/prepare.yaml (and the data config), before any file is read. Whether the
-    output folders can be written is found out by creating them, still before reading."""
-    checks.boolean(checks.select(cfg, "overwrite"), "overwrite")
-    checks.path(checks.select(cfg, "out_dir", default=None), "out_dir", optional=True)
-    checks.path(checks.select(cfg, "paths.cache_dir"), "paths.cache_dir")
-    check_source(normalize(checks.select(cfg, "data")))
+    PREPARE.validate(cfg)
 
 
 @hydra_entry("prepare")

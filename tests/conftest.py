@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import tiny_cfg, write_prepared
+
 
 @dataclass
 class Ledger:
@@ -79,3 +81,19 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     out = os.environ.get("RECSYS_RELIABILITY_JSON")
     if out:
         Path(out).write_text(json.dumps(report, indent=2) + "\n")
+
+
+@pytest.fixture
+def tiny():
+    """`tests.helpers.tiny_cfg`: the real train config, shrunk to tiny data and model, one short epoch."""
+    return tiny_cfg
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture
+def prepared(tmp_path: Path) -> Path:
+    return write_prepared(tmp_path / "prepared")

@@ -35,6 +35,24 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from recsys_mamba.config import compose
 from recsys_mamba.errors import RecsysError
+from recsys_mamba.schema import (
+    Batches,
+    Bool,
+    Choice,
+    Int,
+    IntList,
+    Kind,
+    Num,
+    NumList,
+    PathList,
+    PathTo,
+    Relation,
+    Schema,
+    Seed,
+    Subset,
+    Text,
+)
+from recsys_mamba.scoring.inputs import Shard
 from tests.helpers import fuzz_settings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -200,66 +218,126 @@ class Key:
     rule: Callable[[Any], bool]
     values: st.SearchStrategy = SCALARS
     base: tuple[str, ...] = ()  # extra overrides this key needs (e.g. data=events)
+    relations: tuple[Relation, ...] = ()  # conditions with other keys the value must meet too
 
 
 PATH = PATH_VALUES
 EVENTS = ("data=events", f"data.path={FIXTURE_LOG}")
+VALUES = {"scalars": SCALARS, "paths": PATH, "lists": LISTS}
 
-TRAIN = [
-    Key("model.max_len", ints(1, 2**24)),
-    Key("datamodule.max_len", ints(1, 200)),  # never beyond model.max_len (200)
-    Key("datamodule.batch_size", ints(1, 2**24)),
-    Key("datamodule.eval_batch_size", ints(1, 2**24)),
-    Key("datamodule.num_workers", ints(0, 1024)),
-    Key("datamodule.next_item_windows", boolean),
-    Key("datamodule.bucket_by_length", boolean),
-    Key("model.d_model", ints(1, 2**20)),
-    Key("model.d_state", ints(1, 2**20)),
-    Key("model.d_conv", ints(2, 2**20)),
-    Key("model.n_layers", ints(1, 2**20)),
-    Key("model.expand", ints(1, 2**20)),
-    Key("model.dropout", nums(0, 1, hi_open=True)),
-    Key("model.dt_min", nums(0, 0.1, lo_open=True)),
-    Key("model.d_model", lambda v: ints(1, 2**20)(v) and v % 2 == 0, base=("model=sasrec",)),
-    Key("model.n_heads", lambda v: ints(1, 2**20)(v) and 64 % v == 0, base=("model=sasrec",)),
-    Key("head.n_negatives", ints(1, 2**20)),
-    Key("head.seen_bias", boolean),
-    Key("head.dropout", nums(0, 1, hi_open=True), base=("task=ctr",)),
-    Key(
-        "head.mlp_dims",
-        lambda v: isinstance(v, list) and all(ints(1, 2**20)(x) for x in v),
-        LISTS,
-        ("task=ctr",),
-    ),
-    Key("trainer.max_epochs", lambda v: ints(-1)(v) and v != 0),
-    Key("trainer.min_epochs", optional(ints(0))),
-    Key("trainer.gradient_clip_val", optional(nums(0))),
-    Key("trainer.limit_train_batches", lambda v: v is None or ints(0)(v) or nums(0, 1)(v)),
-    Key("trainer.log_every_n_steps", optional(ints(1))),
-    Key("trainer.num_sanity_val_steps", ints(-1)),
-    Key(
-        "trainer.precision", lambda v: str(v) in ("32", "32-true", "bf16-mixed", "bf16-true", "64", "64-true")
-    ),
-    Key("module.optimizer.lr", nums(0, lo_open=True)),
-    Key("module.optimizer.weight_decay", nums(0)),
-    Key("module.scheduler.warmup_frac", nums(0, 1)),
-    Key("seed", seed),
-    Key("ckpt_path", lambda v: v in (None, "") or is_file(v), PATH),
+
+def is_folder(v: Any) -> bool:
+    return isinstance(v, str) and bool(v.strip()) and Path(v).is_dir()
+
+
+PATH_RULES = {
+    "any": path_text,
+    "file": is_file,
+    "exists": exists,
+    "folder": is_folder,
+    "prepared": prepared,
+    "out_dir": out_dir,
+    "out_file": out_file,
+}
+
+
+def oracle(kind: Kind) -> Callable[[Any], bool]:
+    """What a value of `kind` may be, written here independently of the code that checks it."""
+    if isinstance(kind, Int):
+        base = ints(kind.minimum, kind.maximum)
+
+        def integer(v: Any) -> bool:
+            return (isinstance(v, str) and v in kind.also) or (base(v) and v not in kind.exclude)
+
+        return optional(integer) if kind.optional else integer
+    if isinstance(kind, Num):
+        lo, lo_open = (kind.above, True) if kind.above is not None else (kind.minimum, False)
+        hi, hi_open = (kind.below, True) if kind.below is not None else (kind.maximum, False)
+        rule = nums(lo, hi, lo_open=lo_open, hi_open=hi_open)
+        return optional(rule) if kind.optional else rule
+    if isinstance(kind, Bool):
+        return optional(boolean) if kind.optional else boolean
+    if isinstance(kind, Seed):
+        return seed
+    if isinstance(kind, Choice):
+        if kind.as_text:
+            return lambda v: str(v) in kind.options
+        return lambda v: not isinstance(v, bool) and v in kind.options
+    if isinstance(kind, Text):
+        return optional(path_text) if kind.optional else path_text
+    if isinstance(kind, PathTo):
+        rule = PATH_RULES[kind.must]
+
+        def path_rule(v: Any) -> bool:
+            if kind.empty_is_none and v == "":
+                v = None
+            return (v is None and kind.optional) or (v is not None and rule(v))
+
+        return path_rule
+    if isinstance(kind, PathList):
+        item = oracle(kind.item)
+        return lambda v: (v is None and not kind.required) or (
+            isinstance(v, list) and (bool(v) or not kind.required) and all(item(x) for x in v)
+        )
+    if isinstance(kind, IntList):
+        each = ints(kind.minimum, kind.maximum)
+        return lambda v: isinstance(v, list) and (bool(v) or kind.allow_empty) and all(each(x) for x in v)
+    if isinstance(kind, NumList):
+        return lambda v: (
+            isinstance(v, list)
+            and bool(v)
+            and (kind.length is None or len(v) == kind.length)
+            and all(is_num(x) and (kind.above is None or x > kind.above) for x in v)
+        )
+    if isinstance(kind, Subset):
+        return lambda v: (
+            isinstance(v, list) and bool(v) and all(not isinstance(x, bool) and x in kind.options for x in v)
+        )
+    if isinstance(kind, Batches):
+        return lambda v: v is None or ints(0)(v) or nums(0, 1)(v)
+    if isinstance(kind, Shard):
+        return shard
+    raise AssertionError(f"no oracle for {kind!r}: add one to tests/test_fuzz_overrides.py")
+
+
+def values_of(kind: Kind) -> st.SearchStrategy:
+    if isinstance(kind, Shard):
+        return st.one_of(SCALARS, st.sampled_from(["0/1", "1/4", "3/2", "0/0", " 1 / 2 ", "٣/٤", "0/1e3"]))
+    if isinstance(kind, Choice):
+        return st.one_of(SCALARS, st.sampled_from(list(kind.options)))
+    return VALUES[kind.values]
+
+
+# Variants of an entry point's config: a key that only an encoder, a head or a data format has is
+# fuzzed in the first variant that has it.
+VARIANTS: dict[str, list[tuple[str, ...]]] = {
+    "train": [(), ("model=sasrec",), ("task=ctr",), EVENTS],
+    "prepare": [(), EVENTS],
+}
+
+
+def schema_keys(name: str, schema: Schema) -> list[Key]:
+    """The fuzz cases of an entry point, drawn from its schema."""
+    cases = []
+    for rule in schema.rules:
+        base = next((v for v in VARIANTS.get(name, [()]) if rule.applies(base_config(name, v))), None)
+        if base is None:
+            continue
+        related = tuple(r for r in schema.relations if rule.key in r.keys)
+        cases.append(Key(rule.key, oracle(rule.kind), values_of(rule.kind), base, related))
+    return cases
+
+
+# The data config is not a Schema yet: its keys, and what each accepts, are written out here.
+DATA = [
     Key("data.path", is_file, PATH, EVENTS),
-    Key("paths.cache_dir", out_dir, PATH),
-    Key("datamodule.prepared_dir", prepared, PATH),
     Key("data.filter.min_user", ints(0)),
+    Key("data.filter.min_item", ints(0)),
     Key("data.split.min_events", ints(0)),
     Key("data.ctr.negatives", ints(0, 10_000)),
     Key("data.ctr.rating_threshold", nums()),
     Key("data.synthetic.n_users", ints(1, 10**9)),
     Key("data.synthetic.drift", nums(0, 1)),
-]
-PREPARE = [
-    Key("out_dir", lambda v: v is None or path_text(v), PATH),
-    Key("paths.cache_dir", path_text, PATH),
-    Key("overwrite", boolean),
-    Key("data.path", is_file, PATH, ("data=events",)),
     Key(
         "data.separator",
         one_char,
@@ -267,7 +345,6 @@ PREPARE = [
         EVENTS,
     ),
     Key("data.name", data_name, st.one_of(SCALARS, st.sampled_from(["a/b", "..", "ok name", "ü"]))),
-    Key("data.filter.min_item", ints(0)),
     Key("data.time_window.start", optional(ints())),
     Key("data.split.test_time", optional(ints()), base=EVENTS),
     Key("data.synthetic.seed", seed),
@@ -276,116 +353,40 @@ PREPARE = [
     Key("data.synthetic.mean_events", nums(0, 10**6, lo_open=True)),
     Key("data.ctr.seed", seed),
 ]
-EVALUATE = [
-    Key("ckpt_path", is_file, PATH),
-    Key("out_dir", out_dir, PATH),
-    Key("compare", lambda v: v is None or (isinstance(v, list) and all(is_file(x) for x in v)), LISTS),
-    Key("seed", seed),
-    Key("n_bootstrap", ints(1, 10**6)),
-    Key("n_bins", ints(1, 10**4)),
-]
-SCORE = [
-    Key("ckpt_path", is_file, PATH),
-    Key("input", exists, PATH),
-    Key("output", out_dir, PATH),
-    Key("prepared", prepared, PATH),
-    Key("history", lambda v: v is None or exists(v), PATH),
-    Key("state_in", lambda v: v is None or is_file(v), PATH),
-    Key("state_out", lambda v: v is None or out_file(v), PATH),
-    Key("top_k", ints(1, 2**20)),
-    Key("chunk_size", ints(1, 2**24)),
-    Key("max_len", optional(ints(1, 2**24))),
-    Key("exclude_seen", boolean),
-    Key("progress", boolean),
-    Key("pause_s", nums(0, 3600)),
-    Key(
-        "shard",
-        shard,
-        st.one_of(SCALARS, st.sampled_from(["0/1", "1/4", "3/2", "0/0", " 1 / 2 ", "٣/٤", "0/1e3"])),
-    ),
-    Key(
-        "mode",
-        lambda v: v in ("topk", "candidates", "stream") and not isinstance(v, bool),
-        st.one_of(SCALARS, st.sampled_from(["topk", "stream", "candidates", "all"])),
-    ),
-]
-BENCH_PIPELINE = [
-    Key("repeats", ints(1, 100)),
-    Key("big.n_events", ints(1, 10**10)),
-    Key("big.n_users", ints(1, 10**9)),
-    Key("big.n_items", ints(1, 10**9)),
-    Key("big.seed", seed),
-    Key("big.chunk", ints(1, 10**9)),
-    Key("work_dir", out_dir, PATH),
-    Key("out_file", out_file, PATH),
-    Key("ml1m", boolean),
-]
-BENCH_SCAN = [
-    Key("dim", ints(1, 2**16)),
-    Key("repeats", ints(1, 1000)),
-    Key("ref_max_batch", ints(1)),
-    Key("ref_max_length", ints(1)),
-    Key("threads", optional(ints(1, 4096))),
-    Key("seed", seed),
-    Key("d_states", lambda v: isinstance(v, list) and bool(v) and all(ints(1, 1024)(x) for x in v), LISTS),
-    Key("output_json", out_file, PATH),
-]
-BENCH_SCORE = [
-    Key("k", ints(1, 3416)),  # at most stream.n_items
-    Key("topk.max_len", ints(1, 2**20)),
-    Key("topk.batch_size", ints(1, 2**20)),
-    Key("topk.max_users", optional(ints(1))),
-    Key("topk.repeats", ints(1, 1000)),
-    Key("stream.n_items", ints(10, 2**26)),  # at least k (10)
-    Key("stream.step_repeats", ints(1, 100_000)),
-    Key(
-        "stream.histories",
-        lambda v: isinstance(v, list) and bool(v) and all(ints(1, 2**24)(x) for x in v),
-        LISTS,
-    ),
-    Key("threads", optional(ints(1, 4096))),
-    Key("models.mamba.d_model", ints(1, 2**20)),
-    Key("models.sasrec.d_model", lambda v: ints(1, 2**20)(v) and v % 2 == 0),
-    Key("output_json", out_file, PATH),
-]
 
 
-def is_folder(v: Any) -> bool:
-    return isinstance(v, str) and bool(v.strip()) and Path(v).is_dir()
+def _schemas() -> dict[str, tuple[Schema, Callable[[DictConfig], None]]]:
+    from recsys_mamba.bench.accuracy import BENCH_ACCURACY
+    from recsys_mamba.bench.encoders import BENCH_ENCODERS, check_config
+    from recsys_mamba.bench.loss import BENCH_LOSS
+    from recsys_mamba.bench.pipeline import BENCH_PIPELINE
+    from recsys_mamba.bench.scan import BENCH_SCAN
+    from recsys_mamba.bench.score import BENCH_SCORE
+    from recsys_mamba.bench.state import BENCH_STATE
+    from recsys_mamba.evaluation.report import EVALUATE
+    from recsys_mamba.prepare import PREPARE
+    from recsys_mamba.scoring.job import SCORE
+    from recsys_mamba.training.schema import TRAIN
 
-
-BENCH_STATE = [
-    Key("d_states", lambda v: isinstance(v, list) and bool(v) and all(ints(1, 1024)(x) for x in v), LISTS),
-    Key("seed", seed),
-    Key("threads", optional(ints(1, 1024))),
-    Key("batch_size", ints(1, 2**16)),
-    Key("length", ints(1, 2**20)),
-    Key("repeats", ints(1, 1000)),
-    Key("n_items", ints(1, 2**26)),
-    Key("output_json", out_file, PATH),
-]
-BENCH_ACCURACY = [
-    Key("runs", lambda v: isinstance(v, list) and bool(v) and all(is_folder(x) for x in v), LISTS),
-    Key("output_json", out_file, PATH),
-]
+    schemas = {
+        "train": TRAIN,
+        "prepare": PREPARE,
+        "evaluate": EVALUATE,
+        "score": SCORE,
+        "bench_pipeline": BENCH_PIPELINE,
+        "bench_scan": BENCH_SCAN,
+        "bench_score": BENCH_SCORE,
+        "bench_state": BENCH_STATE,
+        "bench_accuracy": BENCH_ACCURACY,
+        "bench_loss": BENCH_LOSS,
+    }
+    out = {name: (schema, schema.validate) for name, schema in schemas.items()}
+    out["bench_encoders"] = (BENCH_ENCODERS, check_config)
+    return out
 
 
 def _validator(name: str) -> Callable[[DictConfig], None]:
-    if name == "train":
-        from recsys_mamba.training.run import validate_config
-    elif name == "prepare":
-        from recsys_mamba.prepare import validate_config
-    elif name == "evaluate":
-        from recsys_mamba.evaluation.report import validate_config
-    elif name == "score":
-        from recsys_mamba.scoring.job import validate_config
-    else:
-        import importlib
-
-        validate_config = importlib.import_module(
-            f"recsys_mamba.bench.{name.removeprefix('bench_')}"
-        ).validate_config
-    return validate_config
+    return _schemas()[name][1]
 
 
 BASES = {
@@ -398,18 +399,16 @@ BASES = {
     "bench_score": [f"output_json={POOL / 'score.json'}"],
     "bench_state": [f"output_json={POOL / 'state.json'}"],
     "bench_accuracy": [f"runs=[{POOL / 'prepared'}]", f"output_json={POOL / 'accuracy.json'}"],
+    "bench_loss": [f"output_json={POOL / 'loss.json'}"],
+    "bench_encoders": [],
 }
-KEYS = {
-    "train": TRAIN,
-    "prepare": PREPARE,
-    "evaluate": EVALUATE,
-    "score": SCORE,
-    "bench_pipeline": BENCH_PIPELINE,
-    "bench_scan": BENCH_SCAN,
-    "bench_score": BENCH_SCORE,
-    "bench_state": BENCH_STATE,
-    "bench_accuracy": BENCH_ACCURACY,
-}
+EXTRA_KEYS = {"train": DATA, "prepare": DATA}
+
+
+def keys(name: str) -> list[Key]:
+    return schema_keys(name, _schemas()[name][0]) + EXTRA_KEYS.get(name, [])
+
+
 _COMPOSED: dict[tuple[str, tuple[str, ...]], DictConfig] = {}
 
 
@@ -431,7 +430,7 @@ def tripwires() -> ExitStack:
     for target in (
         "recsys_mamba.data.pipeline._run",
         "recsys_mamba.data.synthetic.generate",
-        "recsys_mamba.scoring.model.read_checkpoint",
+        "recsys_mamba.runs.load.load_checkpoint",
         "recsys_mamba.evaluation.scoring.score",
         "torch.load",
     ):
@@ -447,7 +446,9 @@ def check_override(name: str, case: Key, value: Any, real_compose: bool) -> str:
     else:
         cfg = base_config(name, case.base)
         OmegaConf.update(cfg, case.key, value, force_add=True)
-    want_ok = case.rule(value)
+    want_ok = case.rule(value) and all(
+        r.accepts([OmegaConf.select(cfg, k) for k in r.keys]) for r in case.relations if r.applies(cfg)
+    )
     with tripwires():
         try:
             _validator(name)(cfg)
@@ -461,14 +462,14 @@ def check_override(name: str, case: Key, value: Any, real_compose: bool) -> str:
     return "accepted"
 
 
-@pytest.mark.parametrize("name", list(KEYS))
+@pytest.mark.parametrize("name", list(BASES))
 def test_overrides_are_validated_before_any_work(name: str, reliability) -> None:
-    keys = KEYS[name]
+    cases = keys(name)
 
-    @fuzz_settings(default=max(30, 2 * len(keys)))
+    @fuzz_settings(default=max(30, 2 * len(cases)))
     @given(data=st.data())
     def check(data: st.DataObject) -> None:
-        case = data.draw(st.sampled_from(keys), label="key")
+        case = data.draw(st.sampled_from(cases), label="key")
         value = data.draw(case.values, label="value")
         real = data.draw(st.integers(0, 9), label="compose") == 0  # now and then the full Hydra path
         reliability.fuzz(f"overrides/{name}")
@@ -477,8 +478,14 @@ def test_overrides_are_validated_before_any_work(name: str, reliability) -> None
     check()
 
 
+def test_every_schema_key_is_fuzzed() -> None:
+    for name, (schema, _) in _schemas().items():
+        fuzzed = {k.key for k in keys(name)}
+        assert {r.key for r in schema.rules} <= fuzzed, name
+
+
 def test_default_configs_pass_validation() -> None:
-    for name in KEYS:
+    for name in BASES:
         with tripwires():
             _validator(name)(base_config(name, ()))
 

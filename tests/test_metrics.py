@@ -5,7 +5,15 @@ import pytest
 import torch
 from sklearn.metrics import log_loss, ndcg_score, roc_auc_score
 
-from recsys_mamba.metrics import auc, ctr_metrics, gauc, logloss, ranking_metrics, target_ranks
+from recsys_mamba.metrics import (
+    auc,
+    ctr_metrics,
+    expected_calibration_error,
+    gauc,
+    logloss,
+    ranking_metrics,
+    target_ranks,
+)
 
 
 def test_target_ranks_hand_computed():
@@ -83,3 +91,15 @@ def test_ctr_metrics_keys():
     m = ctr_metrics(np.array([0, 0, 1, 1]), np.array([1, 0, 1, 0]), np.array([2.0, -1.0, 0.5, 0.1]))
     assert set(m) == {"auc", "gauc", "logloss"}
     assert m["auc"] == pytest.approx(1.0)
+
+
+def test_ece_hand_computed() -> None:
+    # Bin [0, .5): mean p .2, rate 0 -> gap .2; bin [.5, 1]: mean p .8, rate 2/3 -> gap 2/15.
+    labels = np.array([0, 0, 1, 1, 0])
+    probs = np.array([0.1, 0.3, 0.6, 1.0, 0.8])
+    expected = 0.2 * 2 / 5 + (0.8 - 2 / 3) * 3 / 5
+    assert expected_calibration_error(labels, probs, n_bins=2) == pytest.approx(expected)
+
+
+def test_ece_zero_when_calibrated() -> None:
+    assert expected_calibration_error(np.array([0, 1, 0, 1]), np.full(4, 0.5)) == pytest.approx(0.0)

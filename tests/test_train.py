@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-from recsys_mamba.training.run import RUN_KEYS, TASK_METRICS
+from recsys_mamba.tasks import get_task
+from recsys_mamba.training.run import RUN_KEYS
 from tests.helpers import SMALL_QUIET_RUN
 
 TINY = [
@@ -38,7 +39,7 @@ def test_cli_experiment_runs_and_writes_outputs(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "run"
     metrics = json.loads((run / "metrics.json").read_text())
-    assert {*TASK_METRICS["ctr"], *RUN_KEYS, "baseline_popularity_auc"} <= set(metrics)
+    assert {*get_task("ctr").metric_names, *RUN_KEYS, "baseline_popularity_auc"} <= set(metrics)
     assert metrics["model"] == "mamba"
     assert (run / ".hydra" / "config.yaml").is_file() and (run / "checkpoints" / "last.ckpt").is_file()
     assert "popularity" in proc.stdout and "auc" in proc.stdout  # the final table

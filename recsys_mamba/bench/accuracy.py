@@ -19,12 +19,13 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from recsys_mamba import checks
+from recsys_mamba.bench._harness import write_result
 from recsys_mamba.config import hydra_entry
 from recsys_mamba.errors import RecsysError
 from recsys_mamba.files import write_text_atomic
+from recsys_mamba.schema import PathList, PathTo, Rule, Schema
+from recsys_mamba.tasks import get_task
 
-NEXT_ITEM_METRICS = ("hr@10", "ndcg@10", "mrr@10")
-CTR_METRICS = ("auc", "gauc", "logloss")
 RUN_FIELDS = ("epochs", "best_epoch", "train_time_s", "epoch_time_s", "n_params")
 # Config keys that say where a run wrote things or which seed it drew, not what was trained.
 IGNORED_PREFIXES = (
@@ -131,15 +132,6 @@ def _summary(values: list[float]) -> dict[str, Any]:
     }
 
 
-def metric_names(task: str) -> list[str]:
-    if task == "ctr":
-        return [*CTR_METRICS, *(f"baseline_{b}_{m}" for b in ("popularity", "bias") for m in CTR_METRICS)]
-    names = [*NEXT_ITEM_METRICS]
-    names += [f"{p}_{m}" for p in ("unmasked", "masked") for m in NEXT_ITEM_METRICS]
-    names += [f"baseline_popularity_{m}" for m in NEXT_ITEM_METRICS]
-    return names
-
-
 def group_runs(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Runs with equal config (seed aside) form one group; `label` names what sets groups apart."""
     by_key: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
@@ -166,7 +158,7 @@ def group_runs(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def summarise(group: dict[str, Any]) -> dict[str, Any]:
     runs = sorted(group["runs"], key=lambda r: (r["seed"] is None, r["seed"]))
-    names = metric_names(str(group["task"]))
+    names = get_task(str(group["task"])).summary_metrics()
     return {
         "data": group["data"],
         "task": group["task"],
@@ -191,39 +183,39 @@ def goals(rows: list[dict[str, Any]]) -> dict[str, Any]:
     best: dict[tuple[str, str], dict[str, Any]] = {}
     for row in rows:  # the default-setting group of each model (the one with no varying keys) or the best
         key = (str(row["data"]), str(row["model"]))
-        metric = "auc" if row["task"] == "ctr" else "unmasked_ndcg@10"
+        metric = get_task(str(row["task"])).selection_metric
         if key not in best or (_mean(row, metric) or -1) > (_mean(best[key], metric) or -1):
             best[key] = row
     for data in sorted({d for d, _ in best}):
         mamba, sasrec = best.get((data, "mamba")), best.get((data, "sasrec"))
         if mamba is None:
             continue
-        if mamba["task"] == "ctr":
-            m_auc = _mean(mamba, "auc")
-            if sasrec is not None:
-                s_auc = _mean(sasrec, "auc")
-                out[f"{data}: mamba AUC >= sasrec AUC"] = _verdict(
-                    m_auc, s_auc, f"{m_auc:.4f} vs {s_auc:.4f}"
-                )
-            for row in (mamba, sasrec):
-                if row is None:
-                    continue
-                for base in ("popularity", "bias"):
-                    b = _mean(row, f"baseline_{base}_auc")
-                    a = _mean(row, "auc")
-                    out[f"{data}: {row['model']} AUC > {base} baseline"] = _verdict(
-                        a, b, f"{a:.4f} vs {b:.4f}", strict=True
-                    )
-            continue
+        task = get_task(str(mamba["task"]))
         goal = NDCG_GOALS.get(data)
-        m_ndcg = _mean(mamba, "unmasked_ndcg@10")
         if goal is not None:
-            out[f"{data}: mamba unmasked NDCG@10 >= {goal}"] = _verdict(m_ndcg, goal, f"{m_ndcg:.4f}")
-        if sasrec is not None:
-            for protocol in ("unmasked", "masked"):
-                m, s = _mean(mamba, f"{protocol}_ndcg@10"), _mean(sasrec, f"{protocol}_ndcg@10")
-                out[f"{data}: mamba {protocol} NDCG@10 >= sasrec"] = _verdict(m, s, f"{m:.4f} vs {s:.4f}")
+            m_ndcg = _mean(mamba, "unmasked_ndcg@10")
+            out[f"{data}: mamba unmasked NDCG@10 >= {goal}"] = _verdict(m_ndcg, goal, _num(m_ndcg))
+        for metric in task.compared_metrics if sasrec is not None else ():
+            m, s = _mean(mamba, metric), _mean(sasrec, metric)
+            out[f"{data}: mamba {_label(metric)} >= sasrec"] = _verdict(m, s, f"{_num(m)} vs {_num(s)}")
+        for row in (r for r in (mamba, sasrec) if r is not None):
+            for metric in task.beats_baselines_on:
+                for base in task.baseline_names:
+                    a, b = _mean(row, metric), _mean(row, f"baseline_{base}_{metric}")
+                    out[f"{data}: {row['model']} {_label(metric)} > {base} baseline"] = _verdict(
+                        a, b, f"{_num(a)} vs {_num(b)}", strict=True
+                    )
     return out
+
+
+def _label(metric: str) -> str:
+    """ndcg@10 -> NDCG@10, unmasked_ndcg@10 -> unmasked NDCG@10, auc -> AUC."""
+    protocol, _, name = metric.rpartition("_")
+    return f"{protocol} {name.upper()}".strip()
+
+
+def _num(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
 
 
 def _verdict(value: float | None, bar: float | None, text: str, strict: bool = False) -> dict[str, Any]:
@@ -242,14 +234,13 @@ def _cell(summary: dict[str, Any]) -> str:
 
 def markdown(rows: list[dict[str, Any]], goal_table: dict[str, Any]) -> str:
     lines: list[str] = []
-    for data, task in sorted({(str(r["data"]), str(r["task"])) for r in rows}):
-        part = [r for r in rows if str(r["data"]) == data and str(r["task"]) == task]
-        if task == "ctr":
-            cols = [*CTR_METRICS]
-        else:
-            cols = [f"{p}_{m}" for p in ("unmasked", "masked") for m in NEXT_ITEM_METRICS]
+    for data, task_name in sorted({(str(r["data"]), str(r["task"])) for r in rows}):
+        part = [r for r in rows if str(r["data"]) == data and str(r["task"]) == task_name]
+        task = get_task(task_name)
+        mask_history = part[0]["mask_history"]
+        cols = task.table_columns(mask_history)
         lines += [
-            f"### {data}, {task} (mean ± std over seeds)",
+            f"### {data}, {task_name} (mean ± std over seeds)",
             "",
             "| model | seeds | " + " | ".join(cols) + " | epochs | s/epoch |",
             "|---" * (len(cols) + 4) + "|",
@@ -262,21 +253,14 @@ def markdown(rows: list[dict[str, Any]], goal_table: dict[str, Any]) -> str:
                 + " | ".join(_cell(r["metrics"][c]) for c in cols)
                 + f" | {epochs:.0f} | {per_epoch:.1f} |"
             )
-        base = part[0]["metrics"]
-        if task == "ctr":
-            for b in ("popularity", "bias"):
-                cells = [_cell(base[f"baseline_{b}_{m}"]) for m in CTR_METRICS]
-                lines.append(f"| {b} baseline | | " + " | ".join(cells) + " | | |")
-        else:
-            # The popularity baseline is ranked under the protocol of the run's head.
-            pop = [_cell(base[f"baseline_popularity_{m}"]) for m in NEXT_ITEM_METRICS]
-            empty = ["", "", ""]
-            cells = empty + pop if part[0]["mask_history"] else pop + empty
-            lines.append("| popularity | | " + " | ".join(cells) + " | | |")
-            for pub in (p for p in PUBLISHED if p["data"] == data):
-                cells = [f"{pub[m]:.4f}" if m in pub else "" for m in NEXT_ITEM_METRICS]
-                row = cells + empty if pub["protocol"] == "unmasked" else empty + cells
-                lines.append(f"| {pub['model']} (published) | | " + " | ".join(row) + " | | |")
+        means = {name: summary for name, summary in part[0]["metrics"].items()}
+        for name, cells in task.baseline_rows(means, mask_history):
+            shown = ["" if c is None else _cell(c) for c in cells]
+            lines.append(f"| {name} | | " + " | ".join(shown) + " | | |")
+        for pub in (p for p in PUBLISHED if p["data"] == data):
+            names = [_unprefixed(c, pub["protocol"]) for c in cols]
+            shown = [f"{pub[m]:.4f}" if m in pub else "" for m in names]
+            lines.append(f"| {pub['model']} (published) | | " + " | ".join(shown) + " | | |")
         lines.append("")
     if goal_table:
         lines += ["### Goals", "", "| goal | measured | met |", "|---|---|---|"]
@@ -286,9 +270,9 @@ def markdown(rows: list[dict[str, Any]], goal_table: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(path, text, hint="free disk space or pass another output_json=")
+def _unprefixed(column: str, protocol: str) -> str:
+    """The published metric a column shows: unmasked_ndcg@10 -> ndcg@10 for unmasked numbers."""
+    return column.removeprefix(f"{protocol}_") if column.startswith(f"{protocol}_") else ""
 
 
 def tabulate(folders: list[str]) -> dict[str, Any]:
@@ -302,30 +286,33 @@ def tabulate(folders: list[str]) -> dict[str, Any]:
     }
 
 
+# conf/bench_accuracy.yaml's values, checked before any run is read.
+BENCH_ACCURACY = Schema(
+    Rule(
+        "runs",
+        PathList(
+            PathTo("folder", what="the run or multirun folder"),
+            required=True,
+            example="[logs/bench_ml1m_next_item/multiruns/<time>]",
+        ),
+    ),
+    Rule("output_json", PathTo("out_file")),
+)
+
+
 def validate_config(cfg: DictConfig) -> list[str]:
-    """conf/bench_accuracy.yaml's values, checked before any run is read; the run folders."""
-    folders = checks.select(cfg, "runs", None)
-    if not isinstance(folders, list) or not folders:
-        raise RecsysError(
-            f"runs={folders!r} is empty or not a list; pass the run or multirun folders, e.g. "
-            "runs=[logs/bench_ml1m_next_item/multiruns/<time>]"
-        )
-    for i, folder in enumerate(folders):
-        found = checks.existing(folder, f"runs[{i}]", what="a run or multirun folder")
-        if not found.is_dir():
-            raise RecsysError(f"runs[{i}]={folder} is a file; pass the run or multirun folder it sits in")
-    checks.output_file(checks.select(cfg, "output_json"), "output_json")
-    return [str(f) for f in folders]
+    """The run folders, once every value is checked."""
+    BENCH_ACCURACY.validate(cfg)
+    return [str(f) for f in checks.select(cfg, "runs")]
 
 
 @hydra_entry("bench_accuracy")
 def main(cfg: DictConfig) -> dict[str, Any]:
     folders = validate_config(cfg)
     result = tabulate(folders)
-    out = Path(cfg.output_json)
-    write_atomic(out, json.dumps(result, indent=1, allow_nan=False) + "\n")
+    out = write_result(cfg.output_json, result)
     table = markdown(result["groups"], result["goals"])
-    write_atomic(out.with_suffix(".md"), table)
+    write_text_atomic(out.with_suffix(".md"), table)
     print(table)
     print(f"results: {out}")
     return result

@@ -31,7 +31,6 @@ import contextlib
 import ctypes
 import json
 import os
-import platform
 import select
 import statistics
 import subprocess
@@ -45,14 +44,22 @@ from typing import Any
 
 import numpy as np
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from recsys_mamba.bench._threads import set_threads
+from recsys_mamba.bench._harness import (
+    machine,
+    numba_threads,
+    paired_ratio,
+    seconds,
+    set_threads,
+    write_result,
+)
 from recsys_mamba.config import hydra_entry
 from recsys_mamba.errors import RecsysError
-from recsys_mamba.files import write_atomic, write_text_atomic
+from recsys_mamba.files import write_atomic
 from recsys_mamba.models.base import SequenceEncoder
+from recsys_mamba.runs import build_encoder
+from recsys_mamba.schema import Check, Choice, Int, IntList, Num, NumList, Relation, Rule, Schema, Seed
 
 MIB = 1 << 20
 MARK = b"@@bench-encoders "  # prefixes the worker's replies; anything else on its stdout is ignored
@@ -69,16 +76,7 @@ MEMORY_METHODS = {
 
 def build_model(conf: dict, n_items: int, d_model: int, n_layers: int, max_len: int) -> SequenceEncoder:
     """An untrained encoder from its conf/model entry, with the shared width, depth and max_len."""
-    return instantiate(conf, _partial_=True)(n_items=n_items, d_model=d_model, n_layers=n_layers,
-                                             max_len=max_len)
-
-
-def _numba_threads() -> int | None:
-    try:
-        import numba
-    except ImportError:
-        return None
-    return numba.get_num_threads()
+    return build_encoder(conf, n_items=n_items, d_model=d_model, n_layers=n_layers, max_len=max_len)
 
 
 # ---- worker side: one (encoder, L) case per process -----------------------------------------------
@@ -142,8 +140,9 @@ class Case:
         if spec["threads"]:
             set_threads(int(spec["threads"]))
         torch.manual_seed(spec["seed"])
-        self.model = build_model(spec["model"], spec["n_items"], spec["d_model"], spec["n_layers"],
-                                 spec["length"]).to(self.device)
+        self.model = build_model(
+            spec["model"], spec["n_items"], spec["d_model"], spec["n_layers"], spec["length"]
+        ).to(self.device)
         shape = (spec["batch"], spec["length"])
         self.items = torch.randint(1, spec["n_items"] + 1, shape, device=self.device)
         self.memory = PeakMemory(self.device)
@@ -151,7 +150,7 @@ class Case:
     def info(self) -> dict[str, Any]:
         return {
             "torch_threads": torch.get_num_threads(),
-            "numba_threads": _numba_threads(),
+            "numba_threads": numba_threads(),
             "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
             "memory_method": self.memory.method,
             "n_params": sum(p.numel() for p in self.model.parameters()),
@@ -164,17 +163,16 @@ class Case:
         self.model.train(train)
         self.model.zero_grad(set_to_none=True)
         base = self.memory.start() if memory else 0
-        start = time.perf_counter()
-        with torch.set_grad_enabled(train):
-            hidden = self.model.encode({"items": self.items})
-            if train:
-                hidden.square().mean().backward()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - start
+
+        def run() -> None:
+            with torch.set_grad_enabled(train):
+                hidden = self.model.encode({"items": self.items})
+                if train:
+                    hidden.square().mean().backward()
+
+        took = seconds(run, self.device)
         peak = self.memory.peak_since(base) if memory else None
-        del hidden
-        return {"seconds": seconds, "peak_mib": None if peak is None else peak / MIB}
+        return {"seconds": took, "peak_mib": None if peak is None else peak / MIB}
 
 
 def _send(message: dict[str, Any]) -> None:
@@ -218,8 +216,9 @@ class Worker:
         self.max_rss_bytes = max_rss_bytes
         self._buffer = b""
         self._stderr = tempfile.TemporaryFile()
-        self.proc = subprocess.Popen([sys.executable, "-c", WORKER], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=self._stderr)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", WORKER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr
+        )
         self._started = time.monotonic()
         self._write(spec)
         self.info: dict[str, Any] = {}
@@ -259,15 +258,18 @@ class Worker:
                 while b"\n" in self._buffer:
                     line, self._buffer = self._buffer.split(b"\n", 1)
                     if line.startswith(MARK):
-                        reply = json.loads(line[len(MARK):])
+                        reply = json.loads(line[len(MARK) :])
                         if "error" in reply:
                             raise Skip(f"skipped: {reply['error']}", "memory" in reply["error"])
                         return reply
                 left = self.budget_s - self.spent_s - (time.monotonic() - started)
                 if left <= 0:
                     self._kill()
-                    raise Skip(f"skipped: over max_seconds_per_case={self.budget_s:g} s "
-                               "(raise it to measure this case)", over_limit=True)
+                    raise Skip(
+                        f"skipped: over max_seconds_per_case={self.budget_s:g} s "
+                        "(raise it to measure this case)",
+                        over_limit=True,
+                    )
                 ready, _, _ = select.select([fd], [], [], min(POLL_S, left))
                 if ready:
                     chunk = os.read(fd, 1 << 16)
@@ -277,9 +279,11 @@ class Worker:
                 rss = _proc_status_kib("VmRSS", self.proc.pid)
                 if self.max_rss_bytes and rss is not None and rss * 1024 > self.max_rss_bytes:
                     self._kill()
-                    raise Skip(f"skipped: resident memory passed max_memory_gb="
-                               f"{self.max_rss_bytes / 2**30:g} (raise it to measure this case)",
-                               over_limit=True)
+                    raise Skip(
+                        f"skipped: resident memory passed max_memory_gb="
+                        f"{self.max_rss_bytes / 2**30:g} (raise it to measure this case)",
+                        over_limit=True,
+                    )
         finally:
             self.spent_s += time.monotonic() - started
 
@@ -299,15 +303,30 @@ class Worker:
 def _spec(cfg: DictConfig, name: str, length: int, batch: int, device: str) -> dict[str, Any]:
     return {
         "model": OmegaConf.to_container(cfg.models[name], resolve=True),
-        "n_items": int(cfg.n_items), "d_model": int(cfg.d_model), "n_layers": int(cfg.n_layers),
-        "length": length, "batch": batch, "device": device, "threads": cfg.threads, "seed": int(cfg.seed),
+        "n_items": int(cfg.n_items),
+        "d_model": int(cfg.d_model),
+        "n_layers": int(cfg.n_layers),
+        "length": length,
+        "batch": batch,
+        "device": device,
+        "threads": cfg.threads,
+        "seed": int(cfg.seed),
     }
 
 
 def _new_case(name: str, length: int, batch: int) -> dict[str, Any]:
-    return {"encoder": name, "length": length, "batch": batch, "tokens_per_step": batch * length,
-            "status": "ok", "reason": None, "over_limit": False, "warmup": [], "repeats": [],
-            "memory": {}}
+    return {
+        "encoder": name,
+        "length": length,
+        "batch": batch,
+        "tokens_per_step": batch * length,
+        "status": "ok",
+        "reason": None,
+        "over_limit": False,
+        "warmup": [],
+        "repeats": [],
+        "memory": {},
+    }
 
 
 def _skip(case: dict[str, Any], skip: Skip) -> None:
@@ -315,8 +334,9 @@ def _skip(case: dict[str, Any], skip: Skip) -> None:
     print(f"  {case['encoder']:6s} L={case['length']:6d}: {skip}", flush=True)
 
 
-def measure_length(cfg: DictConfig, names: list[str], length: int, device: str,
-                   info: dict[str, Any]) -> dict[str, dict[str, Any]]:
+def measure_length(
+    cfg: DictConfig, names: list[str], length: int, device: str, info: dict[str, Any]
+) -> dict[str, dict[str, Any]]:
     """Every encoder in `names` at one length: workers started together, steps interleaved."""
     batch = max(1, int(cfg.tokens_per_batch) // length)
     max_rss = None if cfg.max_memory_gb is None else float(cfg.max_memory_gb) * 2**30
@@ -325,8 +345,9 @@ def measure_length(cfg: DictConfig, names: list[str], length: int, device: str,
     try:
         for n in names:
             try:
-                workers[n] = Worker(_spec(cfg, n, length, batch, device), float(cfg.max_seconds_per_case),
-                                    max_rss)
+                workers[n] = Worker(
+                    _spec(cfg, n, length, batch, device), float(cfg.max_seconds_per_case), max_rss
+                )
             except Skip as skip:
                 _skip(cases[n], skip)
         for n in list(workers):  # they start up together: waiting here costs no case budget
@@ -338,8 +359,12 @@ def measure_length(cfg: DictConfig, names: list[str], length: int, device: str,
         for n in list(workers):
             try:
                 for _ in range(int(cfg.warmup)):
-                    cases[n]["warmup"].append({"train_s": workers[n].call("train")["seconds"],
-                                               "infer_s": workers[n].call("infer")["seconds"]})
+                    cases[n]["warmup"].append(
+                        {
+                            "train_s": workers[n].call("train")["seconds"],
+                            "infer_s": workers[n].call("infer")["seconds"],
+                        }
+                    )
                 _check_budget(workers[n], cases[n], int(cfg.repeats))
             except Skip as skip:
                 _skip(cases[n], skip)
@@ -372,9 +397,11 @@ def measure_length(cfg: DictConfig, names: list[str], length: int, device: str,
         if case["status"] == "ok":
             case["median"] = medians(case["repeats"], case["tokens_per_step"], case["memory"])
             m = case["median"]
-            print(f"  {case['encoder']:6s} L={length:6d} batch {batch:4d}: train {m['train_tok_s']:10,.0f} "
-                  f"tok/s, infer {m['infer_tok_s']:10,.0f} tok/s, train peak {_mib(m['train_peak_mib'])} MiB",
-                  flush=True)
+            print(
+                f"  {case['encoder']:6s} L={length:6d} batch {batch:4d}: train {m['train_tok_s']:10,.0f} "
+                f"tok/s, infer {m['infer_tok_s']:10,.0f} tok/s, train peak {_mib(m['train_peak_mib'])} MiB",
+                flush=True,
+            )
     return cases
 
 
@@ -386,17 +413,25 @@ def _check_budget(worker: Worker, case: dict[str, Any], repeats: int) -> None:
     estimate = (repeats + 1) * (last["train_s"] + last["infer_s"])  # + the memory steps
     left = worker.budget_s - worker.spent_s
     if estimate > left:
-        raise Skip(f"skipped: {repeats} repeats estimated at {estimate:.0f} s from the warm-up, "
-                   f"{left:.0f} s left of max_seconds_per_case={worker.budget_s:g}", over_limit=True)
+        raise Skip(
+            f"skipped: {repeats} repeats estimated at {estimate:.0f} s from the warm-up, "
+            f"{left:.0f} s left of max_seconds_per_case={worker.budget_s:g}",
+            over_limit=True,
+        )
 
 
 def medians(repeats: list[dict[str, Any]], tokens: int, memory: dict[str, Any]) -> dict[str, Any]:
     """Median times over the timed repeats; peaks from the memory steps."""
     train_s = statistics.median(r["train_s"] for r in repeats)
     infer_s = statistics.median(r["infer_s"] for r in repeats)
-    return {"train_s": train_s, "infer_s": infer_s, "train_tok_s": tokens / train_s,
-            "infer_tok_s": tokens / infer_s, "train_peak_mib": memory.get("train_peak_mib"),
-            "infer_peak_mib": memory.get("infer_peak_mib")}
+    return {
+        "train_s": train_s,
+        "infer_s": infer_s,
+        "train_tok_s": tokens / train_s,
+        "infer_tok_s": tokens / infer_s,
+        "train_peak_mib": memory.get("train_peak_mib"),
+        "infer_peak_mib": memory.get("infer_peak_mib"),
+    }
 
 
 # ---- analysis --------------------------------------------------------------------------------------
@@ -449,16 +484,13 @@ def fits(cases: list[dict[str, Any]], names: list[str], fit_range: Sequence[floa
     return out
 
 
-def _paired(a: dict[str, Any], b: dict[str, Any], op: str) -> dict[str, Any] | None:
-    """Median and quartiles over the repeats of b's step time / a's step time, repeat i of one beside
-    repeat i of the other: the two ran back to back, so a slow spell of the machine falls on both and
-    cancels in the ratio, which a ratio of the two medians does not do."""
-    repeats = zip(a.get("repeats", ()), b.get("repeats", ()), strict=False)  # a skipped case may end early
-    pairs = [rb[f"{op}_s"] / ra[f"{op}_s"] for ra, rb in repeats]
-    if not pairs:
-        return None
-    q1, median, q3 = np.percentile(pairs, [25, 50, 75])
-    return {"median": float(median), "q1": float(q1), "q3": float(q3), "n": len(pairs)}
+def _paired(a: dict[str, Any], b: dict[str, Any], op: str) -> dict[str, float] | None:
+    """The median and quartiles of the per-repeat ratio b_s / a_s (a's tokens/s over b's): each repeat
+    timed the two back to back, so a slow spell of the machine falls on both and cancels in the ratio,
+    which a ratio of the two medians does not do."""
+    # a skipped case may have ended early: zip stops at the shorter
+    repeats = list(zip(a.get("repeats", ()), b.get("repeats", ()), strict=False))
+    return paired_ratio([ra[f"{op}_s"] for ra, _ in repeats], [rb[f"{op}_s"] for _, rb in repeats])
 
 
 def ratios(cases: list[dict[str, Any]], first: str, second: str) -> list[dict[str, Any]]:
@@ -466,12 +498,16 @@ def ratios(cases: list[dict[str, Any]], first: str, second: str) -> list[dict[st
     medians ("train", "infer") and the paired per-repeat ratio ("train_paired", "infer_paired")."""
     a = {c["length"]: c for c in _ok(cases, first)}
     b = {c["length"]: c for c in _ok(cases, second)}
-    return [{"length": length,
-             "train": a[length]["median"]["train_tok_s"] / b[length]["median"]["train_tok_s"],
-             "infer": a[length]["median"]["infer_tok_s"] / b[length]["median"]["infer_tok_s"],
-             "train_paired": _paired(a[length], b[length], "train"),
-             "infer_paired": _paired(a[length], b[length], "infer")}
-            for length in sorted(a.keys() & b.keys())]
+    return [
+        {
+            "length": length,
+            "train": a[length]["median"]["train_tok_s"] / b[length]["median"]["train_tok_s"],
+            "infer": a[length]["median"]["infer_tok_s"] / b[length]["median"]["infer_tok_s"],
+            "train_paired": _paired(a[length], b[length], "train"),
+            "infer_paired": _paired(a[length], b[length], "infer"),
+        }
+        for length in sorted(a.keys() & b.keys())
+    ]
 
 
 def _ratio_at(result: dict[str, Any], length: int, op: str) -> float | None:
@@ -488,16 +524,21 @@ def _goal(value: float | None, target: float, at_least: bool) -> dict[str, Any]:
     if value is None:
         return {"value": None, "target": f"{'>=' if at_least else '<='} {target:g}", "status": "not measured"}
     met = value >= target if at_least else value <= target
-    return {"value": value, "target": f"{'>=' if at_least else '<='} {target:g}",
-            "status": "met" if met else "not met"}
+    return {
+        "value": value,
+        "target": f"{'>=' if at_least else '<='} {target:g}",
+        "status": "met" if met else "not met",
+    }
 
 
 def goals(result: dict[str, Any]) -> dict[str, Any]:
     """The issue's targets: mamba training tokens/s >= sasrec's at L=200 and >= 3x at L=4,000 (the
     paired ratio); mamba's peak training memory per sequence growing with exponent <= 1.1."""
     paired = result["pair"] == ["mamba", "sasrec"]
-    out = {key: _goal(_goal_ratio(result, length) if paired else None, target, True)
-           for key, (length, target) in GOALS.items()}
+    out = {
+        key: _goal(_goal_ratio(result, length) if paired else None, target, True)
+        for key, (length, target) in GOALS.items()
+    }
     exponent = result["fits"].get("mamba", {}).get("train_peak_mib_exponent")
     out["mamba_memory_exponent"] = _goal(exponent, MEMORY_EXPONENT_GOAL, False)
     return out
@@ -506,54 +547,72 @@ def goals(result: dict[str, Any]) -> dict[str, Any]:
 # ---- config, run, report ---------------------------------------------------------------------------
 
 
-def _int_at_least(cfg: DictConfig, key: str, low: int) -> None:
-    value = cfg[key]
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise RecsysError(f"bench encoders: {key} must be an integer >= {low}, got {value!r}; "
-                          f"set {key}=<int> on the command line")
+def _encoders(cfg: DictConfig) -> None:
+    names = list(cfg.encoders) if isinstance(cfg.encoders, ListConfig) else None
+    if not names or len(set(names)) != len(names) or any(n not in cfg.models for n in names):
+        raise RecsysError(
+            f"bench encoders: encoders must be a non-empty list of distinct names from "
+            f"{sorted(cfg.models)}, got {cfg.encoders}; e.g. encoders=[mamba,sasrec]"
+        )
+
+
+def _device(cfg: DictConfig) -> None:
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise RecsysError("bench encoders: device=cuda but no CUDA device is available; use device=auto")
+
+
+def _models_build(cfg: DictConfig) -> None:
+    """A model config the encoder rejects fails here, before any worker starts."""
+    for name in cfg.encoders:
+        conf = OmegaConf.to_container(cfg.models[name], resolve=True)
+        try:
+            build_model(conf, int(cfg.n_items), int(cfg.d_model), int(cfg.n_layers), min(cfg.lengths))
+        except RecsysError as err:
+            raise RecsysError(
+                f"bench encoders: models.{name} (with d_model={cfg.d_model}, n_layers={cfg.n_layers}): {err}"
+            ) from err
+        except TypeError as err:
+            raise RecsysError(
+                f"bench encoders: models.{name} does not build: {err}; check "
+                f"conf/model/{name}.yaml and the models.{name}.* overrides"
+            ) from err
+
+
+# Every value of conf/bench_encoders.yaml, before any worker starts.
+BENCH_ENCODERS = Schema(
+    Rule("repeats", Int(1, 10_000, example=5)),
+    Rule("warmup", Int(0, 1_000, example=2)),
+    Rule("tokens_per_batch", Int(1, 1 << 24, example=8192)),
+    Rule("d_model", Int(1, 1 << 14, example=64)),
+    Rule("n_layers", Int(1, 256, example=2)),
+    Rule("n_items", Int(1, 1 << 26, example=3416)),
+    # Validation builds every model (below): refuse sizes that could not be allocated first.
+    Relation(
+        ("n_items", "d_model"),
+        lambda n, d: n * d <= 1 << 30,
+        "{k0}={v0} x {k1}={v1} would make a 4 GiB item table or more; use smaller sizes",
+    ),
+    Rule("seed", Seed()),
+    Check(_encoders),
+    Rule("lengths", IntList(1, example="[50,200,1000]")),
+    Rule("fit_range", NumList(above=0, length=2, example="[1000,16000]")),
+    Relation(("fit_range",), lambda fr: fr[0] < fr[1], "{k0}={v0} must be [low, high] with low < high"),
+    Rule("device", Choice(("auto", "cpu", "cuda"))),
+    Check(_device),
+    Rule("threads", Int(1, optional=True)),
+    Rule("max_seconds_per_case", Num(above=0, example=600)),
+    Rule("max_memory_gb", Num(above=0, optional=True, example=12)),
+    Check(_models_build),
+)
 
 
 def check_config(cfg: DictConfig) -> None:
     """Raise RecsysError naming the key and the fix for any value the benchmark cannot run with."""
-    for key, low in (("repeats", 1), ("warmup", 0), ("tokens_per_batch", 1), ("d_model", 1),
-                     ("n_layers", 1), ("n_items", 1), ("seed", 0)):
-        _int_at_least(cfg, key, low)
-    names = list(cfg.encoders) if isinstance(cfg.encoders, ListConfig) else None
-    if not names or len(set(names)) != len(names) or any(n not in cfg.models for n in names):
-        raise RecsysError(f"bench encoders: encoders must be a non-empty list of distinct names from "
-                          f"{sorted(cfg.models)}, got {cfg.encoders}; e.g. encoders=[mamba,sasrec]")
-    lengths = list(cfg.lengths) if isinstance(cfg.lengths, ListConfig) else None
-    if not lengths or any(isinstance(x, bool) or not isinstance(x, int) or x < 1 for x in lengths):
-        raise RecsysError(f"bench encoders: lengths must be a non-empty list of integers >= 1, got "
-                          f"{cfg.lengths}; e.g. lengths=[50,200,1000]")
-    fr = cfg.fit_range
-    if not isinstance(fr, ListConfig) or len(fr) != 2 or not all(isinstance(x, int | float) for x in fr) \
-            or not 0 < fr[0] < fr[1]:
-        raise RecsysError(f"bench encoders: fit_range must be [low, high] with 0 < low < high, got {fr}; "
-                          "e.g. fit_range=[1000,16000]")
-    if cfg.device not in ("auto", "cpu", "cuda"):
-        raise RecsysError(f"bench encoders: device must be auto, cpu or cuda, got {cfg.device!r}")
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise RecsysError("bench encoders: device=cuda but no CUDA device is available; use device=auto")
-    if cfg.threads is not None:
-        _int_at_least(cfg, "threads", 1)
-    for key in ("max_seconds_per_case", "max_memory_gb"):
-        value = cfg[key]
-        if key == "max_memory_gb" and value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-            raise RecsysError(f"bench encoders: {key} must be a number > 0, got {value!r}; "
-                              f"e.g. {key}={600 if key == 'max_seconds_per_case' else 12}")
-    for name in names:  # a model config the encoder rejects fails here, before any worker starts
-        conf = OmegaConf.to_container(cfg.models[name], resolve=True)
-        try:
-            build_model(conf, int(cfg.n_items), int(cfg.d_model), int(cfg.n_layers), min(lengths))
-        except RecsysError as err:
-            raise RecsysError(f"bench encoders: models.{name} (with d_model={cfg.d_model}, n_layers="
-                              f"{cfg.n_layers}): {err}") from err
-        except TypeError as err:
-            raise RecsysError(f"bench encoders: models.{name} does not build: {err}; check "
-                              f"conf/model/{name}.yaml and the models.{name}.* overrides") from err
+    try:
+        BENCH_ENCODERS.validate(cfg)
+    except RecsysError as err:
+        message = str(err).removeprefix("bench encoders: ")
+        raise RecsysError(f"bench encoders: {message}") from None
 
 
 def benchmark(cfg: DictConfig) -> dict[str, Any]:
@@ -565,19 +624,17 @@ def benchmark(cfg: DictConfig) -> dict[str, Any]:
     result: dict[str, Any] = {
         "benchmark": "encoders",
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                    "python": platform.python_version(), "torch": torch.__version__, "device": device,
-                    "load_average_1m_at_start": round(os.getloadavg()[0], 2)},
+        "machine": {**machine(), "device": device, "load_average_1m_at_start": round(os.getloadavg()[0], 2)},
         "method": {
             "batch": f"max(1, {cfg.tokens_per_batch} // L) full-length sequences of random item ids",
             "train_step": "forward in train mode + loss mean(hidden^2) + backward through all parameters; "
-                          "no optimiser step, no scoring head",
+            "no optimiser step, no scoring head",
             "infer_step": "encode under no_grad, eval mode",
             "order": "one worker process per (encoder, L); per repeat every encoder's training step in turn, "
-                     "then every encoder's inference step; medians over repeats after warm-up; peak "
-                     "memory from one more step per op after the repeats (untimed in the medians)",
+            "then every encoder's inference step; medians over repeats after warm-up; peak "
+            "memory from one more step per op after the repeats (untimed in the medians)",
             "exponents": "least-squares slope of log(cost / batch) against log L over L in "
-                         f"{list(cfg.fit_range)}",
+            f"{list(cfg.fit_range)}",
         },
         "config": OmegaConf.to_container(cfg, resolve=True),
         "cases": [],
@@ -596,18 +653,24 @@ def benchmark(cfg: DictConfig) -> dict[str, Any]:
                 if case["over_limit"]:
                     lost[n] = f"over a limit at the shorter L={length}"
     worker = info.get("worker", {})
-    result["machine"] |= {"torch_threads": worker.get("torch_threads"),
-                          "numba_threads": worker.get("numba_threads"),
-                          "device_name": worker.get("device_name"),
-                          "load_average_1m_at_end": round(os.getloadavg()[0], 2)}
+    result["machine"] |= {
+        "torch_threads": worker.get("torch_threads"),
+        "numba_threads": worker.get("numba_threads"),
+        "device_name": worker.get("device_name"),
+        "load_average_1m_at_end": round(os.getloadavg()[0], 2),
+    }
     result["method"]["peak_memory"] = MEMORY_METHODS[worker.get("memory_method", "unavailable")]
     result["pair"] = names[:2] if len(names) >= 2 else None
     result["ratios"] = ratios(result["cases"], *names[:2]) if len(names) >= 2 else []
     result["fits"] = fits(result["cases"], names, list(cfg.fit_range))
-    result["crossover"] = {
-        op: crossover([r["length"] for r in result["ratios"]], [r[op] for r in result["ratios"]])
-        for op in ("train", "infer")
-    } if result["pair"] else {}
+    result["crossover"] = (
+        {
+            op: crossover([r["length"] for r in result["ratios"]], [r[op] for r in result["ratios"]])
+            for op in ("train", "infer")
+        }
+        if result["pair"]
+        else {}
+    )
     result["goals"] = goals(result)
     result["wall_s"] = round(time.perf_counter() - started, 1)
     return result
@@ -631,9 +694,15 @@ def markdown_table(result: dict[str, Any]) -> str:
         return "-" if v is None else format(v, fmt)
 
     ratio_head = [f"{pair[0]}/{pair[1]}"] if pair else []
-    head = (["L", "batch"] + [f"train tok/s {n}" for n in names] + ratio_head
-            + [f"infer tok/s {n}" for n in names] + ratio_head
-            + [f"train peak MiB {n}" for n in names] + [f"infer peak MiB {n}" for n in names])
+    head = (
+        ["L", "batch"]
+        + [f"train tok/s {n}" for n in names]
+        + ratio_head
+        + [f"infer tok/s {n}" for n in names]
+        + ratio_head
+        + [f"train peak MiB {n}" for n in names]
+        + [f"infer peak MiB {n}" for n in names]
+    )
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for length in lengths:
         batch = next(c["batch"] for c in result["cases"] if c["length"] == length)
@@ -659,18 +728,22 @@ def summary(result: dict[str, Any]) -> str:
     low, high = result["config"]["fit_range"]
     lines = [f"growth exponents per sequence over L in [{low:g}, {high:g}] (1 = linear in L):"]
     for name, f in result["fits"].items():
-        lines.append(f"  {name}: train time {num(f['train_s_exponent'])}, "
-                     f"infer time {num(f['infer_s_exponent'])}, "
-                     f"train peak memory {num(f['train_peak_mib_exponent'])}, "
-                     f"infer peak memory {num(f['infer_peak_mib_exponent'])} (lengths {f['lengths']})")
+        lines.append(
+            f"  {name}: train time {num(f['train_s_exponent'])}, "
+            f"infer time {num(f['infer_s_exponent'])}, "
+            f"train peak memory {num(f['train_peak_mib_exponent'])}, "
+            f"infer peak memory {num(f['infer_peak_mib_exponent'])} (lengths {f['lengths']})"
+        )
     for r in result["ratios"]:
         for op in ("train", "infer"):
             p = r[f"{op}_paired"]
             if p:
                 first, second = result["pair"]
-                lines.append(f"L={r['length']:,} {op}: {first}/{second} paired over {p['n']} repeats "
-                             f"{p['median']:.2f}x (quartiles {p['q1']:.2f}-{p['q3']:.2f}), "
-                             f"ratio of medians {r[op]:.2f}x")
+                lines.append(
+                    f"L={r['length']:,} {op}: {first}/{second} paired over {p['n']} repeats "
+                    f"{p['median']:.2f}x (quartiles {p['q1']:.2f}-{p['q3']:.2f}), "
+                    f"ratio of medians {r[op]:.2f}x"
+                )
     for op, cross in result["crossover"].items():
         at = "" if cross["length"] is None else f"L ~ {cross['length']:,.0f}, "
         first, second = result["pair"]
@@ -688,14 +761,20 @@ def save_plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import NullFormatter
 
-    panels = [("train_tok_s", "training tokens/s"), ("infer_tok_s", "inference tokens/s"),
-              ("train_peak_mib", "training peak MiB per step")]
+    panels = [
+        ("train_tok_s", "training tokens/s"),
+        ("infer_tok_s", "inference tokens/s"),
+        ("train_peak_mib", "training peak MiB per step"),
+    ]
     lengths = sorted({c["length"] for c in result["cases"]})
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
     for ax, (key, title) in zip(axes, panels, strict=True):
         for name in result["config"]["encoders"]:
-            pts = [(c["length"], c["median"][key]) for c in _ok(result["cases"], name)
-                   if c["median"][key] is not None and c["median"][key] > 0]
+            pts = [
+                (c["length"], c["median"][key])
+                for c in _ok(result["cases"], name)
+                if c["median"][key] is not None and c["median"][key] > 0
+            ]
             if pts:
                 ax.plot(*zip(*pts, strict=True), marker="o", label=name)
         ax.set_xscale("log")
@@ -708,8 +787,10 @@ def save_plot(result: dict[str, Any], path: Path) -> None:
         if ax.lines:  # every case may have been skipped
             ax.legend()
     m = result["machine"]
-    fig.suptitle(f"encoders against L: {m['device_name'] or m['device']}, {m['torch_threads']} threads, "
-                 f"{result['date']}")
+    fig.suptitle(
+        f"encoders against L: {m['device_name'] or m['device']}, {m['torch_threads']} threads, "
+        f"{result['date']}"
+    )
     fig.tight_layout()
     try:
         write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100), hint="pass another out_dir=")
@@ -718,8 +799,7 @@ def save_plot(result: dict[str, Any], path: Path) -> None:
 
 
 def write_json(result: dict[str, Any], path: Path) -> None:
-    """Written under a temporary name and renamed, so a reader never sees half a file."""
-    write_text_atomic(path, json.dumps(result, indent=1, default=str), hint="pass another out_dir=")
+    write_result(path, result)
 
 
 @hydra_entry("bench_encoders")

@@ -5,21 +5,17 @@ fused `ops.linear_cross_entropy`, side by side in one run."""
 from __future__ import annotations
 
 import itertools
-import json
 import statistics
-import time
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
-from recsys_mamba import checks
-from recsys_mamba.bench._threads import set_threads
+from recsys_mamba.bench._harness import machine, seconds, set_threads, write_result
 from recsys_mamba.config import hydra_entry
-from recsys_mamba.errors import RecsysError
 from recsys_mamba.ops.linear_ce import linear_cross_entropy
+from recsys_mamba.schema import Int, IntList, PathTo, Relation, Rule, Schema, Seed
 
 
 def unfused_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -39,21 +35,25 @@ def _case(n_items: int, tokens: int, d_model: int, repeats: int) -> dict[str, An
 
     def step(method: str) -> tuple[float, torch.Tensor]:
         hidden.grad = weight.grad = None
-        start = time.perf_counter()
-        loss = METHODS[method](hidden, weight, targets)
-        loss.backward()
-        return time.perf_counter() - start, loss.detach()
+        out: list[torch.Tensor] = []
 
-    seconds: dict[str, list[float]] = {m: [] for m in METHODS}
+        def forward_backward() -> None:
+            loss = METHODS[method](hidden, weight, targets)
+            loss.backward()
+            out.append(loss.detach())
+
+        return seconds(forward_backward), out[0]
+
+    times: dict[str, list[float]] = {m: [] for m in METHODS}
     losses = {}
     for method in METHODS:  # warm-up
         _, losses[method] = step(method)
     grads = {}
     for _, method in itertools.product(range(repeats), METHODS):
         sec, _ = step(method)
-        seconds[method].append(sec)
+        times[method].append(sec)
         grads[method] = (hidden.grad.clone(), weight.grad.clone())
-    med = {m: statistics.median(v) for m, v in seconds.items()}
+    med = {m: statistics.median(v) for m, v in times.items()}
     return {
         "n_items": n_items,
         "tokens": tokens,
@@ -93,35 +93,33 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+# Every value of conf/bench_loss.yaml, before any tensor is allocated.
+BENCH_LOSS = Schema(
+    Rule("seed", Seed()),
+    Rule("d_model", Int(1, 1 << 14, example=64)),
+    Rule("n_items", IntList(1, 1 << 24, example="[3416,12101]")),
+    Rule("tokens", IntList(1, 1 << 24, example="[6400,1600]")),
+    Relation(
+        ("n_items", "tokens"),
+        lambda items, tokens: len(items) == len(tokens),
+        "{k0} ({v0}) and {k1} ({v1}) are paired case by case; give both the same number of values, "
+        "e.g. n_items=[3416] tokens=[6400]",
+    ),
+    Rule("repeats", Int(1, 1000, example=7)),
+    Rule("threads", Int(1, 4096, optional=True)),
+    Rule("output_json", PathTo("out_file")),
+)
+
+
 def validate_config(cfg: DictConfig) -> None:
-    """Every value of conf/bench_loss.yaml, before any tensor is allocated."""
-
-    def sel(key: str) -> Any:
-        return checks.select(cfg, key, None)
-
-    checks.seed(sel("seed"), "seed")
-    checks.integer(sel("d_model"), "d_model", minimum=1, maximum=1 << 14, example=64)
-    items = checks.integers(sel("n_items"), "n_items", maximum=1 << 24, example="[3416,12101]")
-    tokens = checks.integers(sel("tokens"), "tokens", maximum=1 << 24, example="[6400,1600]")
-    if len(items) != len(tokens):
-        raise RecsysError(
-            f"n_items ({len(items)} values) and tokens ({len(tokens)} values) are paired case by case; "
-            "give both the same number of values, e.g. n_items=[3416] tokens=[6400]"
-        )
-    checks.integer(sel("repeats"), "repeats", minimum=1, maximum=1000, example=7)
-    checks.integer(sel("threads"), "threads", minimum=1, maximum=4096, optional=True)
-    checks.output_file(sel("output_json"), "output_json")
+    BENCH_LOSS.validate(cfg)
 
 
 @hydra_entry("bench_loss")
 def main(cfg: DictConfig) -> list[dict[str, Any]]:
     validate_config(cfg)
     rows = benchmark(cfg)
-    path = Path(cfg.output_json)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"threads": torch.get_num_threads(), "rows": rows}, indent=1))
-    tmp.replace(path)
+    path = write_result(cfg.output_json, {"machine": machine(), "rows": rows})
     print(markdown_table(rows))
     print(f"results: {path}")
     return rows

@@ -8,15 +8,12 @@ recorded. The result is written as JSON to `out_file` and printed.
 
 from __future__ import annotations
 
-import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +23,11 @@ import pyarrow.parquet as pq
 from omegaconf import DictConfig, OmegaConf
 
 from recsys_mamba import checks
+from recsys_mamba.bench._harness import machine, write_result
 from recsys_mamba.config import hydra_entry
 from recsys_mamba.data import load_manifest
 from recsys_mamba.errors import RecsysError
+from recsys_mamba.schema import Bool, Check, Int, PathTo, Rule, Schema, Seed
 
 EVENT_TYPES = np.array(["pv", "cart", "fav", "buy"])
 
@@ -127,47 +126,43 @@ def bench(cfg: DictConfig) -> dict[str, Any]:
             shutil.rmtree(work, ignore_errors=True)
     return {
         "benchmark": "pipeline",
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {
-            "cpus": os.cpu_count(),
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "polars": pl.__version__,
-            "load_average_1m_at_start": load,
-        },
+        "machine": {**machine(), "polars": pl.__version__, "load_average_1m_at_start": load},
         "config": OmegaConf.to_container(cfg, resolve=False),
         "cases": cases,
     }
 
 
-def validate_config(cfg: DictConfig) -> None:
-    """Every value of conf/bench_pipeline.yaml, before a log is generated or anything prepared."""
-
-    def sel(key: str) -> Any:
-        return checks.select(cfg, key, None)
-
-    checks.boolean(sel("ml1m"), "ml1m")
-    checks.boolean(sel("keep_work"), "keep_work")
-    checks.integer(sel("repeats"), "repeats", minimum=1, maximum=100, example=1)
-    checks.integer(sel("big.n_events"), "big.n_events", minimum=1, maximum=10**10, example=20_000_000)
-    checks.integer(sel("big.n_users"), "big.n_users", minimum=1, maximum=10**9, example=200_000)
-    checks.integer(sel("big.n_items"), "big.n_items", minimum=1, maximum=10**9, example=100_000)
-    checks.seed(sel("big.seed"), "big.seed")
-    checks.integer(sel("big.chunk"), "big.chunk", minimum=1, maximum=10**9, example=2_000_000)
-    overrides = sel("big.data")
+def _overrides(cfg: DictConfig) -> None:
+    overrides = checks.select(cfg, "big.data", None)
     if not isinstance(overrides, list) or not all(isinstance(o, str) and "=" in o for o in overrides):
         raise RecsysError(f"big.data={overrides!r} must be a list of key=value overrides of the data config")
-    checks.output_dir(sel("work_dir"), "work_dir")
-    checks.output_file(sel("out_file"), "out_file")
+
+
+# Every value of conf/bench_pipeline.yaml, before a log is generated or anything prepared.
+BENCH_PIPELINE = Schema(
+    Rule("ml1m", Bool()),
+    Rule("keep_work", Bool()),
+    Rule("repeats", Int(1, 100, example=1)),
+    Rule("big.n_events", Int(1, 10**10, example=20_000_000)),
+    Rule("big.n_users", Int(1, 10**9, example=200_000)),
+    Rule("big.n_items", Int(1, 10**9, example=100_000)),
+    Rule("big.seed", Seed()),
+    Rule("big.chunk", Int(1, 10**9, example=2_000_000)),
+    Check(_overrides),
+    Rule("work_dir", PathTo("out_dir")),
+    Rule("out_file", PathTo("out_file")),
+)
+
+
+def validate_config(cfg: DictConfig) -> None:
+    BENCH_PIPELINE.validate(cfg)
 
 
 @hydra_entry("bench_pipeline")
 def main(cfg: DictConfig) -> dict[str, Any]:
     validate_config(cfg)
     result = bench(cfg)
-    out = Path(cfg.out_file)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2, default=str))
+    out = write_result(cfg.out_file, result)
     for c in result["cases"]:
         print(
             f"{c['case']}: {c['events_in']:,} events in {c['wall_s']:.2f} s end to end "

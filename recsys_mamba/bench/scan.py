@@ -4,45 +4,19 @@ backend, side by side in one run, against mambapy's parallel scan and the machin
 
 from __future__ import annotations
 
-import json
-import statistics
-import time
 from collections.abc import Callable
-from pathlib import Path
-from typing import Any
 
 import torch
 from omegaconf import DictConfig
 
 from recsys_mamba import checks
+from recsys_mamba.bench._harness import machine, median_seconds, write_result
 from recsys_mamba.config import hydra_entry
 from recsys_mamba.errors import RecsysError
 from recsys_mamba.ops import selective_scan
+from recsys_mamba.schema import Check, Int, IntList, PathTo, Rule, Schema, Seed, Subset
 
 BACKENDS = ("cpu", "ref", "mambapy", "ceiling", "triton", "mamba_ssm")
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-SLOW_CALL_S = 2.0  # a call slower than this is timed once (its warm-up), to keep the run short
-
-
-def _timed(fn: Callable[[], object], device: torch.device) -> float:
-    _sync(device)
-    start = time.perf_counter()
-    fn()
-    _sync(device)
-    return time.perf_counter() - start
-
-
-def _median_seconds(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
-    first = _timed(fn, device)
-    if first > SLOW_CALL_S:
-        return first
-    return statistics.median(_timed(fn, device) for _ in range(repeats))
 
 
 def _inputs(batch: int, dim: int, length: int, d_state: int, device: torch.device) -> dict:
@@ -105,19 +79,19 @@ def _ceiling_seconds(batch: int, dim: int, length: int, d_state: int, repeats: i
             torch.exp(x, out=a)
             torch.addcmul(b, a, h, out=h)
 
-    return _median_seconds(run, repeats, device) * batch * dim * length * d_state / (slab * passes)
+    return median_seconds(run, repeats, device=device) * batch * dim * length * d_state / (slab * passes)
 
 
 def _time_backend(run: Callable[[dict], torch.Tensor], x: dict, repeats: int,
                   device: torch.device) -> tuple[float, float]:
     with torch.no_grad():
-        fwd = _median_seconds(lambda: run(x), repeats, device)
+        fwd = median_seconds(lambda: run(x), repeats, device=device)
     leaves = {k: v.clone().requires_grad_() for k, v in x.items()}
 
     def fwd_bwd() -> None:
         run(leaves).sum().backward()
 
-    return fwd, _median_seconds(fwd_bwd, repeats, device)
+    return fwd, median_seconds(fwd_bwd, repeats, device=device)
 
 
 def benchmark(cfg: DictConfig) -> list[dict]:
@@ -177,16 +151,8 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def validate_config(cfg: DictConfig) -> None:
-    """Every value of conf/bench_scan.yaml, before any tensor is allocated."""
-
-    def sel(key: str) -> Any:
-        return checks.select(cfg, key, None)
-
-    checks.seed(sel("seed"), "seed")
-    checks.integer(sel("dim"), "dim", minimum=1, maximum=1 << 16, example=128)
-    checks.integers(sel("d_states"), "d_states", maximum=1024, example="[16,32]")
-    cases = sel("cases")
+def _cases(cfg: DictConfig) -> None:
+    cases = checks.select(cfg, "cases", None)
     if not isinstance(cases, list) or not cases:
         raise RecsysError(f"cases={cases!r} must be a list like [{{length: 200, batch: 64}}]")
     for i, case in enumerate(cases):
@@ -194,23 +160,32 @@ def validate_config(cfg: DictConfig) -> None:
             raise RecsysError(f"cases[{i}]={case!r} must be {{length: L, batch: B}}")
         checks.integer(case["length"], f"cases[{i}].length", minimum=1, maximum=1 << 24)
         checks.integer(case["batch"], f"cases[{i}].batch", minimum=1, maximum=1 << 20)
-    checks.subset(sel("backends"), "backends", BACKENDS)
-    checks.integer(sel("repeats"), "repeats", minimum=1, maximum=1000, example=3)
-    checks.integer(sel("ref_max_batch"), "ref_max_batch", minimum=1, example=8)
-    checks.integer(sel("ref_max_length"), "ref_max_length", minimum=1, example=4096)
-    checks.integer(sel("threads"), "threads", minimum=1, maximum=4096, optional=True)
-    checks.output_file(sel("output_json"), "output_json")
+
+
+# Every value of conf/bench_scan.yaml, before any tensor is allocated.
+BENCH_SCAN = Schema(
+    Rule("seed", Seed()),
+    Rule("dim", Int(1, 1 << 16, example=128)),
+    Rule("d_states", IntList(1, 1024, example="[16,32]")),
+    Check(_cases),
+    Rule("backends", Subset(BACKENDS)),
+    Rule("repeats", Int(1, 1000, example=3)),
+    Rule("ref_max_batch", Int(1, example=8)),
+    Rule("ref_max_length", Int(1, example=4096)),
+    Rule("threads", Int(1, 4096, optional=True)),
+    Rule("output_json", PathTo("out_file")),
+)
+
+
+def validate_config(cfg: DictConfig) -> None:
+    BENCH_SCAN.validate(cfg)
 
 
 @hydra_entry("bench_scan")
 def main(cfg: DictConfig) -> list[dict]:
     validate_config(cfg)
     rows = benchmark(cfg)
-    path = Path(cfg.output_json)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    result = {"device": device, "threads": torch.get_num_threads(), "rows": rows}
-    path.write_text(json.dumps(result, indent=1))
+    path = write_result(cfg.output_json, {"machine": machine(), "rows": rows})
     print(markdown_table(rows))
     print(f"results: {path}")
     return rows

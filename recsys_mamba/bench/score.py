@@ -17,55 +17,31 @@ Models are untrained, built from conf/model sizes: speed does not depend on the 
 from __future__ import annotations
 
 import json
-import platform
-import statistics
-import time
-from collections.abc import Callable
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import polars as pl
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import Tensor
 
 from recsys_mamba import checks
-from recsys_mamba.bench._threads import set_threads
+from recsys_mamba.bench._harness import machine, median_seconds, set_threads, write_result
 from recsys_mamba.config import hydra_entry
 from recsys_mamba.data import load_manifest, prepare
 from recsys_mamba.data.format import SEQUENCES
+from recsys_mamba.data.spec import normalize
 from recsys_mamba.errors import RecsysError
-from recsys_mamba.models.base import SequenceEncoder, State
-from recsys_mamba.models.mamba import MambaEncoder
-from recsys_mamba.models.sasrec import SASRecEncoder
-
-SLOW_CALL_S = 2.0  # a call slower than this is timed once (its warm-up), to keep the run short
-
-
-def _median_seconds(fn: Callable[[], object], repeats: int, warm_up: bool = True) -> float:
-    """Median wall seconds of `fn` over `repeats` calls after one warm-up call (which is the
-    result when slower than SLOW_CALL_S); with warm_up=False every call is timed."""
-    if warm_up:
-        start = time.perf_counter()
-        fn()
-        first = time.perf_counter() - start
-        if first > SLOW_CALL_S:
-            return first
-    times = []
-    for _ in range(max(1, repeats)):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+from recsys_mamba.models.base import SequenceEncoder
+from recsys_mamba.models.schema import MODEL
+from recsys_mamba.runs import build_encoder
+from recsys_mamba.schema import Bool, Check, Int, IntList, PathTo, Relation, Rule, Schema, Seed
 
 
 def build_model(cfg: DictConfig, name: str, n_items: int, **overrides: Any) -> SequenceEncoder:
     """An untrained encoder with the configured sizes, in eval mode."""
-    model = instantiate(cfg.models[name], _partial_=True)(n_items=n_items, **overrides)
-    return model.eval()
+    return build_encoder(cfg.models[name], n_items=n_items, **overrides).eval()
 
 
 def top_k(model: SequenceEncoder, hidden: Tensor, seen: Tensor, k: int) -> Tensor:
@@ -132,7 +108,7 @@ def bench_topk(cfg: DictConfig) -> dict[str, Any]:
         model = build_model(cfg, name, manifest["n_items"])
         with torch.inference_mode():
             score_batches(model, batches[:1], cfg.k)  # warm-up (numba compile, allocator)
-            sec = _median_seconds(lambda m=model: score_batches(m, batches, cfg.k), t.repeats, warm_up=False)
+            sec = median_seconds(lambda m=model: score_batches(m, batches, cfg.k), t.repeats, warm_up=False)
         rows.append({"encoder": name, "users": n_users, "events_encoded": n_events, "seconds": sec,
                      "users_per_s": n_users / sec})
         print(f"  (a) {name:6s}: {n_users} users in {sec:.2f} s = {n_users / sec:,.0f} users/s", flush=True)
@@ -142,32 +118,11 @@ def bench_topk(cfg: DictConfig) -> dict[str, Any]:
 # ---- (b) streaming against re-encoding ------------------------------------------------------------
 
 
-def state_after(model: SequenceEncoder, items: Tensor) -> State:
-    """The streaming state after the events `items` (1, H), computed in one pass."""
-    if isinstance(model, MambaEncoder):
-        return model.encode_long(items, return_state=True)[1]
-    if isinstance(model, SASRecEncoder):
-        # The KV cache is every layer's keys/values over the history: one causal forward fills it.
-        H = items.shape[1]
-        h = model.embed(items) * model.emb_scale + model.pos_emb.weight[:H]
-        ks, vs = [], []
-        for block in model.blocks:
-            h, (k, v) = block(h)
-            ks.append(k)
-            vs.append(v)
-        return {"k": torch.stack(ks, 1), "v": torch.stack(vs, 1),
-                "valid": torch.ones(1, H, dtype=torch.bool), "pos": torch.tensor([H])}
-    state = model.init_state(1)  # any other encoder: step through the history
-    for item in items[0]:
-        state = model.step(item[None], state)[1]
-    return state
-
-
 def bench_stream_one(model: SequenceEncoder, H: int, n_items: int, k: int, step_repeats: int,
                      encode_repeats: int, generator: torch.Generator) -> dict[str, Any]:
     history = torch.randint(1, n_items + 1, (1, H + 1), generator=generator)
     new = history[:, H]  # the new event; all H + 1 events are excluded from the top-K as seen
-    state = state_after(model, history[:, :H])
+    state = model.prefill(history[:, :H])
 
     def step() -> Tensor:
         return model.step(new, state)[0]
@@ -184,10 +139,10 @@ def bench_stream_one(model: SequenceEncoder, H: int, n_items: int, k: int, step_
     streamed, reencoded = step(), encode()
     row = {
         "H": H,
-        "step_ms": _median_seconds(step, step_repeats) * 1e3,
-        "step_score_ms": _median_seconds(step_score, step_repeats) * 1e3,
-        "encode_ms": _median_seconds(encode, encode_repeats) * 1e3,
-        "encode_score_ms": _median_seconds(encode_score, encode_repeats) * 1e3,
+        "step_ms": median_seconds(step, step_repeats) * 1e3,
+        "step_score_ms": median_seconds(step_score, step_repeats) * 1e3,
+        "encode_ms": median_seconds(encode, encode_repeats) * 1e3,
+        "encode_score_ms": median_seconds(encode_score, encode_repeats) * 1e3,
         "max_abs_diff": float((streamed - reencoded).abs().max()),  # step agrees with forward
         "state_bytes": sum(t.numel() * t.element_size() for t in state.values()),
     }
@@ -301,13 +256,7 @@ def benchmark(cfg: DictConfig) -> dict[str, Any]:
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
     torch.manual_seed(cfg.seed)
-    result: dict[str, Any] = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"processor": platform.processor() or platform.machine(),
-                    "threads": torch.get_num_threads(), "torch": torch.__version__,
-                    "python": platform.python_version()},
-        "models": "untrained, conf/model sizes",
-    }
+    result: dict[str, Any] = {"machine": machine(), "models": "untrained, conf/model sizes"}
     if cfg.topk.enabled:
         result["topk"] = bench_topk(cfg)
     if cfg.stream.enabled:
@@ -316,46 +265,50 @@ def benchmark(cfg: DictConfig) -> dict[str, Any]:
     return result
 
 
-def validate_config(cfg: DictConfig) -> None:
-    """Every value of conf/bench_score.yaml, before any data is prepared or a model built."""
-
-    from recsys_mamba.data.spec import normalize
-    from recsys_mamba.training.config_checks import check_model
-
-    def sel(key: str) -> Any:
-        return checks.select(cfg, key, None)
-
-    checks.seed(sel("seed"), "seed")
-    for key in ("threads", "stream.threads"):
-        checks.integer(sel(key), key, minimum=1, maximum=4096, optional=True)
-    models = sel("models")
+def _models(cfg: DictConfig) -> None:
+    """Each timed encoder's config, with the rules of conf/model."""
+    models = checks.select(cfg, "models", None)
     if not isinstance(models, dict) or not models:
         raise RecsysError(f"models={models!r} must map names to model configs, e.g. model@models.mamba=mamba")
-    for name in checks.subset(sel("encoders"), "encoders", sorted(models)):
-        check_model(cfg, f"models.{name}")
-    k = checks.integer(sel("k"), "k", minimum=1, maximum=1 << 20, example=10)
-    if checks.boolean(sel("topk.enabled"), "topk.enabled"):
-        normalize(sel("data"))
-    checks.integer(sel("topk.max_len"), "topk.max_len", minimum=1, maximum=1 << 20, example=200)
-    checks.integer(sel("topk.batch_size"), "topk.batch_size", minimum=1, maximum=1 << 20)
-    checks.integer(sel("topk.max_users"), "topk.max_users", minimum=1, optional=True)
-    checks.integer(sel("topk.repeats"), "topk.repeats", minimum=1, maximum=1000, example=3)
-    checks.boolean(sel("stream.enabled"), "stream.enabled")
-    checks.integers(sel("stream.histories"), "stream.histories", maximum=1 << 24, example="[10,100]")
-    checks.integer(sel("stream.n_items"), "stream.n_items", minimum=k, maximum=1 << 26)
-    for key in ("stream.step_repeats", "stream.encode_repeats"):
-        checks.integer(sel(key), key, minimum=1, maximum=100_000, example=7)
-    checks.integer(sel("stream.sasrec_max_history"), "stream.sasrec_max_history", minimum=1)
-    checks.output_file(sel("output_json"), "output_json")
+    for name in checks.subset(checks.select(cfg, "encoders", None), "encoders", sorted(models)):
+        MODEL.under(f"models.{name}").validate(cfg)
+
+
+def _data(cfg: DictConfig) -> None:
+    if checks.boolean(checks.select(cfg, "topk.enabled", None), "topk.enabled"):
+        normalize(checks.select(cfg, "data", None))
+
+
+# Every value of conf/bench_score.yaml, before any data is prepared or a model built.
+BENCH_SCORE = Schema(
+    Rule("seed", Seed()),
+    [Rule(key, Int(1, 4096, optional=True)) for key in ("threads", "stream.threads")],
+    Check(_models),
+    Rule("k", Int(1, 1 << 20, example=10)),
+    Check(_data),
+    Rule("topk.max_len", Int(1, 1 << 20, example=200)),
+    Rule("topk.batch_size", Int(1, 1 << 20)),
+    Rule("topk.max_users", Int(1, optional=True)),
+    Rule("topk.repeats", Int(1, 1000, example=3)),
+    Rule("stream.enabled", Bool()),
+    Rule("stream.histories", IntList(1, 1 << 24, example="[10,100]")),
+    Rule("stream.n_items", Int(1, 1 << 26)),
+    Relation(("stream.n_items", "k"), lambda n, k: n >= k, "{k0}={v0} must be at least {k1}={v1}"),
+    [Rule(key, Int(1, 100_000, example=7)) for key in ("stream.step_repeats", "stream.encode_repeats")],
+    Rule("stream.sasrec_max_history", Int(1)),
+    Rule("output_json", PathTo("out_file")),
+)
+
+
+def validate_config(cfg: DictConfig) -> None:
+    BENCH_SCORE.validate(cfg)
 
 
 @hydra_entry("bench_score")
 def main(cfg: DictConfig) -> dict[str, Any]:
     validate_config(cfg)
     result = benchmark(cfg)
-    path = Path(cfg.output_json)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1))
+    path = write_result(cfg.output_json, result)
     print(markdown_tables(result))
     if result["targets"]:
         print("targets: " + json.dumps(result["targets"]))

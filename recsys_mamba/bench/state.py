@@ -10,12 +10,8 @@ state makes inference about 40% faster for about 2% less accuracy".
 
 from __future__ import annotations
 
-import functools
 import json
-import platform
 import statistics
-import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -24,46 +20,47 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from recsys_mamba import checks
-from recsys_mamba.bench.accuracy import find_runs, group_runs, summarise, write_atomic
+from recsys_mamba.bench._harness import machine, seconds, write_result
+from recsys_mamba.bench.accuracy import find_runs, group_runs, summarise
 from recsys_mamba.config import hydra_entry
 from recsys_mamba.errors import RecsysError
+from recsys_mamba.files import write_atomic, write_text_atomic
+from recsys_mamba.runs import build_encoder
+from recsys_mamba.schema import Int, IntList, PathList, PathTo, Rule, Schema, Seed, Text
 
 # The claim under test, and how far from it a measured halving may be and still count as agreeing.
 CLAIM_SPEEDUP, CLAIM_LOSS = 0.40, 0.02
 SPEEDUP_BAND, LOSS_BAND = (0.25, 0.55), (0.0, 0.05)
 
 
+# Every value of conf/bench_state.yaml, checked before anything is built.
+BENCH_STATE = Schema(
+    Rule("d_states", IntList(1, 1024, example="[4,8,16,32,64,128]")),
+    Rule("seed", Seed()),
+    Rule("threads", Int(1, 1024, optional=True, example=2)),
+    Rule("batch_size", Int(1, 1 << 16, example=8)),
+    Rule("length", Int(1, 1 << 20, example=8)),
+    Rule("repeats", Int(1, 1000, example=8)),
+    Rule("n_items", Int(1, 1 << 26, example=8)),
+    Rule("runs", PathList(PathTo("exists", what="a multirun folder"), example="[<multirun folder>]")),
+    Rule("metric", Text(example="unmasked_ndcg@10")),
+    Rule("output_json", PathTo("out_file")),
+)
+
+
 def validate_config(cfg: DictConfig) -> list[int]:
-    """Every value of conf/bench_state.yaml, checked before anything is built; the d_states, sorted."""
-    sel = functools.partial(checks.select, cfg)
-    d_states = checks.integers(sel("d_states"), "d_states", maximum=1024, example="[4,8,16,32,64,128]")
-    checks.seed(sel("seed"), "seed")
-    checks.integer(sel("threads"), "threads", minimum=1, maximum=1024, optional=True, example=2)
-    for key, top in (("batch_size", 1 << 16), ("length", 1 << 20), ("repeats", 1000), ("n_items", 1 << 26)):
-        checks.integer(sel(key), key, minimum=1, maximum=top, example=8)
-    runs = sel("runs")
-    if not isinstance(runs, list):
-        raise RecsysError(
-            f"runs={runs!r} must be a list of multirun folders, e.g. runs=[logs/<...>/multiruns/<time>]"
-        )
-    for i, folder in enumerate(runs):
-        checks.existing(folder, f"runs[{i}]", what="a multirun folder")
-    checks.text(sel("metric"), "metric", example="unmasked_ndcg@10")
-    checks.output_file(sel("output_json"), "output_json")
-    return sorted(set(d_states))
+    """The d_states, sorted, once every value is checked."""
+    BENCH_STATE.validate(cfg)
+    return sorted(set(checks.select(cfg, "d_states")))
 
 
 def inference_speed(cfg: DictConfig, d_states: list[int]) -> dict[int, dict[str, Any]]:
     """Median inference tokens/s of `encode` per d_state, measured interleaved."""
     torch.manual_seed(cfg.seed)
-    models = {
-        d: instantiate(cfg.model, _partial_=True)(n_items=int(cfg.n_items), d_state=d).eval()
-        for d in d_states
-    }
+    models = {d: build_encoder(cfg.model, n_items=int(cfg.n_items), d_state=d).eval() for d in d_states}
     items = torch.randint(1, int(cfg.n_items) + 1, (int(cfg.batch_size), int(cfg.length)))
     batch = {"items": items, "lengths": torch.full((int(cfg.batch_size),), int(cfg.length))}
     times: dict[int, list[float]] = {d: [] for d in d_states}
@@ -72,9 +69,7 @@ def inference_speed(cfg: DictConfig, d_states: list[int]) -> dict[int, dict[str,
             model.encode(batch)
         for _ in range(int(cfg.repeats)):
             for d, model in models.items():
-                start = time.perf_counter()
-                model.encode(batch)
-                times[d].append(time.perf_counter() - start)
+                times[d].append(seconds(lambda m=model: m.encode(batch)))
     tokens = items.numel()
     return {
         d: {"tokens_per_s": tokens / statistics.median(t), "seconds": t, "tokens_per_call": tokens}
@@ -160,10 +155,10 @@ def plot(speed: dict[int, dict[str, Any]], acc: dict[int, dict[str, Any]], metri
         right.plot(known, [acc[d]["value"] for d in known], "s--", color="tab:red")
         right.set_ylabel(f"test {metric}", color="tab:red")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    finally:
+        plt.close(fig)
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -189,12 +184,7 @@ def main(cfg: DictConfig) -> dict[str, Any]:
     acc = accuracy([str(f) for f in cfg.runs], cfg.metric) if cfg.runs else {}
     rows = halvings(speed, acc)
     result = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {
-            "processor": platform.processor() or platform.machine(),
-            "threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-        },
+        "machine": machine(),
         "shape": {"batch_size": int(cfg.batch_size), "length": int(cfg.length), "n_items": int(cfg.n_items)},
         "metric": str(cfg.metric),
         "speed": {str(d): v for d, v in speed.items()},
@@ -202,11 +192,10 @@ def main(cfg: DictConfig) -> dict[str, Any]:
         "halvings": rows,
         "claim": verdict(rows),
     }
-    out = Path(cfg.output_json)
-    write_atomic(out, json.dumps(result, indent=1) + "\n")
+    out = write_result(cfg.output_json, result)
     plot(speed, acc, str(cfg.metric), out.with_suffix(".png"))
     table = markdown(result)
-    write_atomic(out.with_suffix(".md"), table)
+    write_text_atomic(out.with_suffix(".md"), table)
     print(table)
     print(f"results: {out}")
     return result

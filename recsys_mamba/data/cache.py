@@ -19,6 +19,12 @@ from recsys_mamba.data.format import FORMAT_VERSION, MANIFEST
 from recsys_mamba.errors import RecsysError
 
 
+def content_hash(settings: dict[str, Any]) -> str:
+    """Short, stable hash of settings (with the output format version): what a cache folder is keyed by."""
+    text = json.dumps({"format_version": FORMAT_VERSION, "data": settings}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:

@@ -19,13 +19,13 @@ import numpy as np
 import polars as pl
 from omegaconf import DictConfig
 
-import recsys_mamba
 from recsys_mamba.data import attributes, readers, splits, steps, synthetic, validate
 from recsys_mamba.data import ctr as ctr_samples
 from recsys_mamba.data import format as fmt
 from recsys_mamba.data.cache import atomic_folder, describe_source, reusable
 from recsys_mamba.data.spec import config_hash, normalize
 from recsys_mamba.errors import RecsysError
+from recsys_mamba.version import __version__
 
 
 class _Run:
@@ -310,7 +310,7 @@ def prepare(
             "config_hash": cfg_hash,
             "sources": [describe_source(p) for p in (source, attributes.source(spec)) if p is not None],
             **body,
-            "package_version": recsys_mamba.__version__,
+            "package_version": __version__,
             "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         (work / fmt.MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))

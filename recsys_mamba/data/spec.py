@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +10,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from recsys_mamba import checks
 from recsys_mamba.data import attributes
-from recsys_mamba.data.format import FORMAT_VERSION
+from recsys_mamba.data.cache import content_hash
+from recsys_mamba.data.synthetic import DEFAULTS as SYNTHETIC
 from recsys_mamba.errors import RecsysError
 
 FORMATS = ("events", "movielens", "recbole", "sequences", "sequence_pairs", "taobao", "synthetic")
@@ -149,8 +148,6 @@ def _check_separator(spec: dict[str, Any]) -> None:
 
 
 def _check_synthetic(params: Any) -> None:
-    from recsys_mamba.data.synthetic import DEFAULTS as SYNTHETIC
-
     if params is None:
         return
     if not isinstance(params, dict):
@@ -266,6 +263,4 @@ def config_hash(spec: dict[str, Any]) -> str:
 
     Keys added later are left out while they hold their off value, so the hash of a config that
     does not use them (and with it the cache folder and checkpoints' `data_config_hash`) stays as it was."""
-    spec = {k: v for k, v in spec.items() if not (k in _ADDED_KEYS and v is None)}
-    text = json.dumps({"format_version": FORMAT_VERSION, "data": spec}, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
+    return content_hash({k: v for k, v in spec.items() if not (k in _ADDED_KEYS and v is None)})

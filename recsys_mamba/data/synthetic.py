@@ -19,8 +19,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from recsys_mamba.data.cache import atomic_folder
-from recsys_mamba.data.spec import config_hash
+from recsys_mamba.data.cache import atomic_folder, content_hash
 
 EVENT_TYPES = ["expose", "pv", "cart", "fav", "buy"]
 LOG_FILE = "events.parquet"
@@ -140,7 +139,7 @@ def generate(params: dict[str, Any] | None = None) -> pl.DataFrame:
 def ensure_log(params: dict[str, Any] | None, cache_dir: Path) -> Path:
     """Path of the generated log for `params` in the cache, generating it once."""
     p = {**DEFAULTS, **(params or {})}
-    folder = Path(cache_dir) / f"synthetic-log-{config_hash(p)}"
+    folder = Path(cache_dir) / f"synthetic-log-{content_hash(p)}"
     if not (folder / LOG_FILE).is_file():
         with atomic_folder(folder) as work:
             generate(p).write_parquet(work / LOG_FILE)

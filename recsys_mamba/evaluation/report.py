@@ -15,11 +15,11 @@ from omegaconf import DictConfig, OmegaConf
 from recsys_mamba import checks
 from recsys_mamba.config import project_root
 from recsys_mamba.errors import RecsysError
-from recsys_mamba.evaluation.breakdown import ctr_buckets, full_metrics, metric_fn
-from recsys_mamba.evaluation.plots import plots
 from recsys_mamba.evaluation.render import Section, html_page, markdown
 from recsys_mamba.evaluation.scoring import Scored, score
 from recsys_mamba.evaluation.stats import bootstrap, paired_p_value, percentile_ci, user_draws
+from recsys_mamba.files import json_safe, write_texts_atomic
+from recsys_mamba.schema import Check, Int, PathList, PathTo, Rule, Schema, Seed
 
 LOWER_IS_BETTER = ("logloss", "ece")
 MANIFEST_KEYS = ("name", "config_hash", "n_users", "n_items", "n_interactions", "created_at")
@@ -37,33 +37,38 @@ def check_out_dir(out_dir: Path) -> None:
         ) from err
 
 
-def validate_config(cfg: DictConfig) -> None:
-    """Every value of conf/evaluate.yaml, checked before any checkpoint is loaded or scored."""
+def _required(cfg: DictConfig) -> None:
     if checks.select(cfg, "ckpt_path", default=None) in (None, ""):
         raise RecsysError(
             "ckpt_path is required: python -m recsys_mamba.evaluate ckpt_path=<run>/checkpoints/x.ckpt"
         )
-    checks.output_dir(checks.select(cfg, "out_dir"), "out_dir")
-    compare = checks.select(cfg, "compare", default=None)
-    if compare is not None and not isinstance(compare, list):
-        raise RecsysError(f"compare={compare!r} must be a list of checkpoints, e.g. compare=[a.ckpt,b.ckpt]")
-    keys = ["ckpt_path", *(f"compare[{i}]" for i in range(len(compare or [])))]
-    for key, value in zip(keys, [checks.select(cfg, "ckpt_path"), *(compare or [])], strict=True):
-        ckpt = checks.path(value, key)
-        if not ckpt.is_file():
-            raise RecsysError(f"{key}: checkpoint {ckpt} does not exist; pass .ckpt files from training runs")
-    checks.seed(checks.select(cfg, "seed"), "seed")
-    checks.integer(checks.select(cfg, "n_bootstrap"), "n_bootstrap", minimum=1, maximum=10**6, example=200)
-    checks.integer(checks.select(cfg, "n_bins"), "n_bins", minimum=1, maximum=10**4, example=10)
+
+
+_CHECKPOINT = PathTo("file", what="a .ckpt file from a training run")
+
+# Every value of conf/evaluate.yaml, checked before any checkpoint is loaded or scored.
+EVALUATE = Schema(
+    Check(_required),
+    Rule("out_dir", PathTo("out_dir")),
+    Rule("ckpt_path", _CHECKPOINT),
+    Rule("compare", PathList(_CHECKPOINT, example="[a.ckpt,b.ckpt]")),
+    Rule("seed", Seed()),
+    Rule("n_bootstrap", Int(1, 10**6, example=200)),
+    Rule("n_bins", Int(1, 10**4, example=10)),
+)
+
+
+def validate_config(cfg: DictConfig) -> None:
+    EVALUATE.validate(cfg)
 
 
 def check_comparable(models: list[Scored]) -> None:
     first = models[0]
     for m in models[1:]:
-        if m.task != first.task:
+        if m.task.name != first.task.name:
             raise RecsysError(
-                f"{m.ckpt_path} was trained for task={m.task} but {first.ckpt_path} for task={first.task}; "
-                "compare checkpoints of the same task"
+                f"{m.ckpt_path} was trained for task={m.task.name} but {first.ckpt_path} for "
+                f"task={first.task.name}; compare checkpoints of the same task"
             )
         same_data = m.manifest.get("config_hash") == first.manifest.get("config_hash")
         if not same_data or not np.array_equal(m.arrays["index"], first.arrays["index"]):
@@ -72,17 +77,6 @@ def check_comparable(models: list[Scored]) -> None:
                 f"{m.manifest.get('config_hash')}) than {first.ckpt_path} ({first.manifest.get('name')}, "
                 f"hash {first.manifest.get('config_hash')}); compare checkpoints trained on the same data"
             )
-
-
-def clean(value: Any) -> Any:
-    """NaN is not JSON: written as null, like the training run's metrics.json."""
-    if isinstance(value, dict):
-        return {k: clean(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [clean(v) for v in value]
-    if isinstance(value, float | np.floating):
-        return None if math.isnan(value) else float(value)
-    return value
 
 
 def git_commit() -> str | None:
@@ -101,7 +95,7 @@ def package_version() -> str:
     try:
         return version("recsys-mamba")
     except PackageNotFoundError:
-        from recsys_mamba import __version__
+        from recsys_mamba.version import __version__
 
         return __version__
 
@@ -129,12 +123,20 @@ def verdict(models: list[dict[str, Any]], primary: str) -> str:
     return " ".join(lines)
 
 
+def full_metrics(m: Scored, n_bins: int) -> dict[str, float]:
+    """The training run's test metrics, extended (never recomputed) with the report's extra ones."""
+    every = np.arange(len(m.arrays["index"]))
+    extended = m.task.report_metrics(m.arrays, n_bins)(every)
+    extended.update(m.task.report_extras(m.arrays, m.item_counts))
+    return {**extended, **m.metrics}
+
+
 def summarise(models: list[Scored], n_boot: int, seed: int, n_bins: int) -> list[dict[str, Any]]:
     draws = user_draws(models[0].arrays["users"], n_boot, seed)
     out, first_boot = [], None
     for i, m in enumerate(models):
         metrics = full_metrics(m, n_bins)
-        boot = bootstrap(metric_fn(m, n_bins), draws)
+        boot = bootstrap(m.task.report_metrics(m.arrays, n_bins), draws)
         entry: dict[str, Any] = {
             "name": m.name if all(o.name != m.name for o in models[:i]) else f"{m.name}#{i + 1}",
             "ckpt_path": str(m.ckpt_path),
@@ -153,8 +155,9 @@ def summarise(models: list[Scored], n_boot: int, seed: int, n_bins: int) -> list
                 }
                 for k, v in boot.items()
             }
-        if m.task == "ctr":
-            entry["buckets"] = ctr_buckets(m, n_bins)
+        tables = m.task.report_tables(m.arrays, m.item_counts, n_bins)
+        if tables:
+            entry["buckets"] = tables
         entry["training_metrics"] = m.training_metrics
         out.append(entry)
     return out
@@ -205,28 +208,6 @@ def sections(payload: dict[str, Any], images: dict[str, str], config_yaml: str) 
     return out
 
 
-def write_files_atomic(files: dict[Path, str]) -> None:
-    """Write every file to a temporary sibling, then rename them all: a full disk (or a kill) while writing
-    leaves the previous report, all of its files, as it was."""
-    staged: list[tuple[Path, Path]] = []
-    try:
-        for path, text in files.items():
-            staged.append((path.with_name(f".{path.name}.tmp-{os.getpid()}"), path))
-            staged[-1][0].write_text(text)
-    except OSError as err:
-        for tmp, _ in staged:
-            try:
-                tmp.unlink(missing_ok=True)
-            except OSError:
-                pass  # the folder itself is unwritable or gone: nothing was left there
-        raise RecsysError(
-            f"cannot write {staged[-1][1]} ({err.strerror or err}); free disk space or pass a writable "
-            f"out_dir=; the previous report in {staged[-1][1].parent}, if any, is unchanged"
-        ) from err
-    for tmp, path in staged:
-        os.replace(tmp, path)
-
-
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Score `cfg.ckpt_path` (and `cfg.compare`) on the test split; write the report to `cfg.out_dir`."""
     validate_config(cfg)
@@ -247,9 +228,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     primary = str(models[0].config.task.monitor).removeprefix("val/")
     manifest = models[0].manifest
     config = OmegaConf.to_container(models[0].config, resolve=False)
-    payload = clean(
+    payload = json_safe(
         {
-            "task": models[0].task,
+            "task": models[0].task.name,
             "primary_metric": primary,
             "verdict": verdict(summary, primary),
             "bootstrap": {"n": n_boot, "seed": seed, "unit": "user", "level": 0.95},
@@ -264,15 +245,17 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         }
     )
     title = f"Evaluation report: {payload['task']} on {manifest.get('name', 'data')}"
-    report = sections(
-        payload, plots(models, [s["metrics"] for s in summary], n_bins), OmegaConf.to_yaml(config)
-    )
-    write_files_atomic(
+    named = [(m.name, m.arrays) for m in models]
+    images = models[0].task.report_plots(named, [s["metrics"] for s in summary], n_bins)
+    report = sections(payload, images, OmegaConf.to_yaml(config))
+    write_texts_atomic(
         {
             out_dir / "metrics.json": json.dumps(payload, indent=2, allow_nan=False) + "\n",
             out_dir / "report.md": markdown(title, report),
             out_dir / "report.html": html_page(title, report),
-        }
+        },
+        hint=f"free disk space or pass a writable out_dir=; the previous report in {out_dir}, if any, "
+        "is unchanged",
     )
     print(f"{payload['verdict']}\nreport: {out_dir / 'report.html'}")
     return payload

@@ -1,22 +1,19 @@
-"""Score a checkpoint's test split through the training code's own test path (`trainer.test`)."""
+"""Score a checkpoint's test split through the task's one inference path (`Task.evaluate`, which the
+training module's test step uses as well), on the batches the run's test loader would make."""
 
 from __future__ import annotations
 
 import json
-import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import numpy as np
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from recsys_mamba.config import register_resolvers
 from recsys_mamba.errors import RecsysError
-from recsys_mamba.training.checkpoint import check_targets, run_checkpoint_io
-from recsys_mamba.training.run import build
+from recsys_mamba.runs import load_run, run_folder
+from recsys_mamba.tasks import Task
 
 
 @dataclass
@@ -25,39 +22,13 @@ class Scored:
 
     name: str
     ckpt_path: Path
-    task: str
+    task: Task
     config: DictConfig
     manifest: dict[str, Any]
-    metrics: dict[str, float]  # exactly what the training module computed for the test split
-    arrays: dict[str, np.ndarray]  # index, users, and logits/labels (ctr) or ranks/topk (next_item)
+    metrics: dict[str, float]  # exactly what the training run's test computed
+    arrays: dict[str, np.ndarray]  # index, users, the task's outputs and its per-sample details
     item_counts: np.ndarray
-    extra: dict[str, np.ndarray] = field(default_factory=dict)  # ctr: hist_len, item per sample
     training_metrics: dict[str, Any] | None = None
-
-
-def run_folder(ckpt_path: Path) -> Path:
-    """`<run>/checkpoints/x.ckpt` -> `<run>` (where train wrote config.yaml and metrics.json)."""
-    return ckpt_path.resolve().parent.parent
-
-
-def load_run_config(ckpt_path: Path) -> DictConfig:
-    if not ckpt_path.is_file():
-        raise RecsysError(
-            f"checkpoint {ckpt_path} does not exist; pass a .ckpt file from a training run, "
-            "e.g. ckpt_path=logs/train/runs/<time>/checkpoints/last.ckpt"
-        )
-    config = run_folder(ckpt_path) / "config.yaml"
-    if not config.is_file():
-        raise RecsysError(
-            f"{config} is missing: the checkpoint {ckpt_path} must sit in a training run folder "
-            "(<run>/checkpoints/) next to the config.yaml that train wrote"
-        )
-    register_resolvers()
-    cfg = OmegaConf.load(config)
-    if not isinstance(cfg, DictConfig):
-        raise RecsysError(f"{config} is not a run config (a YAML mapping); restore the one that train wrote")
-    check_targets(cfg, config)
-    return cfg
 
 
 def _model_name(cfg: DictConfig, training: dict[str, Any] | None) -> str:
@@ -66,51 +37,38 @@ def _model_name(cfg: DictConfig, training: dict[str, Any] | None) -> str:
     return str(OmegaConf.select(cfg, "model._target_", default="model")).rsplit(".", 1)[-1]
 
 
+def test_batches(dataset: Any, batch_size: int, limit: int | float | None = None) -> Any:
+    """The run's test batches: consecutive rows, `batch_size` at a time, as many as its trainer's
+    limit_test_batches let its test see (a count, or a fraction of the batches)."""
+    starts = range(0, len(dataset), batch_size)
+    if isinstance(limit, float):
+        starts = starts[: int(len(starts) * limit)]
+    elif isinstance(limit, int):
+        starts = starts[:limit]
+    for start in starts:
+        yield dataset.__getitems__(list(range(start, min(start + batch_size, len(dataset)))))
+
+
 def score(ckpt_path: Path) -> Scored:
-    """Rebuild data and model from the run's config and test `ckpt_path` the way `train` does."""
-    cfg = load_run_config(ckpt_path)
-    # The saved config points output_dir at Hydra's runtime, which does not exist here.
-    OmegaConf.update(cfg, "paths.output_dir", str(run_folder(ckpt_path)))
-    L.seed_everything(int(cfg.get("seed", 42)), verbose=False)
-    dm, module = build(cfg)
-    trainer: L.Trainer = instantiate(
-        cfg.trainer,
-        callbacks=[],
-        logger=False,
-        devices=1,
-        num_nodes=1,
-        strategy="auto",
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        plugins=[run_checkpoint_io(cfg, dm, module)],
-    )
-    with warnings.catch_warnings():
-        # Training-only callbacks (checkpointing, early stopping) are not needed to test the weights.
-        warnings.filterwarnings("ignore", message=".*callbacks used to create the checkpoint")
-        trainer.test(module, datamodule=dm, ckpt_path=str(ckpt_path), weights_only=True, verbose=False)
-    captured = dict(module.last_outputs.get("test", {}))
-    if not captured:
+    """The checkpoint's test metrics and per-sample outputs, as its training run's test computed them."""
+    run = load_run(ckpt_path)
+    test = run.task.datasets(run.data, run.data_settings())["test"]
+    batch_size = int(OmegaConf.select(run.config, "datamodule.eval_batch_size", default=512))
+    limit = OmegaConf.select(run.config, "trainer.limit_test_batches", default=None)
+    outputs = run.task.evaluate(run.model, test_batches(test, batch_size, limit))
+    if not outputs.arrays:
         raise RecsysError(f"the test split of {ckpt_path} produced no samples; nothing to evaluate")
-    test = dm.datasets["test"]
-    extra: dict[str, np.ndarray] = {}
-    if cfg.task.name == "ctr":
-        extra = {"hist_len": test.hist_len[captured["index"]], "item": test.items[captured["index"]]}
-    else:
-        captured["target"] = test.store.flat["items"][test.store.start[test.rows] + test.target_pos][
-            captured["index"]
-        ]
-        captured["users"] = test.store.users[test.rows][captured["index"]]
+    arrays = {**outputs.arrays, **run.task.sample_details(test, outputs.arrays["index"])}
     metrics_file = run_folder(ckpt_path) / "metrics.json"
     training = json.loads(metrics_file.read_text()) if metrics_file.is_file() else None
     return Scored(
-        name=_model_name(cfg, training),
+        name=_model_name(run.config, training),
         ckpt_path=ckpt_path,
-        task=str(cfg.task.name),
-        config=cfg,
-        manifest=dict(dm.manifest),
-        metrics=dict(module.last_metrics["test"]),
-        arrays=captured,
-        item_counts=np.asarray(dm.item_counts),
-        extra=extra,
+        task=run.task,
+        config=run.config,
+        manifest=run.data.manifest,
+        metrics=outputs.metrics,
+        arrays=arrays,
+        item_counts=run.data.items.counts,
         training_metrics=training,
     )

@@ -1,4 +1,4 @@
-"""Calibration error and user-level bootstrap: confidence intervals and paired tests."""
+"""User-level bootstrap: confidence intervals and paired tests."""
 
 from __future__ import annotations
 
@@ -7,30 +7,6 @@ from collections.abc import Callable
 import numpy as np
 
 MetricFn = Callable[[np.ndarray], dict[str, float]]
-
-
-def reliability_bins(labels: np.ndarray, probs: np.ndarray, n_bins: int = 10) -> dict[str, np.ndarray]:
-    """Equal-width probability bins: sample count, mean predicted probability and observed rate."""
-    probs = np.asarray(probs, dtype=np.float64)
-    labels = np.asarray(labels, dtype=np.float64)
-    # The right edge belongs to the last bin, so p = 1.0 is counted.
-    which = np.minimum((probs * n_bins).astype(np.int64), n_bins - 1)
-    count = np.bincount(which, minlength=n_bins).astype(np.float64)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean_prob = np.bincount(which, weights=probs, minlength=n_bins) / count
-        rate = np.bincount(which, weights=labels, minlength=n_bins) / count
-    return {"count": count, "mean_prob": mean_prob, "rate": rate}
-
-
-def expected_calibration_error(labels: np.ndarray, probs: np.ndarray, n_bins: int = 10) -> float:
-    """Sum over bins of |observed rate - mean probability|, weighted by the bin's share of samples."""
-    bins = reliability_bins(labels, probs, n_bins)
-    total = bins["count"].sum()
-    if total == 0:
-        return float("nan")
-    used = bins["count"] > 0
-    gap = np.abs(bins["rate"][used] - bins["mean_prob"][used])
-    return float(np.sum(gap * bins["count"][used]) / total)
 
 
 def user_draws(users: np.ndarray, n_boot: int, seed: int) -> list[np.ndarray]:

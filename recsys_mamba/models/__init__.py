@@ -1,19 +1,19 @@
-"""Sequence encoders (one per file) behind one contract, plus next-click and CTR heads."""
+"""Sequence encoders (one per file) behind one contract, plus next-click and CTR heads: plain
+`nn.Module`s over tensors that never read files or know Lightning."""
 
 from recsys_mamba.models.base import SequenceEncoder
 from recsys_mamba.models.gru4rec import GRU4RecEncoder
 from recsys_mamba.models.heads import CTRHead, NextItemHead
 from recsys_mamba.models.mamba import MambaEncoder
-from recsys_mamba.models.registry import ENCODERS, build_encoder
+from recsys_mamba.models.model import RecModel
 from recsys_mamba.models.sasrec import SASRecEncoder
 
 __all__ = [
-    "ENCODERS",
     "CTRHead",
     "GRU4RecEncoder",
     "MambaEncoder",
     "NextItemHead",
+    "RecModel",
     "SASRecEncoder",
     "SequenceEncoder",
-    "build_encoder",
 ]

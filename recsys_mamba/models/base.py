@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from recsys_mamba.errors import RecsysError
-from recsys_mamba.ops.linear_ce import SeenItems, linear_cross_entropy
+from recsys_mamba.ops.linear_ce import SparseScore, linear_cross_entropy
 
 State = dict[str, Tensor]
 
@@ -33,6 +33,7 @@ class SequenceEncoder(nn.Module):
     def __init__(
         self,
         n_items: int,
+        *,
         n_categories: int = 0,
         n_event_types: int = 0,
         d_model: int = 64,
@@ -52,6 +53,7 @@ class SequenceEncoder(nn.Module):
         self.n_event_types = n_event_types
         self.d_model = d_model
         self.n_layers = n_layers
+        self.dropout_p = dropout
         self.max_len = max_len
         self.gradient_checkpointing = gradient_checkpointing
         # Row 0 is padding everywhere, so id i is row i and padded positions embed to zero.
@@ -157,27 +159,12 @@ class SequenceEncoder(nn.Module):
         return scores
 
     def cross_entropy_all(
-        self,
-        hidden: Tensor,
-        targets: Tensor,
-        seen_bias: Tensor | None = None,
-        seen: SeenItems | None = None,
-        prior_weight: Tensor | None = None,
-        prior: tuple[Tensor, Tensor] | None = None,
+        self, hidden: Tensor, targets: Tensor, terms: Sequence[SparseScore] = ()
     ) -> Tensor:
-        """Mean cross-entropy of `score_all(hidden)` against targets (N,) in [1, n_items], without
-        the (N, n_items + 1) score matrix (`ops.linear_cross_entropy`); with `seen`, each row's
-        already-seen items score `seen_bias` more, with `prior` (items, values) `prior_weight` times
-        the values. An encoder that overrides score_all overrides this too."""
-        return linear_cross_entropy(
-            hidden,
-            self.item_vectors(),
-            targets,
-            seen_bias=seen_bias,
-            seen=seen,
-            prior_weight=prior_weight,
-            prior=prior,
-        )
+        """Mean cross-entropy of `score_all(hidden)` (plus the sparse `terms`, one row per target)
+        against targets (N,) in [1, n_items], without the (N, n_items + 1) score matrix
+        (`ops.linear_cross_entropy`). An encoder that overrides score_all overrides this too."""
+        return linear_cross_entropy(hidden, self.item_vectors(), targets, terms=terms)
 
     def score_candidates(self, hidden: Tensor, items: Tensor) -> Tensor:
         """Scores of given candidates: hidden (..., d_model), items (..., K) -> (..., K)."""
@@ -205,6 +192,19 @@ class SequenceEncoder(nn.Module):
         self, items: Tensor, state: State, categories: Tensor | None = None, event_types: Tensor | None = None
     ) -> tuple[Tensor, State]:
         raise NotImplementedError
+
+    @torch.no_grad()
+    def prefill(
+        self, items: Tensor, categories: Tensor | None = None, event_types: Tensor | None = None
+    ) -> State:
+        """The streaming state after each row's events of a right-padded batch (B, L): what `step`
+        continues from. This one steps through the columns; encoders override it with one pass."""
+        self.check_inputs(items, categories, event_types)
+        state = self.init_state(items.shape[0], items.device)
+        for t in range(items.shape[1]):  # padding steps (item 0) leave a row's state as it was
+            state = self.step(items[:, t], state, select(categories, (slice(None), t)),
+                              select(event_types, (slice(None), t)))[1]
+        return state
 
     def check_step_inputs(
         self, items: Tensor, categories: Tensor | None = None, event_types: Tensor | None = None

@@ -5,6 +5,8 @@ Its streaming state is the GRU hidden state of every layer, a fixed size like Ma
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
@@ -12,23 +14,11 @@ from recsys_mamba.models.base import Dropout, SequenceEncoder, State, select
 
 
 class GRU4RecEncoder(SequenceEncoder):
-    def __init__(
-        self,
-        n_items: int,
-        n_categories: int = 0,
-        n_event_types: int = 0,
-        d_model: int = 64,
-        n_layers: int = 1,
-        dropout: float = 0.2,
-        max_len: int = 200,
-        gradient_checkpointing: bool = False,
-        item_attributes: Tensor | None = None,
-    ) -> None:
-        """max_len and gradient_checkpointing are accepted for the shared contract and unused."""
-        super().__init__(
-            n_items, n_categories, n_event_types, d_model, n_layers, dropout, max_len, gradient_checkpointing,
-            item_attributes,
-        )
+    def __init__(self, n_items: int, n_layers: int = 1, **common: Any) -> None:
+        """`common`: the arguments every encoder takes (`SequenceEncoder`); max_len and
+        gradient_checkpointing are accepted for that shared contract and unused."""
+        super().__init__(n_items, n_layers=n_layers, **common)
+        d_model, dropout = self.d_model, self.dropout_p
         self.emb_dropout = Dropout(dropout)
         self.gru = nn.GRU(
             d_model, d_model, n_layers, batch_first=True, dropout=dropout if n_layers > 1 else 0.0

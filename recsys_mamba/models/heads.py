@@ -14,11 +14,32 @@ from torch import Tensor, nn
 
 from recsys_mamba.errors import RecsysError
 from recsys_mamba.models.base import Dropout, SequenceEncoder
+from recsys_mamba.models.score_terms import History, SeenColumns, TransitionColumns
 from recsys_mamba.models.transitions import TransitionTable
-from recsys_mamba.ops.linear_ce import SeenItems
+from recsys_mamba.ops.linear_ce import SparseScore, add_sparse_scores, sparse_scores_at
 
 
-class NextItemHead(nn.Module):
+class Head(nn.Module):
+    """What every head tells the code around it (defaults: a head that needs nothing of the data)."""
+
+    mask_history = False  # rank with the items of the user's history removed (the masked protocol)
+
+    @property
+    def uses_history(self) -> bool:
+        """Whether scores depend on what the user has seen (`score_terms` needs a `History`)."""
+        return False
+
+    @property
+    def needs_transitions(self) -> bool:
+        """Whether the head needs the training data's transition counts (`attach_transitions`)."""
+        return False
+
+    def rank_scores(self, encoder: SequenceEncoder, hidden: Tensor, history: History | None = None) -> Tensor:
+        """Scores of every item (B, n_items + 1) after each row's history; column 0 is -inf."""
+        return encoder.score_all(hidden)
+
+
+class NextItemHead(Head):
     """Next-click: full softmax cross-entropy, or sampled softmax with logQ correction.
 
     Targets equal to 0 (padding) are ignored, so hidden states of every position of a padded batch
@@ -62,52 +83,60 @@ class NextItemHead(nn.Module):
         a checkpoint into it: the table's size must match the saved one)."""
         self.transitions = table
 
-    def _table(self) -> TransitionTable:
-        if self.transitions is None:
+    @property
+    def uses_history(self) -> bool:
+        return self.seen_bias is not None or self.transition_weight is not None
+
+    @property
+    def needs_transitions(self) -> bool:
+        return self.transition_weight is not None
+
+    def score_terms(self, history: History | None) -> list[SparseScore]:
+        """Everything this head adds to the encoder's dot products, for the rows of `history`: the
+        one place the loss, ranking and pair scoring take them from."""
+        if not self.uses_history:
+            return []
+        if history is None:
             raise RecsysError(
-                "NextItemHead(transition_prior=True) has no transition table: attach_transitions(table) "
-                "with the training data's counts (training.run.build does)"
+                "NextItemHead with seen_bias or transition_prior scores with a History: what each row has "
+                "seen (models.score_terms.History)"
             )
-        return self.transitions
+        terms = []
+        if self.seen_bias is not None:
+            terms.append(SparseScore(self.seen_bias, SeenColumns(history)))
+        if self.transition_weight is not None:
+            if self.transitions is None:
+                raise RecsysError(
+                    "NextItemHead(transition_prior=True) has no transition table: attach_transitions(table) "
+                    "with the training data's counts (runs.build_model does)"
+                )
+            terms.append(SparseScore(self.transition_weight, TransitionColumns(self.transitions, history)))
+        return terms
 
     def loss(
         self,
         encoder: SequenceEncoder,
         hidden: Tensor,
         targets: Tensor,
+        history: History | None = None,
         item_log_probs: Tensor | None = None,
-        seen: SeenItems | None = None,
-        inputs: Tensor | None = None,
     ) -> Tensor:
-        """Mean loss over the non-padding targets; hidden (N, d), targets (N,).
+        """Mean loss over the non-padding targets; hidden (N, d), targets (N,), history: one row per
+        target (what each has seen, and the item it has just seen), needed when `uses_history`.
 
         item_log_probs (n_items + 1,): log of the distribution negatives are drawn from (e.g. item
         popularity), finite for every item that can be a target (smooth zero counts); None means
-        uniform. Only used by the sampled loss. seen: what each row's sequence held so far (one row
-        per target); required with seen_bias, ignored without. inputs (N,): the item each row has
-        just seen, whose successors the transition prior lifts; required with transition_prior.
+        uniform. Only used by the sampled loss.
         """
-        if self.seen_bias is not None and seen is None:
-            raise RecsysError("NextItemHead(seen_bias=True).loss needs seen: the items each row has seen")
-        if self.transition_weight is not None and inputs is None:
-            raise RecsysError("NextItemHead(transition_prior=True).loss needs inputs: each row's item")
-        seen = seen if self.seen_bias is not None else None
         keep = targets != 0
         hidden, targets = hidden[keep], targets[keep]
-        if seen is not None:
-            seen = seen.subset(keep)
+        history = history.subset(keep) if history is not None and self.uses_history else None
+        terms = self.score_terms(history)
         if targets.numel() == 0:
-            unused = [p for p in (self.seen_bias, self.transition_weight) if p is not None]
-            return hidden.sum() * 0.0 + sum(p * 0.0 for p in unused)
-        prior = None
-        if self.transition_weight is not None:
-            # Leave-one-out: the pair being predicted is not counted, as a test pair is not.
-            prior = self._table().successors(inputs[keep], exclude=targets)
+            return hidden.sum() * 0.0 + sum(term.weight * 0.0 for term in terms)
         if self.loss_type == "ce":
-            bias = None if seen is None else self.seen_bias
-            weight = None if prior is None else self.transition_weight
-            return encoder.cross_entropy_all(hidden, targets, bias, seen, weight, prior)
-        return self._sampled_loss(encoder, hidden, targets, item_log_probs, seen, inputs, keep)
+            return encoder.cross_entropy_all(hidden, targets, terms)
+        return self._sampled_loss(encoder, hidden, targets, item_log_probs, terms)
 
     def _sampled_loss(
         self,
@@ -115,9 +144,7 @@ class NextItemHead(nn.Module):
         hidden: Tensor,
         targets: Tensor,
         item_log_probs: Tensor | None,
-        seen: SeenItems | None,
-        inputs: Tensor | None = None,
-        keep: Tensor | None = None,
+        terms: list[SparseScore],
     ) -> Tensor:
         # One set of negatives shared by the whole batch; logQ correction subtracts each item's log
         # sampling probability so popular items are not over-penalised (Yi et al., 2019).
@@ -133,15 +160,10 @@ class NextItemHead(nn.Module):
         negatives = torch.multinomial(log_q.softmax(0), self.n_negatives, replacement=True)
         pos_logits = encoder.score_candidates(hidden, targets[:, None])  # (N, 1)
         neg_logits = hidden @ encoder.item_vectors(negatives).t()  # (N, K)
-        if seen is not None:
-            pos_logits = pos_logits + self.seen_bias * seen.contains(targets[:, None])
-            neg_logits = neg_logits + self.seen_bias * seen.contains(negatives)
-        if self.transition_weight is not None:
-            table, current = self._table(), inputs[keep]
-            pos_prior = table.values(current, targets[:, None]).expm1().sub(1).clamp(min=0).log1p()
-            neg_prior = table.values(current, negatives[None, :].expand(len(current), -1))
-            pos_logits = pos_logits + self.transition_weight * pos_prior  # leave-one-out, as in `loss`
-            neg_logits = neg_logits + self.transition_weight * neg_prior
+        if terms:
+            # the transition prior leaves the pair being predicted out, as in the full loss
+            pos_logits = pos_logits + sparse_scores_at(targets[:, None], terms)
+            neg_logits = neg_logits + sparse_scores_at(negatives[None, :].expand(len(targets), -1), terms)
         if self.logq:
             pos_logits = pos_logits - log_q[targets][:, None]
             neg_logits = neg_logits - log_q[negatives][None, :]
@@ -151,34 +173,22 @@ class NextItemHead(nn.Module):
         logits = torch.cat([pos_logits, neg_logits], dim=1)
         return F.cross_entropy(logits, torch.zeros_like(targets))
 
-    def rank_scores(
-        self,
-        encoder: SequenceEncoder,
-        hidden: Tensor,
-        history: Tensor | None = None,
-        seen: SeenItems | None = None,
-        last_items: Tensor | None = None,
+    def rank_scores(self, encoder: SequenceEncoder, hidden: Tensor, history: History | None = None) -> Tensor:
+        """Scores of every item (B, n_items + 1) after each row's history, column 0 -inf. Masking the
+        history (the masked protocol, `mask_history`) is the caller's: it knows the whole history."""
+        return add_sparse_scores(encoder.score_all(hidden), self.score_terms(history))
+
+    def candidate_scores(
+        self, encoder: SequenceEncoder, hidden: Tensor, items: Tensor, history: History | None = None
     ) -> Tensor:
-        """Scores of every item (B, n_items + 1) for ranking; history items get -inf when mask_history.
-
-        seen (one row per hidden row): the items each input sequence holds, for seen_bias; required
-        with it. last_items (B,): each sequence's last item, for transition_prior; required with it.
-        """
-        scores = encoder.score_all(hidden)
-        if self.seen_bias is not None:
-            if seen is None:
-                raise RecsysError("NextItemHead(seen_bias=True) ranks with seen: the items of each sequence")
-            scores = scores + self.seen_bias * seen.mask()
-        if self.transition_weight is not None:
-            if last_items is None:
-                raise RecsysError("NextItemHead(transition_prior=True) ranks with last_items (each row's)")
-            scores = scores + self.transition_weight * self._table().dense(last_items).to(scores.dtype)
-        if self.mask_history and history is not None:
-            scores = scores.scatter(1, history, float("-inf"))
-        return scores
+        """Scores of given items (B, K) after each row's history (B rows): the ranking scores of
+        exactly those columns."""
+        scores = encoder.score_candidates(hidden, items)
+        extra = sparse_scores_at(items, self.score_terms(history))
+        return scores if extra is None else scores + extra
 
 
-class CTRHead(nn.Module):
+class CTRHead(Head):
     """Click probability of a candidate item given the encoded history.
 
     Inputs to the MLP are [h, e, h*e] with h the hidden state at the last real event and e the

@@ -15,6 +15,7 @@ at a time and `encode_long` encodes very long histories chunk by chunk with boun
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -91,6 +92,7 @@ class MambaMixer(nn.Module):
             self.conv1d.bias,
             initial_states=None if state is None else state[0],
             activation="silu",
+            backend=self.scan_backend,
         ).transpose(1, 2)
         dt, B, C = self._ssm_inputs(x)
         carry = state is not None
@@ -141,15 +143,20 @@ class MambaMixer(nn.Module):
 class RMSNorm(nn.RMSNorm):
     """nn.RMSNorm (same parameters and state dict) with the fused CPU kernel of `ops.norm`."""
 
+    def __init__(self, d_model: int, eps: float, backend: str = "auto") -> None:
+        super().__init__(d_model, eps=eps)
+        self.backend = backend
+
     def forward(self, x: Tensor) -> Tensor:
         if x.numel() < FUSED_MIN_NUMEL:  # a streaming step: skip the call, torch's op is cheaper here
             return super().forward(x)
-        return rms_norm(x, self.weight, self.eps)
+        return rms_norm(x, self.weight, self.eps, backend=self.backend)
 
 
-def make_norm(kind: str, d_model: int) -> nn.Module:
+def make_norm(kind: str, d_model: int, backend: str = "auto") -> nn.Module:
+    """The block's norm; `backend` (`ops.backend`) also picks the RMSNorm kernel, as it does the scan's."""
     if kind == "rmsnorm":
-        return RMSNorm(d_model, eps=1e-5)
+        return RMSNorm(d_model, eps=1e-5, backend=backend)
     if kind == "layernorm":
         return nn.LayerNorm(d_model, eps=1e-5)
     raise RecsysError(f"norm must be 'rmsnorm' or 'layernorm', got {kind!r}")
@@ -160,10 +167,11 @@ class MambaBlock(nn.Module):
         self, d_model: int, norm: str, ffn: bool, ffn_mult: int, dropout: float, **mixer_kwargs
     ) -> None:
         super().__init__()
-        self.norm = make_norm(norm, d_model)
+        backend = mixer_kwargs.get("scan_backend", "auto")
+        self.norm = make_norm(norm, d_model, backend)
         self.mixer = MambaMixer(d_model, **mixer_kwargs)
         self.dropout = Dropout(dropout)
-        self.ffn_norm = make_norm(norm, d_model) if ffn else None
+        self.ffn_norm = make_norm(norm, d_model, backend) if ffn else None
         self.ffn = FeedForward(d_model, ffn_mult, dropout) if ffn else None
 
     def _ffn(self, h: Tensor) -> Tensor:
@@ -188,14 +196,6 @@ class MambaEncoder(SequenceEncoder):
     def __init__(
         self,
         n_items: int,
-        n_categories: int = 0,
-        n_event_types: int = 0,
-        d_model: int = 64,
-        n_layers: int = 2,
-        dropout: float = 0.2,
-        max_len: int = 200,
-        gradient_checkpointing: bool = False,
-        item_attributes: Tensor | None = None,
         d_state: int = 16,
         d_conv: int = 4,
         expand: int = 2,
@@ -206,13 +206,15 @@ class MambaEncoder(SequenceEncoder):
         ffn: bool = True,
         ffn_mult: int = 4,
         scan_backend: str = "auto",
+        **common: Any,
     ) -> None:
-        super().__init__(
-            n_items, n_categories, n_event_types, d_model, n_layers, dropout, max_len, gradient_checkpointing,
-            item_attributes,
-        )
+        """`common`: the arguments every encoder takes (`SequenceEncoder`: d_model, n_layers, dropout,
+        max_len, side-feature sizes, item attributes, ...). scan_backend: the `ops.backend` of every
+        kernel of the blocks (scan, conv, norm)."""
+        super().__init__(n_items, **common)
         if d_conv < 2:
             raise RecsysError(f"d_conv must be >= 2, got {d_conv}")
+        d_model, dropout = self.d_model, self.dropout_p
         self.emb_dropout = Dropout(dropout)
         self.blocks = nn.ModuleList(
             MambaBlock(
@@ -229,13 +231,13 @@ class MambaEncoder(SequenceEncoder):
                 dt_max=dt_max,
                 scan_backend=scan_backend,
             )
-            for _ in range(n_layers)
+            for _ in range(self.n_layers)
         )
-        self.norm = make_norm(norm, d_model)
+        self.norm = make_norm(norm, d_model, scan_backend)
         # Mamba's pre-norm residual rescaling: keep the residual stream's variance flat in depth.
         for block in self.blocks:
             with torch.no_grad():
-                block.mixer.out_proj.weight /= math.sqrt(n_layers)
+                block.mixer.out_proj.weight /= math.sqrt(self.n_layers)
 
     def forward(
         self, items: Tensor, categories: Tensor | None = None, event_types: Tensor | None = None
@@ -287,6 +289,12 @@ class MambaEncoder(SequenceEncoder):
             "ssm": torch.where(keep, state["ssm"], torch.stack(ssms, 1).to(state["ssm"].dtype)),
         }
         return self.norm(h) * real[:, None], new_state
+
+    def prefill(
+        self, items: Tensor, categories: Tensor | None = None, event_types: Tensor | None = None
+    ) -> State:
+        """The state after each row's events, in one chunked pass (`encode_long`)."""
+        return self.encode_long(items, categories, event_types, return_state=True)[1]
 
     @torch.no_grad()
     def encode_long(

@@ -8,6 +8,7 @@ through `scaled_dot_product_attention`. Streaming uses a key/value cache that gr
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -79,27 +80,22 @@ class SASRecEncoder(SequenceEncoder):
     def __init__(
         self,
         n_items: int,
-        n_categories: int = 0,
-        n_event_types: int = 0,
-        d_model: int = 64,
-        n_layers: int = 2,
-        dropout: float = 0.2,
-        max_len: int = 200,
-        gradient_checkpointing: bool = False,
-        item_attributes: Tensor | None = None,
         n_heads: int = 2,
         ffn_mult: int = 4,
         scale_embeddings: bool = False,
+        **common: Any,
     ) -> None:
-        super().__init__(
-            n_items, n_categories, n_event_types, d_model, n_layers, dropout, max_len, gradient_checkpointing,
-            item_attributes,
-        )
+        """`common`: the arguments every encoder takes (`SequenceEncoder`); max_len sizes the learned
+        positional table."""
+        super().__init__(n_items, **common)
+        d_model, dropout = self.d_model, self.dropout_p
         self.n_heads = n_heads
         self.emb_scale = math.sqrt(d_model) if scale_embeddings else 1.0
-        self.pos_emb = nn.Embedding(max_len, d_model)
+        self.pos_emb = nn.Embedding(self.max_len, d_model)
         self.emb_dropout = Dropout(dropout)
-        self.blocks = nn.ModuleList(SASRecBlock(d_model, n_heads, ffn_mult, dropout) for _ in range(n_layers))
+        self.blocks = nn.ModuleList(
+            SASRecBlock(d_model, n_heads, ffn_mult, dropout) for _ in range(self.n_layers)
+        )
         self.norm = nn.LayerNorm(d_model)
         nn.init.normal_(self.pos_emb.weight, std=0.02)
         for module in self.blocks.modules():
@@ -145,6 +141,24 @@ class SASRecEncoder(SequenceEncoder):
             "valid": torch.zeros(batch_size, 0, dtype=torch.bool, device=device),
             "pos": torch.zeros(batch_size, dtype=torch.long, device=device),
         }
+
+    @torch.no_grad()
+    def prefill(
+        self, items: Tensor, categories: Tensor | None = None, event_types: Tensor | None = None
+    ) -> State:
+        """The key/value cache after each row's events: every layer's keys and values of one causal
+        forward (padded keys marked not `valid`)."""
+        mask = self.check_inputs(items, categories, event_types)
+        L = items.shape[1]
+        if L > self.max_len:
+            raise RecsysError(f"history length {L} exceeds SASRec max_len {self.max_len}; raise max_len")
+        h = self.embed(items, categories, event_types) * self.emb_scale + self.pos_emb.weight[:L]
+        ks, vs = [], []
+        for block in self.blocks:
+            h, (k, v) = block(h)
+            ks.append(k)
+            vs.append(v)
+        return {"k": torch.stack(ks, 1), "v": torch.stack(vs, 1), "valid": mask, "pos": mask.sum(1)}
 
     def step(
         self, items: Tensor, state: State, categories: Tensor | None = None, event_types: Tensor | None = None

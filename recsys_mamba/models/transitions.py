@@ -81,15 +81,3 @@ class TransitionTable(nn.Module):
         cols, values = self.successors(items)
         out = torch.zeros(items.shape[0], self.n_items + 1, device=items.device)
         return out.scatter_add_(1, cols, values)  # padding slots add 0 to column 0
-
-
-def consecutive_pairs(
-    items: np.ndarray, starts: np.ndarray, lengths: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """(source, next) of every two consecutive events among the first `lengths[u]` events of each
-    user u, whose events are `items[starts[u]:starts[u] + lengths[u]]`."""
-    n_pairs = np.maximum(lengths - 1, 0)
-    first = np.repeat(starts, n_pairs)
-    within = np.arange(n_pairs.sum()) - np.repeat(np.cumsum(n_pairs) - n_pairs, n_pairs)
-    at = first + within
-    return items[at].astype(np.int64), items[at + 1].astype(np.int64)

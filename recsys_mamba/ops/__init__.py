@@ -1,21 +1,21 @@
 """Selective-scan kernels (Mamba's S6 recurrence): tensors in, tensors out.
 
 `selective_scan` and `selective_state_update` follow mamba-ssm's `selective_scan_fn` and
-`selective_state_update` (argument names, layouts, semantics). Backends: `ref` (sequential PyTorch,
-the oracle), `cpu` (compiled numba kernels, pure-torch fallback), `triton` (fused CUDA kernels; CPU
-tensors only under TRITON_INTERPRET=1), `auto` (triton on CUDA, cpu otherwise).
+`selective_state_update` (argument names, layouts, semantics). Backends (`ops.backend`, one resolver
+for every op): `ref` (sequential PyTorch, the oracle), `cpu` (compiled numba kernels, pure-torch
+fallback), `triton` (fused CUDA kernels; CPU tensors only under TRITON_INTERPRET=1), `auto` (triton
+on CUDA, cpu otherwise).
 
 The Mamba block's other kernels sit beside it: `ops.conv.causal_conv1d` (depthwise causal conv) and
-`ops.norm.rms_norm` (fused RMSNorm), and `ops.linear_ce` the fused next-click loss.
+`ops.norm.rms_norm` (fused RMSNorm), and `ops.linear_ce` the fused full-softmax loss.
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-from recsys_mamba.errors import RecsysError
+from recsys_mamba.ops.backend import BACKENDS
+from recsys_mamba.ops.backend import resolve as resolve_backend
 from recsys_mamba.ops.checks import check_scan, check_state_update
 from recsys_mamba.ops.chunked import selective_scan_chunked
 from recsys_mamba.ops.ref import selective_scan_ref, selective_state_update_ref
@@ -29,24 +29,6 @@ __all__ = [
     "selective_state_update",
     "selective_state_update_ref",
 ]
-
-BACKENDS = ("auto", "ref", "cpu", "triton")
-
-
-def resolve_backend(backend: str, device: torch.device) -> str:
-    if backend not in BACKENDS:
-        raise RecsysError(f"backend={backend!r} is not one of {', '.join(BACKENDS)}")
-    interpret = os.environ.get("TRITON_INTERPRET") == "1"
-    if backend == "auto":
-        return "triton" if device.type == "cuda" else "cpu"
-    if backend == "triton" and device.type != "cuda" and not interpret:
-        raise RecsysError(
-            f"backend='triton' needs CUDA tensors (got {device}); set TRITON_INTERPRET=1 before "
-            "importing triton to run the kernels on CPU, or use backend='cpu'"
-        )
-    if backend == "cpu" and device.type != "cpu":
-        raise RecsysError(f"backend='cpu' needs CPU tensors, got {device}")
-    return backend
 
 
 def selective_scan(

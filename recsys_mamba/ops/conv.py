@@ -2,11 +2,10 @@
 
 `causal_conv1d` follows the causal-conv1d package's `causal_conv1d_fn` (x (batch, dim, L), weight
 (dim, width), bias, initial_states (batch, dim, width - 1), activation None | "silu"), so the two can
-be swapped. Backends: `cpu` (numba kernels over channels-last memory; the backward in one parallel
-pass, the pre-activation recomputed rather than stored) and `torch` (oneDNN/cuDNN conv2d, the
-reference and the CUDA path). oneDNN's weight gradient is slow for this depthwise shape: the numba
-pair runs forward + backward 1.5x (two threads) to 2x (one thread) faster at batch 40, L 200, 128
-channels (BENCHMARKS.md).
+be swapped. On the `cpu` backend (`ops.backend`) numba kernels run over channels-last memory, the
+backward in one parallel pass with the pre-activation recomputed rather than stored, because
+oneDNN's weight gradient is slow for this depthwise shape (BENCHMARKS.md); every other backend runs
+torch's conv2d (oneDNN/cuDNN), the reference and the CUDA path.
 """
 
 from __future__ import annotations
@@ -15,15 +14,9 @@ import torch
 import torch.nn.functional as F
 
 from recsys_mamba.errors import RecsysError
+from recsys_mamba.ops.backend import numba_for, numba_kernels
 
-BACKENDS = ("auto", "cpu", "torch")
 ACTIVATIONS = (None, "silu", "swish")
-
-
-def _kernels():
-    from recsys_mamba.ops.cpu import _load_kernels
-
-    return _load_kernels()
 
 
 class _ConvFn(torch.autograd.Function):
@@ -32,7 +25,7 @@ class _ConvFn(torch.autograd.Function):
         """xp (batch, L + K - 1, C) channels last with its left context; weight_kc (K, C); bias (C,)."""
         nb, length_padded, nc = xp.shape
         out = xp.new_empty(nb, length_padded - weight_kc.shape[0] + 1, nc)
-        _kernels().conv_fwd(xp.detach().numpy(), weight_kc.detach().numpy(), bias.detach().numpy(),
+        numba_kernels().conv_fwd(xp.detach().numpy(), weight_kc.detach().numpy(), bias.detach().numpy(),
                             silu, out.numpy())
         ctx.save_for_backward(xp, weight_kc, bias)
         ctx.silu = silu
@@ -41,7 +34,7 @@ class _ConvFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         xp, weight_kc, bias = ctx.saved_tensors
-        k = _kernels()
+        k = numba_kernels()
         dout = dout.contiguous().to(xp.dtype)
         nb, length, nc = dout.shape
         tasks = nb * -(-length // k.CONV_T)
@@ -90,8 +83,7 @@ def causal_conv1d(
     result is a transposed view of a (batch, L, dim) tensor. Differentiable in every tensor input.
     """
     _check(x, weight, bias, initial_states, activation)
-    if backend not in BACKENDS:
-        raise RecsysError(f"backend={backend!r} is not one of {', '.join(BACKENDS)}")
+    kernels = numba_for(backend, x)
     batch, dim, _ = x.shape
     width = weight.shape[1]
     x_cl = x.transpose(1, 2)  # (batch, L, dim), free for channels-last memory
@@ -101,11 +93,7 @@ def causal_conv1d(
         context = initial_states.transpose(1, 2).to(x.dtype)
     xp = torch.cat([context, x_cl], dim=1)
     silu = activation is not None
-    if backend == "cpu" and x.device.type != "cpu":
-        raise RecsysError(f"backend='cpu' needs CPU tensors, got {x.device}")
-    use_cpu = (backend == "cpu" or (backend == "auto" and x.device.type == "cpu")) and \
-        x.dtype in (torch.float32, torch.float64) and _kernels() is not None
-    if use_cpu:
+    if kernels is not None:
         bias_ = bias if bias is not None else x.new_zeros(dim)
         out = _ConvFn.apply(xp, weight.t().to(x.dtype).contiguous(), bias_.to(x.dtype), silu)
     else:

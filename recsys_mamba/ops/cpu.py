@@ -1,40 +1,16 @@
-"""CPU backend: compiled numba kernels (parallel over batch x blocks of 16 channels, the channels in
-SIMD lanes, chunked recompute in the backward). Without numba it warns once and falls back to the
-`ref` loop."""
+"""CPU backend: compiled numba kernels (parallel over batch x blocks of `_numba_kernels.W` channels,
+the channels in SIMD lanes, chunked recompute in the backward). Without numba it warns once and falls
+back to the `ref` loop."""
 
 from __future__ import annotations
 
-import importlib
-import warnings
-
 import torch
 
+from recsys_mamba.ops.backend import numba_kernels
 from recsys_mamba.ops.checks import compute_dtype
 from recsys_mamba.ops.ref import selective_scan_ref
 
-CHUNK = 64  # steps re-run per backward chunk: its K x d_state x 16 buffers stay in L2
-
-_kernels = None
-_warned = False
-
-
-def _load_kernels():
-    global _kernels, _warned
-    if _kernels is None:
-        try:
-            _kernels = importlib.import_module("recsys_mamba.ops._numba_kernels")
-        except Exception as err:  # ImportError, or numba unable to build for this platform
-            _kernels = False
-            if not _warned:
-                _warned = True
-                warnings.warn(
-                    f"numba unavailable ({err}); selective_scan backend='cpu' falls back to the slow "
-                    "PyTorch reference loop. `pip install numba` for the fast kernels.",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
-    return _kernels or None
-
+CHUNK = 64  # steps re-run per backward chunk: its K x d_state x W buffers stay in L2
 
 def _np(t: torch.Tensor):
     return t.detach().numpy()
@@ -45,7 +21,7 @@ class _ScanFn(torch.autograd.Function):
     def forward(ctx, u, delta, delta_bias, softplus, A, B, C, D, z, initial_state):
         """u, delta, z (batch, L, dim): channels last; B, C (batch, groups, L, N); delta raw: the
         kernel adds delta_bias and applies softplus when asked."""
-        k = _kernels
+        k = numba_kernels()
         ct = u.dtype
         nb, L, nd = u.shape
         N = A.shape[1]
@@ -65,7 +41,7 @@ class _ScanFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, dlast):
-        k = _kernels
+        k = numba_kernels()
         u, dt, At, B, C, D, z, ckpt = ctx.saved_tensors
         has_z = ctx.has_z
         nb, _, nd = u.shape
@@ -102,7 +78,7 @@ def selective_scan_cpu(
     initial_state: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, initial_state)
-    if _load_kernels() is None:
+    if numba_kernels() is None:
         return selective_scan_ref(*args)
     ct = compute_dtype(u, delta, A, B, C, D, z, delta_bias, initial_state)
     nb, nd, _ = u.shape

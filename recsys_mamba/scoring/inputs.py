@@ -13,7 +13,8 @@ from recsys_mamba.data.format import MANIFEST, SEQUENCES, USER_MAP, load_manifes
 from recsys_mamba.data.readers import Layout
 from recsys_mamba.data.validate import READ_ERRORS, text_problem
 from recsys_mamba.errors import RecsysError
-from recsys_mamba.scoring.model import ScoringModel
+from recsys_mamba.schema import Kind
+from recsys_mamba.sequences.prepared import PreparedData
 
 EVENT_COLUMNS = ("user_id", "item_id")
 _SHOW = 5
@@ -192,13 +193,14 @@ def read_events(path: str | Path) -> pl.DataFrame:
     )
 
 
-def to_model_space(model: ScoringModel, events: pl.DataFrame) -> tuple[pl.DataFrame, int]:
+def to_model_space(data: PreparedData, events: pl.DataFrame) -> tuple[pl.DataFrame, int]:
     """Events with model indices (item, category, event type); unknown items dropped, and counted."""
+    index = data.items.index
     item_map = pl.DataFrame(
-        {"item_id": list(model.id_to_idx), "item_idx": list(model.id_to_idx.values())},
+        {"item_id": list(index), "item_idx": list(index.values())},
         schema={"item_id": pl.String, "item_idx": pl.Int64},
     )
-    types = model.event_type_names
+    types = data.event_type_names
     type_map = pl.DataFrame(
         {"event_type": types, "event_type_idx": list(range(1, len(types) + 1))},
         schema={"event_type": pl.String, "event_type_idx": pl.Int64},
@@ -206,7 +208,7 @@ def to_model_space(model: ScoringModel, events: pl.DataFrame) -> tuple[pl.DataFr
     joined = events.join(item_map, on="item_id", how="left", maintain_order="left")
     unknown = int(joined["item_idx"].null_count())
     known = joined.drop_nulls("item_idx").join(type_map, on="event_type", how="left", maintain_order="left")
-    category = pl.Series(model.item_category)
+    category = pl.Series(data.items.categories)
     known = known.with_columns(
         pl.col("event_type_idx").fill_null(0),
         pl.col("item_idx")
@@ -216,13 +218,13 @@ def to_model_space(model: ScoringModel, events: pl.DataFrame) -> tuple[pl.DataFr
     return known, unknown
 
 
-def histories(model: ScoringModel, events: pl.DataFrame) -> tuple[pl.DataFrame, int]:
+def histories(data: PreparedData, events: pl.DataFrame) -> tuple[pl.DataFrame, int]:
     """One row per user (sorted by user_id): lists items, categories, event_types in time order.
 
     Users whose events are all unknown items keep a row with empty lists (cold users).
     """
     users = events.select("user_id").unique()
-    known, unknown = to_model_space(model, events)
+    known, unknown = to_model_space(data, events)
     per_user = (
         known.sort(["user_id", "timestamp"], maintain_order=True)
         .group_by("user_id", maintain_order=True)
@@ -248,10 +250,17 @@ def shard_mask(user_ids: pl.Series, shard: str) -> np.ndarray:
     return codes % count == index
 
 
-def parse_shard(shard: str) -> tuple[int, int]:
+class Shard(Kind):
+    """ "I/N": this worker scores the users with crc32(user_id) % N == I."""
+
+    def check(self, value: object, key: str) -> None:
+        parse_shard(value, key)
+
+
+def parse_shard(shard: str, key: str = "shard") -> tuple[int, int]:
     """"I/N" (ASCII digits) with 0 <= I < N <= 2**32."""
     match = _SHARD.fullmatch(shard) if isinstance(shard, str) else None
     index, count = (int(match[1]), int(match[2])) if match else (-1, 0)
     if not 0 <= index < count <= MAX_SHARDS:
-        raise RecsysError(f"shard={shard!r} must be I/N with 0 <= I < N <= 2**32, e.g. shard=0/4")
+        raise RecsysError(f"{key}={shard!r} must be I/N with 0 <= I < N <= 2**32, e.g. {key}=0/4")
     return index, count

@@ -10,8 +10,9 @@ from omegaconf import DictConfig
 
 from recsys_mamba import checks
 from recsys_mamba.errors import RecsysError
+from recsys_mamba.runs import Run, load_run
+from recsys_mamba.schema import Bool, Check, Choice, Int, Num, PathTo, Rule, Schema
 from recsys_mamba.scoring import batch, inputs, parts
-from recsys_mamba.scoring.model import ScoringModel, load_model
 from recsys_mamba.scoring.stream import StateStore
 
 MODES = ("topk", "candidates", "stream")
@@ -21,18 +22,18 @@ def chunked(frame: pl.DataFrame, size: int) -> list[pl.DataFrame]:
     return [frame.slice(i, size) for i in range(0, len(frame), size)] or []
 
 
-def _histories(model: ScoringModel, source: str, shard: str) -> tuple[pl.DataFrame, int]:
-    users, unknown = inputs.histories(model, inputs.read_events(source))
+def _histories(run: Run, source: str, shard: str) -> tuple[pl.DataFrame, int]:
+    users, unknown = inputs.histories(run.data, inputs.read_events(source))
     return users.filter(inputs.shard_mask(users["user_id"], shard)), unknown
 
 
-def _topk(model: ScoringModel, cfg: DictConfig, out: Path, prefix: str) -> tuple[list, dict[str, Any]]:
-    users, unknown = _histories(model, cfg.input, cfg.shard)
+def _topk(run: Run, cfg: DictConfig, out: Path, prefix: str) -> tuple[list, dict[str, Any]]:
+    users, unknown = _histories(run, cfg.input, cfg.shard)
     parts_ = parts.run_parts(
         out,
         prefix,
         chunked(users, cfg.chunk_size),
-        lambda u: batch.topk_chunk(model, u, cfg.top_k, cfg.exclude_seen),
+        lambda u: batch.topk_chunk(run, u, cfg.top_k, cfg.exclude_seen),
         cfg.progress,
         cfg.pause_s,
     )
@@ -40,12 +41,12 @@ def _topk(model: ScoringModel, cfg: DictConfig, out: Path, prefix: str) -> tuple
     return parts_, {"users": len(users), "cold_users": cold, "unknown_history_items": unknown}
 
 
-def _candidates(model: ScoringModel, cfg: DictConfig, out: Path, prefix: str) -> tuple[list, dict[str, Any]]:
+def _candidates(run: Run, cfg: DictConfig, out: Path, prefix: str) -> tuple[list, dict[str, Any]]:
     pairs = inputs.read_table(cfg.input, inputs.EVENT_COLUMNS).select(
         pl.col("user_id").cast(pl.String), pl.col("item_id").cast(pl.String)
     )
     pairs = pairs.filter(inputs.shard_mask(pairs["user_id"], cfg.shard))
-    users, unknown = _histories(model, cfg.history or str(model.prepared), cfg.shard)
+    users, unknown = _histories(run, cfg.history or str(run.data.folder), cfg.shard)
     missing = pairs.select("user_id").unique().join(users, on="user_id", how="anti")
     empty = pl.lit([], dtype=pl.List(pl.Int64))
     users = (
@@ -56,11 +57,11 @@ def _candidates(model: ScoringModel, cfg: DictConfig, out: Path, prefix: str) ->
 
     def score(chunk: pl.DataFrame) -> pl.DataFrame:
         return batch.candidate_chunk(
-            model, chunk, pairs.join(chunk.select("user_id"), on="user_id", how="semi")
+            run, chunk, pairs.join(chunk.select("user_id"), on="user_id", how="semi")
         )
 
     parts_ = parts.run_parts(out, prefix, chunked(users, cfg.chunk_size), score, cfg.progress, cfg.pause_s)
-    known = set(model.id_to_idx)
+    known = set(run.data.items.index)
     info = {
         "users": len(users),
         "cold_users": int((users["items"].list.len() == 0).sum()),
@@ -70,13 +71,13 @@ def _candidates(model: ScoringModel, cfg: DictConfig, out: Path, prefix: str) ->
     return parts_, info
 
 
-def _stream(model: ScoringModel, cfg: DictConfig, out: Path, prefix: str) -> tuple[list, dict[str, Any]]:
-    store = StateStore(model)
+def _stream(run: Run, cfg: DictConfig, out: Path, prefix: str) -> tuple[list, dict[str, Any]]:
+    store = StateStore(run.model.encoder)
     if cfg.state_in:
         store.load(Path(cfg.state_in))
     events = inputs.read_events(cfg.input)
     events = events.filter(inputs.shard_mask(events["user_id"], cfg.shard))
-    known, unknown = inputs.to_model_space(model, events)
+    known, unknown = inputs.to_model_space(run.data, events)
     store.consume(known, cfg.chunk_size * 64, cfg.progress)
     state_out = Path(cfg.state_out) if cfg.state_out else out / f"state-{prefix}.parquet"
     store.save(state_out)
@@ -85,49 +86,53 @@ def _stream(model: ScoringModel, cfg: DictConfig, out: Path, prefix: str) -> tup
     def score(chunk: pl.DataFrame) -> pl.DataFrame:
         # The state holds the whole stream, so a seen-item bias counts every item the user has had.
         hidden = store.hidden(chunk["user_id"].to_list())
-        scores = batch.next_item_scores(model, hidden, chunk["items"]).detach()
-        return batch.rank_rows(model, scores, chunk, cfg.top_k, cfg.exclude_seen)
+        scores = batch.next_item_scores(run, hidden, chunk["items"]).detach()
+        return batch.rank_rows(run, scores, chunk, cfg.top_k, cfg.exclude_seen)
 
     parts_ = parts.run_parts(out, prefix, chunked(users, cfg.chunk_size), score, cfg.progress, cfg.pause_s)
     info = {"users": len(users), "events": len(known), "unknown_items": unknown, "state": str(state_out)}
     return parts_, info
 
 
-def validate_config(cfg: DictConfig) -> None:
-    """Every value of conf/score.yaml, checked before the model is loaded or any input read."""
-    mode = checks.select(cfg, "mode")
-    if isinstance(mode, bool) or mode not in MODES:
-        raise RecsysError(f"mode={mode!r} must be one of {MODES}")
+def _required(cfg: DictConfig) -> None:
     for key in ("ckpt_path", "input", "output"):
         if checks.select(cfg, key, default=None) in (None, ""):
             raise RecsysError(f"{key}=... is required, e.g. python -m recsys_mamba.score {key}=PATH")
-    checks.existing_file(checks.select(cfg, "ckpt_path"), "ckpt_path", what="a .ckpt file from a train run")
-    checks.existing(checks.select(cfg, "input"), "input", what="an event log, pairs file or prepared folder")
-    checks.output_dir(checks.select(cfg, "output"), "output")
-    prepared = checks.path(checks.select(cfg, "prepared", default=None), "prepared", optional=True)
-    if prepared is not None and not (prepared / "manifest.json").is_file():
-        raise RecsysError(f"prepared={prepared} holds no manifest.json; pass a prepared folder or null")
-    checks.existing(checks.select(cfg, "history", default=None), "history", optional=True)
-    checks.integer(checks.select(cfg, "top_k"), "top_k", minimum=1, maximum=1 << 20, example=10)
-    checks.integer(checks.select(cfg, "chunk_size"), "chunk_size", minimum=1, maximum=1 << 24, example=1024)
-    max_len = checks.select(cfg, "max_len", default=None)
-    checks.integer(max_len, "max_len", minimum=1, maximum=1 << 24, optional=True, example=200)
-    checks.boolean(checks.select(cfg, "exclude_seen"), "exclude_seen")
-    checks.boolean(checks.select(cfg, "progress"), "progress")
-    checks.number(checks.select(cfg, "pause_s"), "pause_s", minimum=0, maximum=3600, example=0.0)
-    inputs.parse_shard(checks.select(cfg, "shard"))
-    checks.existing_file(checks.select(cfg, "state_in", default=None), "state_in", optional=True)
-    checks.output_file(checks.select(cfg, "state_out", default=None), "state_out", optional=True)
+
+
+# Every value of conf/score.yaml, checked before the model is loaded or any input read.
+SCORE = Schema(
+    Rule("mode", Choice(MODES)),
+    Check(_required),
+    Rule("ckpt_path", PathTo("file", what="a .ckpt file from a train run")),
+    Rule("input", PathTo("exists", what="an event log, pairs file or prepared folder")),
+    Rule("output", PathTo("out_dir")),
+    Rule("prepared", PathTo("prepared", optional=True)),
+    Rule("history", PathTo("exists", optional=True)),
+    Rule("top_k", Int(1, 1 << 20, example=10)),
+    Rule("chunk_size", Int(1, 1 << 24, example=1024)),
+    Rule("max_len", Int(1, 1 << 24, optional=True, example=200)),
+    Rule("exclude_seen", Bool()),
+    Rule("progress", Bool()),
+    Rule("pause_s", Num(minimum=0, maximum=3600, example=0.0)),
+    Rule("shard", inputs.Shard()),
+    Rule("state_in", PathTo("file", optional=True)),
+    Rule("state_out", PathTo("out_file", optional=True)),
+)
+
+
+def validate_config(cfg: DictConfig) -> None:
+    SCORE.validate(cfg)
 
 
 def score(cfg: DictConfig) -> Path:
     """Run the job `cfg` describes (conf/score.yaml); returns the `_SUCCESS` manifest's path."""
     validate_config(cfg)
     out = parts.prepare_output(cfg.output, cfg.shard)
-    model = load_model(cfg.ckpt_path, cfg.prepared, cfg.max_len)
+    run = load_run(cfg.ckpt_path, cfg.prepared, cfg.max_len)
     prefix = parts.part_prefix(cfg.mode, cfg.shard)
-    run = {"topk": _topk, "candidates": _candidates, "stream": _stream}[cfg.mode]
-    written, info = run(model, cfg, out, prefix)
+    job = {"topk": _topk, "candidates": _candidates, "stream": _stream}[cfg.mode]
+    written, info = job(run, cfg, out, prefix)
     settings = {k: cfg.get(k) for k in ("mode", "shard", "top_k", "exclude_seen", "chunk_size")}
     return parts.write_success(
         out,

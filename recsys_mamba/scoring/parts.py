@@ -11,8 +11,8 @@ from typing import Any
 import polars as pl
 from tqdm import tqdm
 
-from recsys_mamba import files
 from recsys_mamba.errors import RecsysError
+from recsys_mamba.files import TMP_MARK, sweep_temporaries, write_atomic, write_text_atomic
 
 RERUN_HINT = "free disk space or choose another output=, then rerun: finished parts are kept and skipped"
 
@@ -29,15 +29,12 @@ def prepare_output(output: str | Path, shard: str = "0/1") -> Path:
         raise RecsysError(f"output={out} is not a writable folder ({err.strerror})") from err
     index, count = (int(x) for x in shard.split("/"))
     mine = f"-{index:05d}-of-{count:05d}"  # in every part and state file name of this shard
-    for stale in out.glob(".*.tmp"):
-        if mine in stale.name or stale.name == f".{success_name(shard)}.tmp":
-            stale.unlink(missing_ok=True)
+
+    def theirs(stale: Path) -> bool:
+        return mine not in stale.name and not stale.name.startswith(f".{success_name(shard)}{TMP_MARK}")
+
+    sweep_temporaries(out, keep=theirs)
     return out
-
-
-def write_atomic(path: Path, write: Callable[[Path], Any]) -> None:
-    """`write(tmp)` then rename onto `path`: a kill or a full disk never leaves a partial `path`."""
-    files.write_atomic(path, write, hint=RERUN_HINT)
 
 
 def run_parts(
@@ -56,7 +53,7 @@ def run_parts(
         path = out / f"{prefix}-{j:06d}.parquet"
         if not path.is_file():
             frame = score(chunk)
-            write_atomic(path, frame.write_parquet)
+            write_atomic(path, frame.write_parquet, hint=RERUN_HINT)
             time.sleep(pause_s)
         parts.append({"file": path.name, "rows": pl.scan_parquet(path).select(pl.len()).collect().item()})
     return parts
@@ -67,7 +64,7 @@ def write_success(out: Path, name: str, parts: Iterable[dict[str, Any]], info: d
     parts = list(parts)
     payload = {**info, "rows": sum(p["rows"] for p in parts), "parts": parts}
     path = out / name
-    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n"))
+    write_text_atomic(path, json.dumps(payload, indent=2, sort_keys=True) + "\n", hint=RERUN_HINT)
     return path
 
 

@@ -9,8 +9,9 @@ import torch
 from tqdm import tqdm
 
 from recsys_mamba.errors import RecsysError
-from recsys_mamba.scoring.model import ScoringModel
-from recsys_mamba.scoring.parts import write_atomic
+from recsys_mamba.files import write_atomic
+from recsys_mamba.models.base import SequenceEncoder
+from recsys_mamba.scoring.parts import RERUN_HINT
 
 HIDDEN = "_hidden"  # the last output is kept in the state dict, so scores need no re-encoding
 
@@ -18,19 +19,19 @@ HIDDEN = "_hidden"  # the last output is kept in the state dict, so scores need 
 class StateStore:
     """Per-user encoder state (plus last hidden output) and seen items; saved as Parquet of bytes."""
 
-    def __init__(self, model: ScoringModel) -> None:
-        self.model = model
+    def __init__(self, encoder: SequenceEncoder) -> None:
+        self.encoder = encoder
         self.states: dict[str, dict[str, torch.Tensor]] = {}
         self.seen: dict[str, list[int]] = {}
 
     def _fresh(self) -> dict[str, torch.Tensor]:
-        state = self.model.encoder.init_state(1)
-        state[HIDDEN] = torch.zeros(1, self.model.encoder.d_model)
+        state = self.encoder.init_state(1)
+        state[HIDDEN] = torch.zeros(1, self.encoder.d_model)
         return state
 
     def update(self, users: list[str], items: torch.Tensor, cats: torch.Tensor, types: torch.Tensor) -> None:
         """One event for each of `users` (all distinct)."""
-        encoder = self.model.encoder
+        encoder = self.encoder
         merged = encoder.merge_states([self.states.get(u) or self._fresh() for u in users])
         merged.pop(HIDDEN)
         with torch.no_grad():
@@ -73,17 +74,17 @@ class StateStore:
         frame = pl.DataFrame(
             {
                 "user_id": users,
-                "state": [self.model.encoder.save_state(self.states[u]) for u in users],
+                "state": [self.encoder.save_state(self.states[u]) for u in users],
                 "seen": [self.seen[u] for u in users],
             },
             schema={"user_id": pl.String, "state": pl.Binary, "seen": pl.List(pl.Int64)},
         )
-        write_atomic(path, frame.write_parquet)
+        write_atomic(path, frame.write_parquet, hint=RERUN_HINT)
 
     def load(self, path: Path) -> None:
         if not path.is_file():
             raise RecsysError(f"state_in={path} does not exist; pass a state file written by mode=stream")
         frame = pl.read_parquet(path)
         for user, blob, seen in frame.iter_rows():
-            self.states[user] = self.model.encoder.load_state(blob)
+            self.states[user] = self.encoder.load_state(blob)
             self.seen[user] = list(seen)

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-import importlib.util
-import json
 import math
 import time
 from pathlib import Path
@@ -24,18 +21,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from recsys_mamba import checks
 from recsys_mamba.errors import RecsysError
-from recsys_mamba.files import write_text_atomic
-from recsys_mamba.training.baselines import bias_baseline, popularity_baseline
-from recsys_mamba.training.checkpoint import run_checkpoint_io
-from recsys_mamba.training.datamodule import TASKS, RecDataModule
+from recsys_mamba.files import write_json_atomic
+from recsys_mamba.runs.build import build_model
+from recsys_mamba.training.checkpoint_io import run_checkpoint_io
+from recsys_mamba.training.datamodule import RecDataModule
+from recsys_mamba.training.schema import validate_config
 
-TASK_METRICS = {
-    "next_item": ("hr@1", "hr@5", "hr@10", "hr@20", "ndcg@5", "ndcg@10", "ndcg@20", "mrr@10"),
-    "ctr": ("auc", "gauc", "logloss"),
-}
 # Keys every metrics.json holds besides the task's test metrics and the baselines.
 RUN_KEYS = ("task", "model", "n_params", "epochs", "train_time_s", "epoch_time_s", "best_epoch")
-PRECISIONS = ("32", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "64", "64-true")
 
 
 class RunStats(Callback):
@@ -74,78 +67,15 @@ class RunStats(Callback):
         self.history = [tuple(x) for x in state_dict["history"]]
 
 
-def validate_config(cfg: DictConfig) -> None:
-    """Catch config mistakes before any data is read or a model built; each error names key and fix."""
-    from recsys_mamba.training import config_checks
-
-    task = checks.select(cfg, "task.name")
-    if task not in TASKS:
-        raise RecsysError(f"task.name={task!r} is not one of {TASKS}; pick task=next_item or task=ctr")
-    for key in ("model.max_len", "datamodule.max_len", "datamodule.batch_size", "datamodule.eval_batch_size"):
-        value = checks.select(cfg, key, default=None)
-        if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= 1 << 24:
-            raise RecsysError(f"{key}={value!r} must be a positive integer (e.g. {key}=50)")
-    if cfg.datamodule.max_len > (OmegaConf.select(cfg, "model.max_len") or math.inf):
-        raise RecsysError(
-            f"datamodule.max_len={cfg.datamodule.max_len} exceeds model.max_len={cfg.model.max_len}; "
-            "set them equal (datamodule.max_len follows model.max_len unless overridden)"
-        )
-    precision = str(cfg.trainer.get("precision", "32"))
-    if precision not in PRECISIONS:
-        raise RecsysError(f"trainer.precision={precision!r} is not one of {PRECISIONS}")
-    accelerator = str(cfg.trainer.get("accelerator", "auto"))
-    cuda = torch.cuda.is_available()
-    if accelerator in ("gpu", "cuda") and not cuda:
-        raise RecsysError(
-            f"trainer.accelerator={accelerator} but no CUDA GPU is visible; use trainer=cpu (or ddp_cpu)"
-        )
-    if precision == "16-mixed" and (accelerator == "cpu" or not cuda):
-        raise RecsysError(
-            "trainer.precision=16-mixed needs a GPU; on CPU use trainer.precision=bf16-mixed or 32"
-        )
-    allowed = {f"val/{m}" for m in TASK_METRICS[task]}
-    for name, cb in (cfg.get("callbacks") or {}).items():
-        monitor = cb.get("monitor") if isinstance(cb, DictConfig) else None
-        if monitor is not None and monitor not in allowed:
-            raise RecsysError(
-                f"callbacks.{name}.monitor={monitor!r} is not a validation metric of task={task}; "
-                f"use one of {sorted(allowed)} (set task.monitor)"
-            )
-    for name, lg in (cfg.get("logger") or {}).items():
-        if isinstance(lg, DictConfig) and "TensorBoard" in str(lg.get("_target_", "")):
-            if (
-                importlib.util.find_spec("tensorboard") is None
-                and importlib.util.find_spec("tensorboardX") is None
-            ):
-                raise RecsysError(
-                    f"logger.{name} needs the tensorboard package: pip install tensorboard (or logger=csv)"
-                )
-    given = checks.select(cfg, "ckpt_path", default=None)
-    ckpt = checks.path(None if given == "" else given, "ckpt_path", optional=True)  # '' means none too
-    if ckpt and not ckpt.is_file():
-        raise RecsysError(
-            f"ckpt_path={ckpt} does not exist; pass a .ckpt file, e.g. <run>/checkpoints/last.ckpt"
-        )
-    config_checks.check_all(cfg)
-
-
 def build(cfg: DictConfig) -> tuple[RecDataModule, L.LightningModule]:
     """The data module (prepared and set up) and the LightningModule with encoder and head injected."""
     dm: RecDataModule = instantiate(cfg.datamodule, data=cfg.data, _recursive_=False)
     dm.prepare_data()
     dm.setup()
-    encoder = instantiate(cfg.model)
-    if callable(encoder) and not isinstance(encoder, torch.nn.Module):
-        encoder = encoder(**dm.encoder_inputs)
-    head = instantiate(cfg.head)
-    if isinstance(head, functools.partial):  # a head sized by the encoder (CTRHead needs d_model)
-        kwargs: dict[str, Any] = {} if "d_model" in head.keywords else {"d_model": encoder.d_model}
-        if head.keywords.get("base_rate", 0.0) is None and dm.ctr_train is not None:
-            kwargs["base_rate"] = float(dm.ctr_train["label"].cast(float).mean())
-        head = head(**kwargs)
-    if getattr(head, "transition_weight", None) is not None:
-        head.attach_transitions(dm.transition_table())
-    module = instantiate(cfg.module, encoder=encoder, head=head, item_counts=torch.as_tensor(dm.item_counts))
+    model = build_model(cfg, dm.encoder_inputs, dm.head_inputs)
+    module = instantiate(
+        cfg.module, encoder=model.encoder, head=model.head, item_counts=torch.as_tensor(dm.item_counts)
+    )
     return dm, module
 
 
@@ -153,13 +83,10 @@ def _instantiate_all(group: DictConfig | None) -> list[Any]:
     return [instantiate(c) for c in (group or {}).values() if isinstance(c, DictConfig) and "_target_" in c]
 
 
-def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    text = json.dumps(payload, indent=2, allow_nan=False) + "\n"
-    hint = (
-        "free disk space or choose a writable folder (paths.output_dir= for train, out_dir= for "
-        "evaluate); any previous file there is unchanged"
-    )
-    write_text_atomic(path, text, hint=hint)
+METRICS_HINT = (
+    "free disk space or choose a writable folder (paths.output_dir= for train, out_dir= for evaluate); any "
+    "previous file there is unchanged"
+)
 
 
 def format_table(rows: dict[str, float], baseline: dict[str, float]) -> str:
@@ -220,7 +147,7 @@ def train(cfg: DictConfig, extra_callbacks: list[Callback] | None = None) -> dic
         cfg.trainer,
         callbacks=callbacks,
         logger=loggers or False,
-        plugins=[run_checkpoint_io(cfg, dm, module)],
+        plugins=[run_checkpoint_io(cfg, dm.prepared, module.encoder, module.head)],
     )
     if trainer.is_global_zero:
         composed = {k: v for k, v in OmegaConf.to_container(cfg, resolve=False).items() if k != "hydra"}
@@ -247,8 +174,7 @@ def train(cfg: DictConfig, extra_callbacks: list[Callback] | None = None) -> dic
         trainer.test(module, datamodule=dm, ckpt_path=weights or None, weights_only=True)
         test_metrics = dict(module.last_metrics.get("test", {}))
 
-    baseline = popularity_baseline(dm, mask_history=bool(getattr(module.head, "mask_history", False)))
-    baseline.update(bias_baseline(dm))
+    baseline = dm.task.baselines(dm.prepared, dm.datasets, module)
     result: dict[str, Any] = {
         **test_metrics,
         **baseline,
@@ -267,7 +193,7 @@ def train(cfg: DictConfig, extra_callbacks: list[Callback] | None = None) -> dic
     # NaN (e.g. GAUC when every test user has one class) is not JSON: written as null.
     result = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in result.items()}
     if trainer.is_global_zero:
-        write_json_atomic(out_dir / "metrics.json", result)
+        write_json_atomic(out_dir / "metrics.json", result, hint=METRICS_HINT)
         print(
             f"\nTest metrics ({result['model']}, {cfg.task.name}, {result['epochs']} epochs, "
             f"{train_time:.1f} s):\n{format_table(test_metrics, baseline)}\n"

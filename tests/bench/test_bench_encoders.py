@@ -164,7 +164,7 @@ def test_bad_value_exits_cleanly_from_the_cli(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as exit_info:
         _run_cli(tmp_path, monkeypatch, "repeats=0")
     assert exit_info.value.code == 2
-    assert "error: bench encoders: repeats must be an integer >= 1" in capsys.readouterr().err
+    assert "error: bench encoders: repeats=0 must be an integer >= 1" in capsys.readouterr().err
 
 
 def test_paired_ratio_pairs_repeat_by_repeat_and_drives_the_goal():

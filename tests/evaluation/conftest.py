@@ -2,25 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 
 from recsys_mamba.training.run import train
-
-# The training tests' shrunken config (test folders are not packages, so load the file directly).
-_spec = importlib.util.spec_from_file_location(
-    "training_conftest", Path(__file__).resolve().parents[1] / "training" / "conftest.py"
-)
-assert _spec is not None and _spec.loader is not None
-training_conftest = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(training_conftest)
+from tests.helpers import tiny_cfg
 
 
 def _train(root: Path, name: str, cache: Path, overrides: list[str]) -> Path:
     out = root / name
-    train(training_conftest.tiny_cfg(out, ["logger=[]", *overrides], cache_dir=cache))
+    train(tiny_cfg(out, ["logger=[]", *overrides], cache_dir=cache))
     return next((out / "checkpoints").glob("epoch_*.ckpt"))
 
 

@@ -13,9 +13,9 @@ import pytest
 from recsys_mamba.config import compose
 from recsys_mamba.errors import RecsysError
 from recsys_mamba.evaluation import evaluate
-from recsys_mamba.evaluation.breakdown import KS
 from recsys_mamba.evaluation.render import fmt
-from recsys_mamba.training.run import TASK_METRICS
+from recsys_mamba.tasks import get_task
+from recsys_mamba.tasks.next_item import REPORT_KS as KS
 
 
 class Page(HTMLParser):
@@ -105,7 +105,7 @@ def test_metrics_equal_the_training_run(reports: dict[str, Path], runs: dict[str
     for task, run in (("ctr", runs["ctr_mamba"]), ("next_item", runs["next_item"])):
         trained = json.loads((run.parent.parent / "metrics.json").read_text())
         evaluated = json.loads((reports[task] / "metrics.json").read_text())["models"][0]["metrics"]
-        for key in TASK_METRICS[task]:
+        for key in get_task(task).metric_names:
             assert evaluated[key] == pytest.approx(trained[key], abs=1e-12), key
 
 

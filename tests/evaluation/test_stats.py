@@ -1,4 +1,4 @@
-"""Calibration error and the user-level bootstrap."""
+"""The user-level bootstrap."""
 
 from __future__ import annotations
 
@@ -7,23 +7,10 @@ import pytest
 
 from recsys_mamba.evaluation.stats import (
     bootstrap,
-    expected_calibration_error,
     paired_p_value,
     percentile_ci,
     user_draws,
 )
-
-
-def test_ece_hand_computed() -> None:
-    # Bin [0, .5): mean p .2, rate 0 -> gap .2; bin [.5, 1]: mean p .8, rate 2/3 -> gap 2/15.
-    labels = np.array([0, 0, 1, 1, 0])
-    probs = np.array([0.1, 0.3, 0.6, 1.0, 0.8])
-    expected = 0.2 * 2 / 5 + (0.8 - 2 / 3) * 3 / 5
-    assert expected_calibration_error(labels, probs, n_bins=2) == pytest.approx(expected)
-
-
-def test_ece_zero_when_calibrated() -> None:
-    assert expected_calibration_error(np.array([0, 1, 0, 1]), np.full(4, 0.5)) == pytest.approx(0.0)
 
 
 def test_draws_resample_whole_users() -> None:

@@ -9,7 +9,9 @@ import polars as pl
 import pytest
 import torch
 
-from recsys_mamba.models import ENCODERS, SequenceEncoder
+from recsys_mamba.models import GRU4RecEncoder, MambaEncoder, SASRecEncoder, SequenceEncoder
+
+ENCODERS = {"mamba": MambaEncoder, "sasrec": SASRecEncoder, "gru4rec": GRU4RecEncoder}
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 

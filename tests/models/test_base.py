@@ -64,6 +64,25 @@ def test_step_equals_forward(encoder_name: str) -> None:
     assert (torch.stack(steps, 1) - full).abs().max() <= 1e-5
 
 
+def test_prefill_is_the_state_after_each_rows_events(encoder_name: str) -> None:
+    """One pass over a padded batch gives the state stepping would: the next event's output equals
+    the forward pass over the history plus that event, row by row (padded rows too)."""
+    model = make_encoder(encoder_name)
+    items, categories, event_types = random_batch(lengths=(6, 4, 1), width=6)
+    state = model.prefill(items, categories, event_types)
+    lengths = (items != 0).sum(1)
+    new = torch.tensor([7, 8, 9])
+    with torch.no_grad():
+        out, _ = model.step(new, state, torch.tensor([1, 2, 3]), torch.tensor([1, 1, 2]))
+    for row, n in enumerate(lengths.tolist()):
+        full_items = torch.cat([items[row, :n], new[row : row + 1]])[None]
+        full_cats = torch.cat([categories[row, :n], torch.tensor([row + 1])])[None]
+        full_types = torch.cat([event_types[row, :n], torch.tensor([[1, 1, 2][row]])])[None]
+        with torch.no_grad():
+            want = model(full_items, full_cats, full_types)[0, -1]
+        torch.testing.assert_close(out[row], want, rtol=1e-4, atol=1e-5)
+
+
 def test_state_save_load_round_trip(encoder_name: str) -> None:
     model = make_encoder(encoder_name)
     items, cats, events = random_batch(lengths=(6, 6), width=6)

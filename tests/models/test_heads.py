@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from recsys_mamba.errors import RecsysError
 from recsys_mamba.models import CTRHead, NextItemHead
-from recsys_mamba.ops.linear_ce import SeenItems
+from recsys_mamba.models.score_terms import History, SeenColumns
 from tests.models.conftest import make_encoder, random_batch
 
 
@@ -38,7 +38,7 @@ def test_sampled_softmax_with_logq(encoder) -> None:
     for logq in (True, False):
         torch.manual_seed(1)
         losses[logq] = NextItemHead("sampled", n_negatives=64, logq=logq).loss(
-            encoder, hidden, targets, log_probs
+            encoder, hidden, targets, item_log_probs=log_probs
         )
     assert torch.isfinite(losses[True]) and losses[True] != losses[False]
     losses[True].backward()
@@ -55,18 +55,18 @@ def test_sampled_softmax_never_uses_the_target_as_a_negative() -> None:
 
 def test_sampled_softmax_checks_the_distribution(encoder) -> None:
     with pytest.raises(RecsysError, match=r"\(31,\)"):
-        NextItemHead("sampled").loss(encoder, torch.randn(2, 16), torch.tensor([1, 2]), torch.zeros(30))
+        NextItemHead("sampled").loss(
+            encoder, torch.randn(2, 16), torch.tensor([1, 2]), item_log_probs=torch.zeros(30)
+        )
     with pytest.raises(RecsysError, match="'ce' or 'sampled'"):
         NextItemHead("bpr")
 
 
-def test_rank_scores_masks_history_only_when_asked(encoder) -> None:
-    hidden, history = torch.randn(2, 16), torch.tensor([[4, 9, 0], [1, 0, 0]])
-    plain = NextItemHead().rank_scores(encoder, hidden, history)
-    masked = NextItemHead(mask_history=True).rank_scores(encoder, hidden, history)
-    torch.testing.assert_close(plain, encoder.score_all(hidden))
-    assert torch.isneginf(masked[0, [0, 4, 9]]).all() and torch.isneginf(masked[1, [0, 1]]).all()
-    assert torch.isfinite(masked).sum() == torch.isfinite(plain).sum() - 3
+def test_rank_scores_without_terms_are_the_encoders_scores(encoder) -> None:
+    hidden, history = torch.randn(2, 16), History.last(torch.tensor([[4, 9, 0], [1, 0, 0]]))
+    head = NextItemHead(mask_history=True)  # masking is the ranking protocol's, not the head's
+    torch.testing.assert_close(head.rank_scores(encoder, hidden, history), encoder.score_all(hidden))
+    assert not head.uses_history and head.score_terms(None) == []
 
 
 def test_seen_bias_lifts_exactly_the_items_of_each_sequence(encoder) -> None:
@@ -74,8 +74,8 @@ def test_seen_bias_lifts_exactly_the_items_of_each_sequence(encoder) -> None:
     with torch.no_grad():
         head.seen_bias.fill_(-2.5)
     hidden, items = torch.randn(2, 16), torch.tensor([[4, 9, 4], [1, 0, 0]])
-    seen = SeenItems.last(items, encoder.n_items + 1, torch.tensor([3, 1]))
-    scores = head.rank_scores(encoder, hidden, None, seen)
+    seen = History.last(items, torch.tensor([3, 1]))
+    scores = head.rank_scores(encoder, hidden, seen)
     difference = scores - encoder.score_all(hidden)
     expected = torch.zeros_like(difference)
     expected[0, [4, 9]] = expected[1, 1] = -2.5
@@ -92,14 +92,15 @@ def test_seen_bias_learns_the_sign_of_repeat_behaviour(encoder, loss) -> None:
     torch.manual_seed(0)
     items = torch.randint(1, 31, (8, 6))
     where = torch.ones_like(items, dtype=torch.bool)
-    seen = SeenItems.causal(items, encoder.n_items + 1, where)
+    seen = History.causal(items, where)
     hidden = torch.randn(len(seen.rows), 16)
     repeats = items[seen.rows, (seen.positions - 1).clamp(min=0)]
-    fresh = torch.tensor([next(i for i in range(1, 31) if not m[i]) for m in seen.mask()])
+    had = SeenColumns(seen).at(torch.arange(31).expand(len(seen.rows), -1))
+    fresh = torch.tensor([next(i for i in range(1, 31) if not m[i]) for m in had])
     head = NextItemHead(loss, n_negatives=64, seen_bias=True)
     slopes = {}
     for name, targets in (("repeat", repeats), ("fresh", fresh)):
-        (slopes[name],) = torch.autograd.grad(head.loss(encoder, hidden, targets, seen=seen), head.seen_bias)
+        (slopes[name],) = torch.autograd.grad(head.loss(encoder, hidden, targets, seen), head.seen_bias)
     assert slopes["repeat"] < 0 < slopes["fresh"]
 
 

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from recsys_mamba.errors import RecsysError
 from recsys_mamba.models.heads import NextItemHead
-from recsys_mamba.models.transitions import TransitionTable, consecutive_pairs
+from recsys_mamba.models.score_terms import History
+from recsys_mamba.models.transitions import TransitionTable
 from tests.models.conftest import make_encoder
 
 # 1 -> 2 three times, 1 -> 3 once, 2 -> 1 once, 3 -> 5 once; item 4 never leads anywhere
@@ -55,12 +55,6 @@ def test_an_empty_table_of_the_saved_size_loads_a_saved_one() -> None:
         TransitionTable.empty(5, 3).load_state_dict(table.state_dict())
 
 
-def test_consecutive_pairs_stay_within_each_users_prefix() -> None:
-    items = np.array([1, 2, 3, 4, 5, 6, 7])  # user 0: 1 2 3 4 (train 3), user 1: 5 6 7 (train 2)
-    src, dst = consecutive_pairs(items, np.array([0, 4]), np.array([3, 2]))
-    assert list(zip(src, dst, strict=True)) == [(1, 2), (2, 3), (5, 6)]
-
-
 @pytest.mark.parametrize(("sources", "targets"), [([1, 2], [3]), ([0], [1]), ([1], [6])])
 def test_bad_pairs_are_refused(sources, targets) -> None:
     with pytest.raises(RecsysError, match="transition"):
@@ -79,12 +73,13 @@ def test_ranking_adds_the_weighted_log_counts_from_each_rows_last_item() -> None
     encoder, head = make_encoder("mamba", n_items=5), head_with_prior()
     hidden = torch.randn(3, encoder.d_model)
     last = torch.tensor([1, 3, 4])
-    scores = head.rank_scores(encoder, hidden, last_items=last)
+    history = History.last(torch.stack([torch.tensor([2, 1]), torch.tensor([5, 3]), torch.tensor([1, 4])]))
+    scores = head.rank_scores(encoder, hidden, history)
     torch.testing.assert_close(scores, encoder.score_all(hidden) + 0.8 * brute_counts().log1p()[last])
-    with pytest.raises(RecsysError, match="last_items"):
+    with pytest.raises(RecsysError, match="History"):
         head.rank_scores(encoder, hidden)
     with pytest.raises(RecsysError, match="attach_transitions"):
-        NextItemHead(transition_prior=True).rank_scores(encoder, hidden, last_items=last)
+        NextItemHead(transition_prior=True).rank_scores(encoder, hidden, history)
 
 
 @pytest.mark.parametrize("loss", ["ce", "sampled"])
@@ -114,9 +109,11 @@ def test_the_loss_sees_the_counts_without_the_predicted_pair(loss: str) -> None:
         logits = torch.cat([scores[rows, targets][:, None], negative_scores], dim=1)
         expected = F.cross_entropy(logits, torch.zeros(4, dtype=torch.long))
         torch.manual_seed(7)
-    got = head.loss(encoder, hidden, targets, inputs=inputs)
+    # each row has just seen its input; its own target is left out of the counts
+    history = History(inputs[:, None], rows, torch.zeros(4, dtype=torch.long), inputs, targets)
+    got = head.loss(encoder, hidden, targets, history)
     torch.testing.assert_close(got.detach(), expected.detach())
     got.backward()
     assert head.transition_weight.grad is not None and head.transition_weight.grad != 0
-    with pytest.raises(RecsysError, match="inputs"):
+    with pytest.raises(RecsysError, match="History"):
         head.loss(encoder, hidden, targets)

@@ -28,7 +28,7 @@ def _inputs(batch, dim, length, width, dtype, seed=0, with_state=True, with_bias
     return x, weight, bias, state
 
 
-@pytest.mark.parametrize("backend", ["cpu", "torch"])
+@pytest.mark.parametrize("backend", ["cpu", "ref"])
 @pytest.mark.parametrize("activation", [None, "silu"])
 @pytest.mark.parametrize(
     ("batch", "dim", "length", "width", "with_state", "with_bias"),

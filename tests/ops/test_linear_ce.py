@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from recsys_mamba.errors import RecsysError
-from recsys_mamba.ops.linear_ce import SeenItems, linear_cross_entropy
+from recsys_mamba.models.score_terms import History, SeenColumns
+from recsys_mamba.ops.linear_ce import FixedColumns, SparseScore, linear_cross_entropy
 
 
 def unfused(hidden, weight, targets):
@@ -92,28 +93,37 @@ def brute_seen(items, rows, positions, n_classes):
     return mask
 
 
+def dense(columns, n_classes):
+    """The (rows, n_classes) values of sparse columns (values None: 1 at every column > 0)."""
+    cols, values = columns.part()
+    added = (cols > 0).double() if values is None else values.double() * (cols > 0)
+    return torch.zeros(cols.shape[0], n_classes, dtype=torch.float64).scatter_add(1, cols, added)
+
+
 def test_seen_items_are_each_positions_own_causal_prefix():
     items = torch.tensor([[3, 5, 3, 2, 0, 0], [1, 1, 4, 5, 2, 6], [6, 0, 0, 0, 0, 0]])
     where = items != 0
     where[1, 2] = False
-    seen = SeenItems.causal(items, 7, where)
-    torch.testing.assert_close(seen.mask(), brute_seen(items, seen.rows, seen.positions, 7))
-    assert seen.mask()[:, 0].sum() == 0  # padding is never "seen"
-    last = SeenItems.last(items, 7, where.sum(1) + torch.tensor([0, 1, 0]))
-    torch.testing.assert_close(last.mask(), brute_seen(items, torch.arange(3), torch.tensor([3, 5, 0]), 7))
+    seen = History.causal(items, where)
+    torch.testing.assert_close(
+        dense(SeenColumns(seen), 7) > 0, brute_seen(items, seen.rows, seen.positions, 7)
+    )
+    assert dense(SeenColumns(seen), 7)[:, 0].sum() == 0  # padding is never "seen"
+    last = History.last(items, where.sum(1) + torch.tensor([0, 1, 0]))
+    want = brute_seen(items, torch.arange(3), torch.tensor([3, 5, 0]), 7)
+    torch.testing.assert_close(dense(SeenColumns(last), 7) > 0, want)
     candidates = torch.tensor([[3, 2, 6], [1, 6, 6], [6, 1, 0]])
-    expected = torch.stack([last.mask()[i, candidates[i]] for i in range(3)])
-    torch.testing.assert_close(last.contains(candidates), expected)
-    torch.testing.assert_close(last.contains(torch.tensor([6, 3])), last.mask()[:, [6, 3]])
+    expected = torch.stack([want[i, candidates[i]] for i in range(3)])
+    torch.testing.assert_close(SeenColumns(last).at(candidates), expected)
 
 
 @pytest.mark.parametrize("chunk_rows", [256, 3])
-def test_seen_bias_matches_the_full_score_matrix_plus_the_bias_on_seen_items(chunk_rows):
+def test_a_seen_term_matches_the_full_score_matrix_plus_the_bias_on_seen_items(chunk_rows):
     g = torch.Generator().manual_seed(3)
     items = torch.randint(1, 12, (4, 9), generator=g)  # repeats within a row on purpose
     items[2, 6:] = 0
     where = items != 0
-    seen = SeenItems.causal(items, 12, where)
+    seen = History.causal(items, where)
     hidden, weight, targets = leaves(int(where.sum()), 6, 12, torch.float64, seed=4)
     targets = torch.where(torch.arange(len(targets)) % 3 == 0, items[where], targets)  # some repeats
     bias = torch.tensor(-0.8, dtype=torch.float64, requires_grad=True)
@@ -121,7 +131,8 @@ def test_seen_bias_matches_the_full_score_matrix_plus_the_bias_on_seen_items(chu
     scores[:, 0] = float("-inf")
     expected = F.cross_entropy(scores, targets)
     want = torch.autograd.grad(expected, (hidden, weight, bias))
-    loss = linear_cross_entropy(hidden, weight, targets, chunk_rows=chunk_rows, seen_bias=bias, seen=seen)
+    terms = [SparseScore(bias, SeenColumns(seen))]
+    loss = linear_cross_entropy(hidden, weight, targets, chunk_rows=chunk_rows, terms=terms)
     got = torch.autograd.grad(loss, (hidden, weight, bias))
     torch.testing.assert_close(loss, expected)
     for g_got, g_want in zip(got, want, strict=True):
@@ -129,49 +140,38 @@ def test_seen_bias_matches_the_full_score_matrix_plus_the_bias_on_seen_items(chu
     assert want[2].abs() > 1e-3  # the bias gradient is a real check, not zero against zero
 
 
-def test_seen_needs_its_bias_and_one_row_per_target():
+def test_a_term_needs_a_scalar_weight_and_one_row_per_target():
     hidden, weight, targets = leaves(4, 6, 12, torch.float32)
-    seen = SeenItems.causal(torch.tensor([[1, 2, 3, 4]]), 12, torch.ones(1, 4, dtype=torch.bool))
-    with pytest.raises(RecsysError, match="together"):
-        linear_cross_entropy(hidden, weight, targets, seen=seen)
+    seen = History.causal(torch.tensor([[1, 2, 3, 4]]), torch.ones(1, 4, dtype=torch.bool))
     with pytest.raises(RecsysError, match="one row per target"):
-        linear_cross_entropy(hidden[:3], weight, targets[:3], seen=seen, seen_bias=torch.zeros(()))
+        linear_cross_entropy(
+            hidden[:3], weight, targets[:3], terms=[SparseScore(torch.zeros(()), SeenColumns(seen))]
+        )
+    with pytest.raises(RecsysError, match="scalar"):
+        linear_cross_entropy(hidden, weight, targets, terms=[SparseScore(torch.ones(2), SeenColumns(seen))])
 
 
 @pytest.mark.parametrize("chunk_rows", [256, 2])
-def test_a_weighted_prior_matches_the_full_score_matrix_plus_weight_times_values(chunk_rows):
-    """prior = (items, values) per row, together with the seen bias, as the transition prior uses it."""
+def test_weighted_values_and_a_seen_term_match_the_full_score_matrix(chunk_rows):
+    """Explicit (items, values) per row, together with the seen bias, as the transition prior uses it."""
     g = torch.Generator().manual_seed(5)
     hidden, weight, targets = leaves(7, 6, 12, torch.float64, seed=6)
     items = torch.stack([torch.randperm(11, generator=g)[:4] + 1 for _ in range(7)])  # distinct per row
     items[:, 3] = 0  # a padding slot in every row, and a value on it that must add nothing
     values = torch.rand(7, 4, generator=g, dtype=torch.float64)
-    seen = SeenItems.last(torch.randint(1, 12, (7, 3), generator=g), 12, torch.full((7,), 3))
+    seen = History.last(torch.randint(1, 12, (7, 3), generator=g), torch.full((7,), 3))
     bias = torch.tensor(-0.5, dtype=torch.float64, requires_grad=True)
     prior_weight = torch.tensor(1.3, dtype=torch.float64, requires_grad=True)
-    dense = torch.zeros(7, 12, dtype=torch.float64).scatter_add(1, items, values * (items > 0))
-    scores = hidden @ weight.t() + bias * seen.mask() + prior_weight * dense
+    fixed = FixedColumns(items, values)
+    scores = hidden @ weight.t() + bias * dense(SeenColumns(seen), 12) + prior_weight * dense(fixed, 12)
     scores[:, 0] = float("-inf")
     expected = F.cross_entropy(scores, targets)
     want = torch.autograd.grad(expected, (hidden, weight, bias, prior_weight))
-    loss = linear_cross_entropy(
-        hidden, weight, targets, chunk_rows, bias, seen, prior_weight=prior_weight, prior=(items, values)
-    )
+    terms = [SparseScore(bias, SeenColumns(seen)), SparseScore(prior_weight, fixed)]
+    loss = linear_cross_entropy(hidden, weight, targets, chunk_rows, terms)
     got = torch.autograd.grad(loss, (hidden, weight, bias, prior_weight))
     torch.testing.assert_close(loss, expected)
     for g_got, g_want in zip(got, want, strict=True):
         torch.testing.assert_close(g_got, g_want)
     assert want[3].abs() > 1e-3
-
-
-def test_a_prior_needs_its_weight_and_one_row_per_target():
-    hidden, weight, targets = leaves(4, 6, 12, torch.float32)
-    items, values = torch.ones(4, 2, dtype=torch.long), torch.ones(4, 2)
-    with pytest.raises(RecsysError, match="together"):
-        linear_cross_entropy(hidden, weight, targets, prior=(items, values))
-    with pytest.raises(RecsysError, match=r"\(N, K\) with N = 3"):
-        linear_cross_entropy(
-            hidden[:3], weight, targets[:3], prior_weight=torch.ones(()), prior=(items, values)
-        )
-    with pytest.raises(RecsysError, match="scalar"):
-        linear_cross_entropy(hidden, weight, targets, prior_weight=torch.ones(2), prior=(items, values))
+    torch.testing.assert_close(fixed.at(items), values * (items > 0))  # lookups find each row's own values

@@ -96,10 +96,9 @@ def test_chunked_million_steps_bounded_memory():
 
 
 def test_cpu_falls_back_to_ref_with_one_warning(monkeypatch):
-    import recsys_mamba.ops.cpu as cpu
+    import recsys_mamba.ops.backend as backend
 
-    monkeypatch.setattr(cpu, "_kernels", None)
-    monkeypatch.setattr(cpu, "_warned", False)
+    monkeypatch.setattr(backend, "_kernels", None)
     monkeypatch.setitem(__import__("sys").modules, "recsys_mamba.ops._numba_kernels", None)
     x = make_inputs(1, 2, 5, 3, 0)
     with pytest.warns(RuntimeWarning, match="numba unavailable"):

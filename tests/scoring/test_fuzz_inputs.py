@@ -12,6 +12,7 @@ from __future__ import annotations
 import tempfile
 from collections import defaultdict
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -22,27 +23,21 @@ from hypothesis import strategies as st
 
 from recsys_mamba.errors import RecsysError
 from recsys_mamba.scoring import inputs
-from recsys_mamba.scoring.model import ScoringModel
+from recsys_mamba.sequences.prepared import ItemTable
 from tests.helpers import fuzz_settings
 
 I64 = (-(2**63), 2**63 - 1)
 EVENT_TYPES = ["pv", "buy", "é"]
 
 
-def fake_model(items: list[str], categories: list[int]) -> ScoringModel:
-    """The parts of a ScoringModel the input functions use: the item map, categories, event types."""
-    return ScoringModel(
-        encoder=None,  # type: ignore[arg-type]
-        head=None,  # type: ignore[arg-type]
-        task="next_item",
-        max_len=20,
-        prepared=Path("."),
-        manifest={"event_types": EVENT_TYPES},
-        item_ids=np.array(["", *items], dtype=object),
-        item_category=np.array([0, *categories], dtype=np.int64),
-        item_count=np.zeros(len(items) + 1),
-        id_to_idx={item: i + 1 for i, item in enumerate(items)},
+def fake_model(items: list[str], categories: list[int]) -> SimpleNamespace:
+    """The parts of a prepared folder the input functions use: the item table and the event types."""
+    table = ItemTable(
+        ids=np.array(["", *items], dtype=object),
+        categories=np.array([0, *categories], dtype=np.int64),
+        counts=np.zeros(len(items) + 1),
     )
+    return SimpleNamespace(items=table, event_type_names=EVENT_TYPES)
 
 
 IDS = st.one_of(
@@ -138,7 +133,7 @@ def test_events_become_histories_with_every_event_accounted_for(case: dict[str, 
     assert events["item_id"].to_list() == rows["item_id"]
     assert events["timestamp"].to_list() == rows.get("timestamp", list(range(n)))
     users, unknown = inputs.histories(model, events)
-    assert unknown == sum(item not in model.id_to_idx for item in rows["item_id"])
+    assert unknown == sum(item not in model.items.index for item in rows["item_id"])
     assert users["user_id"].to_list() == sorted(set(rows["user_id"]))
     # each user's history: its known items in time order, equal times in file order
     expected: dict[str, list[tuple[int, int, int, int]]] = defaultdict(list)
@@ -147,8 +142,8 @@ def test_events_become_histories_with_every_event_accounted_for(case: dict[str, 
     for pos, (user, item, t, et) in enumerate(
         zip(rows["user_id"], rows["item_id"], times, types, strict=True)
     ):
-        if item in model.id_to_idx:
-            idx = model.id_to_idx[item]
+        if item in model.items.index:
+            idx = model.items.index[item]
             type_idx = EVENT_TYPES.index(et) + 1 if et in EVENT_TYPES else 0
             expected[user].append((t, pos, idx, type_idx))
     for user, items, cats, etypes in users.select(
@@ -156,7 +151,7 @@ def test_events_become_histories_with_every_event_accounted_for(case: dict[str, 
     ).iter_rows():
         want = sorted(expected.get(user, []))
         assert items == [w[2] for w in want]
-        assert cats == [int(model.item_category[w[2]]) for w in want]
+        assert cats == [int(model.items.categories[w[2]]) for w in want]
         assert etypes == [w[3] for w in want]
     assert sum(len(x) for x in users["items"].to_list()) + unknown == n
     # shards partition the users

@@ -16,6 +16,7 @@ import pytest
 
 from recsys_mamba.config import compose
 from recsys_mamba.errors import RecsysError
+from recsys_mamba.files import TMP_MARK
 from tests.helpers import disk_full
 
 REPO = Path(__file__).resolve().parents[2]
@@ -150,7 +151,7 @@ def test_disk_full_is_a_clear_error_and_keeps_finished_parts(
     score(score_cfg(trained, whole))
     expected = files(whole)
     with monkeypatch.context() as m:
-        disk_full(m, lambda p: p.name == f".{victim}.tmp")
+        disk_full(m, lambda p: p.name.startswith(f".{victim}{TMP_MARK}"))
         with pytest.raises(RecsysError) as err:
             score(score_cfg(trained, out))
     message = str(err.value)
@@ -184,8 +185,11 @@ def test_rerun_sweeps_only_its_own_shards_temporary_files(trained, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     # Shard 1 is writing a part right now; shard 0 was killed mid-write earlier.
-    theirs = out / ".topk-00001-of-00002-000000.parquet.tmp"
-    ours = [out / ".topk-00000-of-00002-000000.parquet.tmp", out / "._SUCCESS.shard-0-of-2.tmp"]
+    theirs = out / f".topk-00001-of-00002-000000.parquet{TMP_MARK}4242"
+    ours = [
+        out / f".topk-00000-of-00002-000000.parquet{TMP_MARK}4242",
+        out / f"._SUCCESS.shard-0-of-2{TMP_MARK}4242",
+    ]
     for path in (theirs, *ours):
         path.write_bytes(b"partial")
     cfg = score_cfg(trained, out)

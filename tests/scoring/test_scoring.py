@@ -15,8 +15,8 @@ import torch
 
 from recsys_mamba.config import compose
 from recsys_mamba.errors import RecsysError
+from recsys_mamba.runs import load_run
 from recsys_mamba.scoring.job import score
-from recsys_mamba.scoring.model import load_model
 
 
 def job(trained: dict[str, Path], out: Path, *overrides: str) -> Path:
@@ -41,14 +41,15 @@ def model_scores(trained: dict[str, Path], user_id: str, max_len: int = 20) -> t
     events encoded (plus the learned seen-item bias on every item of the whole history, when the
     head has one)."""
     module_state = torch.load(trained["ckpt"], map_location="cpu", weights_only=True)["state_dict"]
-    model = load_model(trained["ckpt"])
-    model.encoder.load_state_dict({k[8:]: v for k, v in module_state.items() if k.startswith("encoder.")})
+    model = load_run(trained["ckpt"])
+    encoder_state = {k[8:]: v for k, v in module_state.items() if k.startswith("encoder.")}
+    model.model.encoder.load_state_dict(encoder_state)
     seq = user_sequence(trained, user_id)
     batch = {
         k: torch.tensor([seq[k][0].to_list()[-max_len:]]) for k in ("items", "categories", "event_types")
     }
     with torch.no_grad():
-        scores = model.encoder.score_all(model.encoder.encode(batch)[:, -1])[0]
+        scores = model.model.encoder.score_all(model.model.encoder.encode(batch)[:, -1])[0]
     bias = module_state.get("head.seen_bias")
     if bias is not None:
         scores[torch.tensor(seq["items"][0].to_list()).unique()] += bias
@@ -78,8 +79,8 @@ def test_topk_scores_equal_the_model_and_skip_seen(trained, tmp_path: Path) -> N
     user = out["user_id"][0]
     rows = out.filter(pl.col("user_id") == user)
     expected = model_scores(trained, user)
-    model = load_model(trained["ckpt"])
-    idx = [model.id_to_idx[i] for i in rows["item_id"]]
+    model = load_run(trained["ckpt"])
+    idx = [model.data.items.index[i] for i in rows["item_id"]]
     np.testing.assert_allclose(rows["score"].to_numpy(), expected[idx].numpy(), rtol=1e-4, atol=1e-5)
     seen = pl.read_parquet(trained["events"]).filter(pl.col("user_id") == user)["item_id"]
     assert not set(rows["item_id"]) & set(seen)
@@ -93,7 +94,7 @@ def test_a_learned_seen_bias_scores_as_in_training(trained_seen_bias, tmp_path: 
     assert bias["head.seen_bias"] != 0  # trained, so the check below sees the bias at work
     job(trained_seen_bias, tmp_path / "t", "top_k=50", "exclude_seen=false")
     out = read(tmp_path / "t")
-    model = load_model(trained_seen_bias["ckpt"])
+    model = load_run(trained_seen_bias["ckpt"])
     events = pl.read_parquet(trained_seen_bias["events"])
     # Users with items met only before the last max_len = 20 events: the bias must reach those too.
     recent = pl.col("item_id").tail(20).implode()
@@ -105,7 +106,7 @@ def test_a_learned_seen_bias_scores_as_in_training(trained_seen_bias, tmp_path: 
     for user in users:
         rows = out.filter(pl.col("user_id") == user)
         expected = model_scores(trained_seen_bias, user)
-        idx = [model.id_to_idx[i] for i in rows["item_id"]]
+        idx = [model.data.items.index[i] for i in rows["item_id"]]
         np.testing.assert_allclose(rows["score"].to_numpy(), expected[idx].numpy(), rtol=1e-4, atol=1e-5)
     user = out["user_id"][0]
     seen = pl.read_parquet(trained_seen_bias["events"]).filter(pl.col("user_id") == user).tail(2)
@@ -113,7 +114,7 @@ def test_a_learned_seen_bias_scores_as_in_training(trained_seen_bias, tmp_path: 
     pairs.write_parquet(tmp_path / "pairs.parquet")
     job(trained_seen_bias, tmp_path / "c", "mode=candidates", f"input={tmp_path / 'pairs.parquet'}")
     got = pl.concat([pl.read_parquet(f) for f in (tmp_path / "c").glob("*.parquet")])
-    expected = model_scores(trained_seen_bias, user)[[model.id_to_idx[i] for i in got["item_id"]]]
+    expected = model_scores(trained_seen_bias, user)[[model.data.items.index[i] for i in got["item_id"]]]
     np.testing.assert_allclose(got["score"].to_numpy(), expected.numpy(), rtol=1e-4, atol=1e-5)
 
 
@@ -122,12 +123,12 @@ def test_a_learned_transition_prior_scores_as_in_training(trained_transitions, t
     assert state["head.transition_weight"] != 0  # trained, so the checks below see the prior at work
     job(trained_transitions, tmp_path / "t", "top_k=50", "exclude_seen=false")
     out = read(tmp_path / "t")
-    model = load_model(trained_transitions["ckpt"])
+    model = load_run(trained_transitions["ckpt"])
     users = out["user_id"].unique().sort().head(3)
     for user in users:
         rows = out.filter(pl.col("user_id") == user)
         expected = model_scores(trained_transitions, user)
-        idx = [model.id_to_idx[i] for i in rows["item_id"]]
+        idx = [model.data.items.index[i] for i in rows["item_id"]]
         np.testing.assert_allclose(rows["score"].to_numpy(), expected[idx].numpy(), rtol=1e-4, atol=1e-5)
     user = users[0]
     top = out.filter(pl.col("user_id") == user)["item_id"][:4]
@@ -135,7 +136,7 @@ def test_a_learned_transition_prior_scores_as_in_training(trained_transitions, t
     pairs.write_parquet(tmp_path / "pairs.parquet")
     job(trained_transitions, tmp_path / "c", "mode=candidates", f"input={tmp_path / 'pairs.parquet'}")
     got = pl.concat([pl.read_parquet(f) for f in (tmp_path / "c").glob("*.parquet")])
-    expected = model_scores(trained_transitions, user)[[model.id_to_idx[i] for i in got["item_id"]]]
+    expected = model_scores(trained_transitions, user)[[model.data.items.index[i] for i in got["item_id"]]]
     np.testing.assert_allclose(got["score"].to_numpy(), expected.numpy(), rtol=1e-4, atol=1e-5)
 
 
@@ -154,8 +155,8 @@ def test_cold_users_and_unknown_candidates(trained, tmp_path: Path) -> None:
     events.write_parquet(tmp_path / "cold.parquet")
     manifest = json.loads(job(trained, tmp_path / "o", f"input={tmp_path / 'cold.parquet'}").read_text())
     assert manifest["cold_users"] == 1 and manifest["unknown_history_items"] == 1
-    model = load_model(trained["ckpt"])
-    assert read(tmp_path / "o")["item_id"][0] == model.item_ids[int(np.argmax(model.item_count))]
+    model = load_run(trained["ckpt"])
+    assert read(tmp_path / "o")["item_id"][0] == model.data.items.ids[int(np.argmax(model.data.items.counts))]
 
     known = pl.read_parquet(trained["events"]).head(1)
     pairs = pl.DataFrame({"user_id": [known["user_id"][0]] * 2, "item_id": [known["item_id"][0], "bogus"]})
@@ -166,7 +167,7 @@ def test_cold_users_and_unknown_candidates(trained, tmp_path: Path) -> None:
     out = pl.read_parquet(next((tmp_path / "c").glob("*.parquet"))).sort("known_item")
     assert manifest["unknown_candidate_items"] == 1
     assert out["known_item"].to_list() == [False, True] and out["score"].null_count() == 1
-    expected = model_scores(trained, known["user_id"][0])[model.id_to_idx[known["item_id"][0]]]
+    expected = model_scores(trained, known["user_id"][0])[model.data.items.index[known["item_id"][0]]]
     assert out["score"][1] == pytest.approx(float(expected), rel=1e-4)
 
 
@@ -222,17 +223,17 @@ def test_item_attributes_are_trained_saved_and_scored(trained_attributes, tmp_pa
     counts = (table > 0).sum(1, keepdim=True).clamp(min=1)
     attribute_sum = attr[table].masked_fill(table[..., None] == 0, 0).sum(1)
     vectors = state["encoder.item_emb.weight"] + attribute_sum / counts
-    model = load_model(trained_attributes["ckpt"])
-    assert torch.allclose(model.encoder.item_vectors(), vectors, atol=1e-6)
+    model = load_run(trained_attributes["ckpt"])
+    assert torch.allclose(model.model.encoder.item_vectors(), vectors, atol=1e-6)
     job(trained_attributes, tmp_path / "t", "top_k=10", "exclude_seen=false")
     out = read(tmp_path / "t")
     user = out["user_id"][0]
     seq = user_sequence(trained_attributes, user)
     batch = {k: torch.tensor([seq[k][0].to_list()[-20:]]) for k in ("items", "categories", "event_types")}
     with torch.no_grad():
-        hidden = model.encoder.encode(batch)[0, -1]
+        hidden = model.model.encoder.encode(batch)[0, -1]
     expected = hidden @ vectors[1:].t()
     rows = out.filter(pl.col("user_id") == user)
-    idx = [model.id_to_idx[i] - 1 for i in rows["item_id"]]
+    idx = [model.data.items.index[i] - 1 for i in rows["item_id"]]
     np.testing.assert_allclose(rows["score"].to_numpy(), expected[idx].numpy(), rtol=1e-4, atol=1e-5)
     assert rows["score"][0] == pytest.approx(float(expected.max()), rel=1e-4)

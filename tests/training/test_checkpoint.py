@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import errno
 import functools
-import importlib.util
 import json
 import os
 import re
@@ -22,23 +21,12 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from recsys_mamba import files as ckpt_mod  # where checkpoints are written: tests patch its open and os
 from recsys_mamba.config import compose, config_dir
 from recsys_mamba.errors import RecsysError
-from recsys_mamba.training import checkpoint as ckpt_mod
-from recsys_mamba.training.checkpoint import (
-    FORMAT_VERSION,
-    METADATA_KEY,
-    AtomicCheckpointIO,
-    check_targets,
-    load_checkpoint,
-)
-
-# Test folders are not packages: load the training tests' shrunken config helper from its file.
-_spec = importlib.util.spec_from_file_location("training_conftest", Path(__file__).with_name("conftest.py"))
-assert _spec is not None and _spec.loader is not None
-_conftest = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_conftest)
-tiny_cfg = _conftest.tiny_cfg
+from recsys_mamba.runs.checkpoint import FORMAT_VERSION, METADATA_KEY, check_targets, load_checkpoint
+from recsys_mamba.training.checkpoint_io import AtomicCheckpointIO
+from tests.helpers import tiny_cfg
 
 TRAIN = ["logger=[]", "task=next_item", "model=mamba"]
 
@@ -103,9 +91,9 @@ def evaluate_score(ckpt: Path) -> None:
 
 
 def scoring_load(ckpt: Path) -> None:
-    from recsys_mamba.scoring.model import load_model
+    from recsys_mamba.runs import load_run
 
-    load_model(ckpt)
+    load_run(ckpt)
 
 
 # ---- what a checkpoint holds ----------------------------------------------------------------------
@@ -306,8 +294,7 @@ def test_every_shipped_config_passes_the_target_check() -> None:
     ],
 )
 def test_doctored_config_targets_are_refused(run, target, tmp_path, reliability) -> None:
-    from recsys_mamba.evaluation.scoring import load_run_config
-    from recsys_mamba.scoring.model import run_config
+    from recsys_mamba.runs import run_config
 
     marker = tmp_path / "config_ran"
     folder = tmp_path / "run"
@@ -316,7 +303,7 @@ def test_doctored_config_targets_are_refused(run, target, tmp_path, reliability)
     cfg.model = {"_target_": target, "file": str(marker), "mode": "w"}
     (folder / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
     ckpt = folder / "checkpoints" / "last.ckpt"
-    for attempt in (load_run_config, run_config, evaluate_score, scoring_load):
+    for attempt in (run_config, evaluate_score, scoring_load):
         with pytest.raises(RecsysError, match=r"model\._target_=.* is not allowed"):
             attempt(ckpt)
     assert not marker.exists()
@@ -386,7 +373,7 @@ def test_a_failed_save_leaves_the_previous_checkpoint(
     io.save_checkpoint(small_checkpoint(1.0), path)
     monkeypatch.setattr(ckpt_mod, "open", fake_open(fail, after_half), raising=False)
     if isinstance(fail, OSError):
-        expected = re.escape(f"could not write checkpoint {path}: {fail.strerror}")
+        expected = re.escape(f"cannot write {path} ({fail.strerror}")
         with pytest.raises(RecsysError, match=expected) as err:
             io.save_checkpoint(small_checkpoint(2.0), path)
         assert errno.errorcode[fail.errno] in str(err.value) and "previous checkpoint" in str(err.value)
@@ -443,7 +430,9 @@ def test_disk_full_while_training_keeps_the_last_good_checkpoint(
 
 KILLED_WRITER = """
 import sys, time, torch
-from recsys_mamba.training import checkpoint
+from recsys_mamba import files
+from recsys_mamba.training.checkpoint_io import AtomicCheckpointIO
+from recsys_mamba.runs.checkpoint import FORMAT_VERSION
 real_open = open
 
 class Slow:  # writes in 64 KiB pieces, announcing each, so the parent can kill it mid-write
@@ -464,8 +453,8 @@ class Slow:  # writes in 64 KiB pieces, announcing each, so the parent can kill 
     def __getattr__(self, name):
         return getattr(self.file, name)
 
-checkpoint.open = Slow
-io = checkpoint.AtomicCheckpointIO(metadata={"format_version": checkpoint.FORMAT_VERSION})
+files.open = Slow
+io = AtomicCheckpointIO(metadata={"format_version": FORMAT_VERSION})
 for i in range(1, 1000):
     io.save_checkpoint({"state_dict": {"w": torch.full((200_000,), float(i))}}, sys.argv[1])
     print("saved", i, flush=True)

@@ -150,6 +150,7 @@ def test_ctr_windows_cover_every_sample_once_and_match_per_sample_logits(prepare
 
     from recsys_mamba.models.heads import CTRHead
     from recsys_mamba.models.mamba import MambaEncoder
+    from recsys_mamba.tasks.ctr import ctr_logits
     from recsys_mamba.training.module import RecLitModule
 
     dm = _dm(prepared, task="ctr", max_len=6)
@@ -164,8 +165,8 @@ def test_ctr_windows_cover_every_sample_once_and_match_per_sample_logits(prepare
         encoder, CTRHead(8, mlp_dims=[8]), optimizer=partial(torch.optim.AdamW), task="ctr"
     ).eval()
     with torch.no_grad():
-        grouped = module.ctr_logits(batch)
-        single = module.ctr_logits(per_sample.__getitems__(windows.order.tolist()))
+        grouped = ctr_logits(module, batch)
+        single = ctr_logits(module, per_sample.__getitems__(windows.order.tolist()))
     # Samples whose whole history fits in max_len see exactly the same events both ways.
     short = torch.from_numpy(per_sample.hist_len[windows.order] <= 6)
     torch.testing.assert_close(grouped[short], single[short], atol=1e-5, rtol=1e-4)

@@ -10,7 +10,8 @@ from hydra.utils import instantiate
 
 from recsys_mamba.config import compose, config_dir
 from recsys_mamba.errors import RecsysError
-from recsys_mamba.training.run import RUN_KEYS, TASK_METRICS, build, train
+from recsys_mamba.tasks import get_task
+from recsys_mamba.training.run import RUN_KEYS, build, train
 
 MODELS = sorted(p.stem for p in (config_dir() / "model").glob("*.yaml"))
 EXPERIMENTS = sorted(p.stem for p in (config_dir() / "experiment").glob("*.yaml"))
@@ -30,7 +31,7 @@ def test_every_experiment_composes_and_instantiates(experiment, tmp_path):
     loggers = [instantiate(c) for c in cfg.logger.values()]
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
     assert isinstance(trainer, L.Trainer)
-    assert cfg.task.monitor.removeprefix("val/") in TASK_METRICS[cfg.task.name]
+    assert cfg.task.monitor.removeprefix("val/") in get_task(cfg.task.name).metric_names
     assert cfg.datamodule.max_len <= cfg.model.max_len
 
 
@@ -45,7 +46,7 @@ def test_model_swaps_in_alone(model, tmp_path):
 def test_fast_dev_run(tiny, model, task, tmp_path, cache_dir):
     cfg = tiny(tmp_path, [f"model={model}", f"task={task}", "trainer.fast_dev_run=true"], cache_dir)
     result = train(cfg)
-    for key in TASK_METRICS[task]:
+    for key in get_task(task).metric_names:
         assert math.isfinite(result[key]), key
 
 
@@ -62,7 +63,7 @@ def test_run_folder_holds_checkpoints_metrics_config_and_logs(tiny, tmp_path, ca
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics == json.loads(json.dumps(result))
     baselines = {"baseline_popularity_hr@10", "baseline_popularity_ndcg@10"}
-    expected = {*TASK_METRICS["next_item"], *RUN_KEYS, *baselines}
+    expected = {*get_task("next_item").metric_names, *RUN_KEYS, *baselines}
     assert expected <= set(metrics)
     assert metrics["epochs"] == 2 and metrics["model"] == "mamba"
     ckpts = {p.name for p in (out / "checkpoints").iterdir()}
@@ -104,7 +105,7 @@ def test_resume_matches_uninterrupted_run(tiny, task, tmp_path, cache_dir):
     assert interrupted["epochs"] == 1
     last = tmp_path / "part" / "checkpoints" / "last.ckpt"
     resumed = train(tiny(tmp_path / "resumed", [*common, f"ckpt_path={last}"], cache_dir))
-    for key in TASK_METRICS[task]:
+    for key in get_task(task).metric_names:
         assert resumed[key] == pytest.approx(full[key], abs=1e-6), key
     assert resumed["epochs"] == full["epochs"] == 3
     assert resumed["best_epoch"] == full["best_epoch"]
@@ -136,18 +137,23 @@ def test_missing_data_file_fails_before_training(tiny, tmp_path):
 
 
 def test_popularity_baselines_by_hand(prepared):
+    from types import SimpleNamespace
+
     import numpy as np
     import polars as pl
     from sklearn.metrics import roc_auc_score
 
     from recsys_mamba.metrics import ranking_metrics
-    from recsys_mamba.training.baselines import popularity_baseline
+    from recsys_mamba.models.heads import NextItemHead
     from recsys_mamba.training.datamodule import RecDataModule
 
     def dm(task):
         d = RecDataModule(data={}, task=task, max_len=50, prepared_dir=str(prepared))
         d.setup()
         return d
+
+    def popularity_baseline(d):  # ranked without the history masked, as by a head trained so
+        return d.task.baselines(d.prepared, d.datasets, SimpleNamespace(head=NextItemHead()))
 
     ctr = pl.read_parquet(prepared / "ctr.parquet")
     train_ctr, test_ctr = ctr.filter(pl.col("split") == 0), ctr.filter(pl.col("split") == 2)
@@ -210,4 +216,4 @@ def test_real_data_experiment_runs(experiment, tmp_path):
     cfg = compose("train", overrides=[f"experiment={experiment}", f"paths.output_dir={tmp_path}", *limits])
     result = train(cfg)
     # GAUC is undefined (null) when the test split holds one sample per user (leave-one-out).
-    assert all(math.isfinite(result[k]) for k in TASK_METRICS[cfg.task.name] if k != "gauc")
+    assert all(math.isfinite(result[k]) for k in get_task(cfg.task.name).metric_names if k != "gauc")

@@ -28,7 +28,7 @@ import pytest
 import torch
 
 from recsys_mamba.errors import RecsysError
-from tests.helpers import SMALL_QUIET_RUN
+from tests.helpers import SMALL_QUIET_RUN, tiny_cfg
 
 REPO = Path(__file__).resolve().parents[2]
 EPOCHS, BATCHES = 4, 4
@@ -351,18 +351,13 @@ def test_unwritable_output_dir_is_a_clear_error(tiny, tmp_path, cache_dir, relia
 @pytest.fixture(scope="module")
 def evaluated(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A tiny checkpoint and a report folder evaluated from it."""
-    import importlib.util
 
     from recsys_mamba.config import compose
     from recsys_mamba.evaluation import evaluate
     from recsys_mamba.training.run import train
 
-    spec = importlib.util.spec_from_file_location("training_conftest", Path(__file__).parent / "conftest.py")
-    assert spec is not None and spec.loader is not None
-    conftest = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(conftest)
     root = tmp_path_factory.mktemp("evaluated")
-    train(conftest.tiny_cfg(root / "run", ["logger=[]"], cache_dir=root / "cache"))
+    train(tiny_cfg(root / "run", ["logger=[]"], cache_dir=root / "cache"))
     ckpt = next((root / "run" / "checkpoints").glob("epoch_*.ckpt"))
     overrides = [f"ckpt_path={ckpt}", f"out_dir={root / 'report'}", "n_bootstrap=20"]
     evaluate(compose("evaluate", overrides=overrides))

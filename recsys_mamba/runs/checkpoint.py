@@ -1,30 +1,28 @@
-"""Checkpoints that are safe to load: atomic writes, JSON metadata, weights-only reads, vetted run configs.
+"""Checkpoints that are safe to load: JSON metadata, weights-only reads, atomic writes, vetted configs.
 
-Loading never unpickles Python objects (`torch.load(weights_only=True)`); what a checkpoint must say
-about itself (format version, task, model, data) is embedded under `"recsys_mamba"` as a JSON string.
+Loading never unpickles Python objects (`torch.load(weights_only=True)`); what a checkpoint says about
+itself (format version, task, model, data) is embedded under `"recsys_mamba"` as a JSON string. Pure
+torch: serving a model never needs Lightning (`training.checkpoint_io` plugs this into a Trainer).
 """
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import io
 import json
-import os
 import pickle
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.fabric.utilities.cloud_io import get_filesystem
-from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import Tensor, nn
 
-from recsys_mamba import __version__
 from recsys_mamba.errors import RecsysError
+from recsys_mamba.files import write_bytes_atomic
+from recsys_mamba.version import __version__
 
 # Bump when a checkpoint written by this code can no longer be read by older code.
 FORMAT_VERSION = 1
@@ -192,17 +190,27 @@ def check_expected(path: Any, metadata: dict[str, Any], expect: dict[str, Any] |
             )
 
 
+def _open(path: str | Path) -> Any:
+    """A local path, or a remote URL (s3://, gs://, ...) through fsspec, opened for reading."""
+    if "://" in str(path):
+        import fsspec
+
+        return fsspec.open(str(path), "rb").open()
+    return open(path, "rb")
+
+
 def read_checkpoint(
     path: str | Path, *, expect: dict[str, Any] | None = None, map_location: Any = "cpu"
 ) -> dict[str, Any]:
     """The whole checkpoint dict, read without unpickling code, its metadata checked against `expect`."""
-    fs = get_filesystem(str(path))
-    if not fs.isfile(str(path)):
+    try:
+        f = _open(path)
+    except FileNotFoundError:
         raise RecsysError(
             f"checkpoint {path} does not exist; pass a .ckpt file, e.g. <run>/checkpoints/last.ckpt"
-        )
-    try:
-        f = fs.open(str(path), "rb")
+        ) from None
+    except (IsADirectoryError, NotADirectoryError):
+        raise RecsysError(f"checkpoint {path} is not a file; pass a .ckpt file") from None
     except OSError as err:
         raise RecsysError(
             f"checkpoint {path} cannot be read ({err.strerror or err}); check the file's permissions"
@@ -227,82 +235,27 @@ def load_checkpoint(
 # ---- writing ----------------------------------------------------------------------------------------
 
 
-def _fsync_folder(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # some filesystems cannot sync a folder; the rename has happened either way
-        pass
-    finally:
-        os.close(fd)
+def stamp(checkpoint: dict[str, Any], metadata: dict[str, Any]) -> dict[str, Any]:
+    """`checkpoint` with `metadata` (and the digest of its weights) embedded as JSON."""
+    meta = {**metadata, "state_dict_sha256": state_digest(checkpoint["state_dict"])}
+    return {**checkpoint, METADATA_KEY: json.dumps(meta, default=str)}
 
 
-def write_atomic(path: Path, write: Callable[[Any], object]) -> None:
-    """`write(file)` into a temp file beside `path`, synced, then renamed onto it; all or nothing."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+def save_checkpoint(checkpoint: dict[str, Any], path: Path | str) -> None:
+    """Serialised first, so a failing disk surfaces as the OSError of a plain write; then written
+    atomically (`files.write_atomic`): a failed or killed save leaves the previous file usable."""
+    path = Path(path)
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)
+    hint = (
+        f"the previous checkpoint there is unchanged. Free disk space or make {path.parent} writable "
+        "(or set paths.output_dir)"
+    )
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as err:
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
-        if isinstance(err, OSError):
-            reason = f"{err.strerror or err} ({errno.errorcode.get(err.errno or 0, 'OSError')})"
-            raise RecsysError(
-                f"could not write checkpoint {path}: {reason}; the previous checkpoint there is "
-                f"unchanged. Free disk space or make {path.parent} writable (or set paths.output_dir)"
-            ) from err
-        raise
-    _fsync_folder(path.parent)
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning checkpoint IO: atomic local writes stamped with run metadata, weights-only checked reads.
-
-    `metadata` (from `run_metadata`) is embedded in every checkpoint saved; `expect` is what every
-    checkpoint loaded must match. Stamping here rather than in a callback also covers weights-only saves,
-    for which Lightning calls no callback hooks.
-    """
-
-    def __init__(self, metadata: dict[str, Any] | None = None, expect: dict[str, Any] | None = None) -> None:
-        super().__init__()
-        self.metadata = metadata
-        self.expect = expect
-
-    def save_checkpoint(
-        self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
-    ) -> None:
-        if self.metadata is not None:
-            meta = {**self.metadata, "state_dict_sha256": state_digest(checkpoint["state_dict"])}
-            checkpoint = {**checkpoint, METADATA_KEY: json.dumps(meta, default=str)}
-        if storage_options is not None or "://" in str(path):  # remote storage: Lightning's own writer
-            super().save_checkpoint(checkpoint, path, storage_options)
-            return
-        # Serialised first, so a failing disk surfaces as the OSError of a plain write.
-        buffer = io.BytesIO()
-        torch.save(checkpoint, buffer)
-        write_atomic(Path(path), lambda f: f.write(buffer.getbuffer()))
-
-    def load_checkpoint(
-        self, path: Any, map_location: Any | None = None, weights_only: bool | None = None
-    ) -> dict[str, Any]:
-        # weights_only is ignored on purpose: a checkpoint is never unpickled beyond tensors and primitives.
-        return read_checkpoint(path, expect=self.expect, map_location=map_location or "cpu")
-
-
-def run_checkpoint_io(cfg: DictConfig, dm: Any, module: Any) -> AtomicCheckpointIO:
-    """The checkpoint IO of a run: stamps this run's metadata, accepts only checkpoints that match it."""
-    meta = run_metadata(cfg, dm.sizes, dict(dm.manifest), module.encoder, module.head)
-    return AtomicCheckpointIO(metadata=meta, expect=expected(meta))
+    except OSError as err:
+        raise RecsysError(f"cannot write checkpoint {path} ({err.strerror or err}); {hint}") from err
+    write_bytes_atomic(path, buffer.getbuffer(), hint=hint)
 
 
 # ---- run configs ------------------------------------------------------------------------------------
@@ -339,11 +292,12 @@ def _located(target: str) -> str | None:
     return f"{module}.{qualname}"
 
 
-def check_targets(cfg: DictConfig | dict[str, Any], source: str | Path) -> None:
-    """Refuse a config (read from `source`) that would instantiate anything outside the allowlist."""
-    node = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
+def check_targets(cfg: DictConfig | dict[str, Any], source: str | Path, at: str = "") -> None:
+    """Refuse a config (read from `source`; `at`: the key it sits at there) that would instantiate
+    anything outside the allowlist."""
+    node = cfg if isinstance(cfg, DictConfig | ListConfig) else OmegaConf.create(cfg)
     allowed = ", ".join([*ALLOWED_TARGET_PREFIXES, *ALLOWED_TARGETS])
-    for where, target in _targets(node, ""):
+    for where, target in _targets(node, at):
         # A name inside an allowed package can still reach anything it imports
         # (recsys_mamba.x.os.system), so what it resolves to must be allowed too.
         defined = _located(target) if isinstance(target, str) and _allowed(target) else None

@@ -1,0 +1,154 @@
+"""What conf/train.yaml (with its groups) may hold: checked by `train` before any data is read or a model
+is built; every error names the key and the fix."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+
+import torch
+from omegaconf import DictConfig
+
+from recsys_mamba import checks
+from recsys_mamba.data.spec import check_source, normalize
+from recsys_mamba.errors import RecsysError
+from recsys_mamba.models.schema import HEAD, MODEL
+from recsys_mamba.schema import Batches, Bool, Check, Choice, Int, Num, PathTo, Relation, Rule, Schema, Seed
+from recsys_mamba.tasks import get_task
+from recsys_mamba.tasks.base import MAX_LEN
+
+PRECISIONS = ("32", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "64", "64-true")
+
+
+def _task(cfg: DictConfig) -> None:
+    get_task(checks.select(cfg, "task.name"))
+
+
+def _devices(cfg: DictConfig) -> None:
+    precision = str(cfg.trainer.get("precision", "32"))
+    accelerator = str(cfg.trainer.get("accelerator", "auto"))
+    cuda = torch.cuda.is_available()
+    if accelerator in ("gpu", "cuda") and not cuda:
+        raise RecsysError(
+            f"trainer.accelerator={accelerator} but no CUDA GPU is visible; use trainer=cpu (or ddp_cpu)"
+        )
+    if precision == "16-mixed" and (accelerator == "cpu" or not cuda):
+        raise RecsysError(
+            "trainer.precision=16-mixed needs a GPU; on CPU use trainer.precision=bf16-mixed or 32"
+        )
+    devices = checks.select(cfg, "trainer.devices", default=None)
+    if not isinstance(devices, str | list) and devices is not None:
+        checks.integer(devices, "trainer.devices", minimum=-1, example=1)
+
+
+def _monitors(cfg: DictConfig) -> None:
+    task = get_task(checks.select(cfg, "task.name"))
+    allowed = {f"val/{m}" for m in task.metric_names}
+    for name, cb in (cfg.get("callbacks") or {}).items():
+        monitor = cb.get("monitor") if isinstance(cb, DictConfig) else None
+        if monitor is not None and monitor not in allowed:
+            raise RecsysError(
+                f"callbacks.{name}.monitor={monitor!r} is not a validation metric of task={task.name}; "
+                f"use one of {sorted(allowed)} (set task.monitor)"
+            )
+
+
+def _loggers(cfg: DictConfig) -> None:
+    for name, lg in (cfg.get("logger") or {}).items():
+        if isinstance(lg, DictConfig) and "TensorBoard" in str(lg.get("_target_", "")):
+            if (
+                importlib.util.find_spec("tensorboard") is None
+                and importlib.util.find_spec("tensorboardX") is None
+            ):
+                raise RecsysError(
+                    f"logger.{name} needs the tensorboard package: pip install tensorboard (or logger=csv)"
+                )
+
+
+def _data(cfg: DictConfig) -> None:
+    """The data config and its input files, unless an already prepared folder is given."""
+    if checks.select(cfg, "datamodule.prepared_dir", default=None) is None:
+        check_source(normalize(checks.select(cfg, "data")))
+
+
+def _fast_dev_run(cfg: DictConfig) -> None:
+    fast = checks.select(cfg, "trainer.fast_dev_run", default=None)
+    if not isinstance(fast, bool):
+        checks.integer(fast, "trainer.fast_dev_run", minimum=0, example="true")
+
+
+def _betas(cfg: DictConfig) -> None:
+    betas = checks.select(cfg, "module.optimizer.betas", default=None)
+    if betas is None:
+        return
+    if not isinstance(betas, list) or len(betas) != 2:
+        raise RecsysError(f"module.optimizer.betas={betas!r} must be two numbers, e.g. [0.9,0.98]")
+    for i, b in enumerate(betas):
+        checks.number(b, f"module.optimizer.betas[{i}]", minimum=0, below=1, example=0.9)
+
+
+def _lengths(key: str) -> Rule:
+    return Rule(key, MAX_LEN)
+
+
+TRAIN = Schema(
+    Check(_task),
+    Rule("seed", Seed()),
+    Rule("train", Bool()),
+    Rule("test", Bool()),
+    MODEL.under("model"),
+    _lengths("datamodule.max_len"),
+    _lengths("datamodule.batch_size"),
+    _lengths("datamodule.eval_batch_size"),
+    Relation(
+        ("datamodule.max_len", "model.max_len"),
+        lambda dm, model: dm <= (model or math.inf),
+        "{k0}={v0} exceeds {k1}={v1}; set them equal (datamodule.max_len follows model.max_len unless "
+        "overridden)",
+    ),
+    HEAD.under("head"),
+    Rule("trainer.precision", Choice(PRECISIONS, as_text=True)),
+    Check(_devices),
+    Check(_monitors),
+    Check(_loggers),
+    Rule(
+        "ckpt_path",
+        PathTo(
+            "file", optional=True, empty_is_none=True, what="a .ckpt file, e.g. <run>/checkpoints/last.ckpt"
+        ),
+    ),
+    Rule("trainer.max_epochs", Int(-1, example=20, exclude=(0,))),
+    Rule("trainer.min_epochs", Int(0, optional=True)),
+    Rule("trainer.gradient_clip_val", Num(minimum=0, optional=True)),
+    Rule("trainer.check_val_every_n_epoch", Int(1, optional=True)),
+    Rule("trainer.num_sanity_val_steps", Int(-1)),
+    Rule("trainer.log_every_n_steps", Int(1, optional=True)),
+    [Rule(f"trainer.limit_{split}_batches", Batches()) for split in ("train", "val", "test")],
+    Check(_fast_dev_run),
+    Rule("trainer.enable_progress_bar", Bool()),
+    Rule("module.optimizer.lr", Num(above=0, example=0.001)),
+    Rule("module.optimizer.weight_decay", Num(minimum=0), present_only=True),
+    Check(_betas),
+    [
+        Rule(f"module.scheduler.{k}", Num(minimum=0, maximum=1, example=0.1), present_only=True)
+        for k in ("warmup_frac", "min_lr_ratio")
+    ],
+    Rule("datamodule.num_workers", Int(0, 1024)),
+    Rule("datamodule.pin_memory", Bool(optional=True), present_only=True),
+    [
+        Rule(f"datamodule.{k}", Bool(), present_only=True)
+        for k in ("ctr_train_windows", "next_item_windows", "positive_targets", "bucket_by_length")
+    ],
+    Rule("paths.cache_dir", PathTo("out_dir")),
+    Rule("datamodule.cache_dir", PathTo("out_dir", optional=True)),
+    Rule("datamodule.prepared_dir", PathTo("prepared", optional=True)),
+    Check(_data),
+)
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Catch config mistakes before any data is read or a model built; each error names key and fix."""
+    TRAIN.validate(cfg)
+
+
+__all__ = ["PRECISIONS", "TRAIN", "validate_config"]

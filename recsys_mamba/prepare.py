@@ -9,6 +9,8 @@ from omegaconf import DictConfig
 from recsys_mamba import checks
 from recsys_mamba.config import hydra_entry
 from recsys_mamba.data import load_manifest, prepare
+from recsys_mamba.data.buckets import DEFAULT_BUCKET_EVENTS
+from recsys_mamba.data.pipeline import check_scale
 from recsys_mamba.data.spec import check_source, normalize
 
 
@@ -28,13 +30,26 @@ def validate_config(cfg: DictConfig) -> None:
     checks.boolean(checks.select(cfg, "overwrite"), "overwrite")
     checks.path(checks.select(cfg, "out_dir", default=None), "out_dir", optional=True)
     checks.path(checks.select(cfg, "paths.cache_dir"), "paths.cache_dir")
+    check_scale(
+        checks.select(cfg, "engine", "local"),
+        checks.select(cfg, "buckets", None),
+        checks.select(cfg, "bucket_events", DEFAULT_BUCKET_EVENTS),
+    )
     check_source(normalize(checks.select(cfg, "data")))
 
 
 @hydra_entry("prepare")
 def main(cfg: DictConfig) -> Path:
     validate_config(cfg)
-    folder = prepare(cfg.data, cfg.out_dir, cfg.paths.cache_dir, overwrite=cfg.overwrite)
+    folder = prepare(
+        cfg.data,
+        cfg.out_dir,
+        cfg.paths.cache_dir,
+        overwrite=cfg.overwrite,
+        engine=cfg.engine,
+        buckets=cfg.buckets,
+        bucket_events=cfg.bucket_events,
+    )
     print(summary(folder))
     return folder
 

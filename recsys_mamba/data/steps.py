@@ -74,7 +74,7 @@ def time_window(lf: pl.LazyFrame, start: int | None, end: int | None) -> pl.Lazy
     return lf.filter(cond)
 
 
-def _rare(pairs: pl.LazyFrame, col: str, minimum: int) -> pl.Series:
+def rare_values(pairs: pl.LazyFrame, col: str, minimum: int) -> pl.Series:
     """Values of `col` with fewer than `minimum` rows (a group-by, much cheaper than a window)."""
     if minimum <= 1:
         return pl.Series(col, [])
@@ -98,7 +98,7 @@ def kcore(
             ("item_id", min_item, "min_item", gone_items),
             ("user_id", min_user, "min_user", gone_users),
         ):
-            rare = _rare(pairs, col, minimum)
+            rare = rare_values(pairs, col, minimum)
             if rare.len():
                 before = pairs.select(pl.len()).collect().item()
                 kept = pairs.filter(~pl.col(col).is_in(rare.implode())).collect().lazy()

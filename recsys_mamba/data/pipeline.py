@@ -13,6 +13,8 @@ Every dropped row is counted by reason in the manifest.
 from __future__ import annotations
 
 import json
+import logging
+import resource
 import shutil
 import time
 from datetime import datetime, timezone
@@ -31,6 +33,8 @@ from recsys_mamba.data.buckets import DEFAULT_BUCKET_EVENTS
 from recsys_mamba.data.cache import atomic_folder, describe_source, reusable
 from recsys_mamba.data.spec import config_hash, normalize
 from recsys_mamba.errors import RecsysError
+
+log = logging.getLogger(__name__)
 
 # Rows per Parquet row group of every output (sequences: users). Fixed, so the bytes of a file depend
 # only on its rows, not on how many buckets (or Polars threads) produced them.
@@ -206,7 +210,7 @@ class _Stages:
             ids = [0]
         else:
             bounds = buckets.boundaries(source, n_buckets, events)
-            part = buckets.partition(source, bounds, Path(ctx.scratch), ctx.engine)
+            part = buckets.partition(source, bounds, Path(ctx.scratch))
             rows, null_users, null_user_rows = part.rows, part.null_users, part.null_user_rows
             run.record("read", rows, rows, {})
             if null_users and policy == "error":  # the first check of all: no need to clean the buckets
@@ -225,7 +229,8 @@ class _Stages:
         for r in self.engine.map(tasks.clean, [(ctx, b) for b in ids]):
             b = r["bucket"]
             if not ctx.single:
-                self._remove("raw", b)
+                for path in buckets.raw_parts(ctx.scratch, b):
+                    path.unlink()
             total["rows"] += r["rows"]
             for col, n in r["nulls"].items():
                 nulls[col] = nulls.get(col, 0) + n
@@ -423,6 +428,21 @@ def _run(
     }
 
 
+class _Progress:
+    """Logs each stage's time and this process's peak memory so far (the run's log file)."""
+
+    def __init__(self, n_buckets: int, events: int, engine: str) -> None:
+        self.last, self.cpu = time.perf_counter(), time.process_time()
+        log.info("prepare: ~%s events in %d bucket(s), engine=%s", f"{events:,}", n_buckets, engine)
+
+    def __call__(self, stage: str) -> None:
+        now, cpu = time.perf_counter(), time.process_time()
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+        wall, used = now - self.last, cpu - self.cpu
+        log.info("prepare: %s %.1f s (CPU %.1f s), peak RSS so far %.0f MiB", stage, wall, used, peak)
+        self.last, self.cpu = now, cpu
+
+
 def _stages(
     stages: _Stages,
     source: buckets.Source,
@@ -431,10 +451,14 @@ def _stages(
     attribute_pairs: tuple[pl.Series, pl.DataFrame] | None,
 ) -> dict[str, Any]:
     spec, work = stages.spec, stages.work
+    done = _Progress(n_buckets, events, stages.engine.name)
     live = stages.clean(source, n_buckets, events)
+    done("partition + clean")
     live, kcore = stages.kcore(live)
+    done("frequency filter")
     maps, names = stages.maps(live, kcore)
     indexed = stages.index(live, maps, kcore)
+    done("maps + index")
     items = (
         _as_string_map(maps.item, "item_id")
         .lazy()
@@ -459,6 +483,7 @@ def _stages(
     n_attributes, attribute_info = _attributes(work, files, attribute_pairs, maps.item, attribute_path)
     if spec["ctr"] is not None:
         stages.write_parts(files, fmt.CTR, "ctr", live)
+    done("negatives + writing the outputs")
     return {
         "n_users": indexed["users"],
         "n_items": maps.item.height,

@@ -81,10 +81,9 @@ def clean(ctx: Context, bucket: int) -> dict[str, Any]:
     failpoint("clean", bucket)
     spec, policy = ctx.spec, ctx.spec["on_null"]
     if ctx.single:
-        source = buckets.Source(Path(ctx.source), spec, Path(ctx.scratch))
-        df = buckets.strings_as_text(source.collect(ctx.engine))
+        df = buckets.Source(Path(ctx.source), spec, Path(ctx.scratch)).collect(ctx.engine)
     else:
-        df = read_ipc(part_path(ctx.scratch, "raw", bucket))
+        df = pl.concat([read_ipc(p) for p in buckets.raw_parts(ctx.scratch, bucket)], rechunk=True)
     out: dict[str, Any] = {"bucket": bucket, "rows": df.height, "nulls": {}, "null_rows": {}}
     out.update(invalid_before={}, invalid={}, invalid_rows={})
     for col in validate.required_columns(spec, ctx.timed):

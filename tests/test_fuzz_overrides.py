@@ -271,6 +271,13 @@ PREPARE = [
     Key("data.time_window.start", optional(ints())),
     Key("data.split.test_time", optional(ints()), base=EVENTS),
     Key("data.synthetic.seed", seed),
+    Key(
+        "engine",
+        lambda v: v in ("local", "ray") and not isinstance(v, bool),
+        st.one_of(SCALARS, st.sampled_from(["local", "ray", "dask", "Ray"])),
+    ),
+    Key("buckets", optional(ints(1, 1 << 20))),
+    Key("bucket_events", ints(1)),
     Key("data.synthetic.p_current_interest", nums(0, 0.75)),  # plus p_other_tastes (0.25) <= 1
     Key("data.synthetic.max_events", ints(12, 10**6)),  # >= min_events (12)
     Key("data.synthetic.mean_events", nums(0, 10**6, lo_open=True)),
@@ -319,6 +326,28 @@ BENCH_PIPELINE = [
     Key("work_dir", out_dir, PATH),
     Key("out_file", out_file, PATH),
     Key("ml1m", boolean),
+]
+BENCH_SCALE = [
+    Key(
+        "sections",
+        lambda v: v == ["prepare"],
+        st.one_of(LISTS, st.sampled_from([["prepare"], ["prepare", "prepare"], ["training"], []])),
+    ),
+    Key(
+        "prepare.sizes",
+        lambda v: isinstance(v, list) and bool(v) and all(ints(1, 10**11)(x) for x in v),
+        LISTS,
+    ),
+    Key("prepare.events_per_user", ints(1)),
+    Key("prepare.n_items", ints(1, 10**9)),
+    Key("prepare.seed", seed),
+    Key("prepare.chunk", ints(1, 10**9)),
+    Key("prepare.keep_logs", boolean),
+    Key("prepare.goals.peak_rss_gb", nums(0, lo_open=True)),
+    Key("prepare.goals.events_per_s", nums(0, lo_open=True)),
+    Key("work_dir", out_dir, PATH),
+    Key("out_file", out_file, PATH),
+    Key("keep_work", boolean),
 ]
 BENCH_SCAN = [
     Key("dim", ints(1, 2**16)),
@@ -394,6 +423,7 @@ BASES = {
     "evaluate": [f"ckpt_path={POOL / 'run.ckpt'}", f"out_dir={POOL / 'eval'}"],
     "score": [f"ckpt_path={POOL / 'run.ckpt'}", f"input={POOL / 'events.csv'}", f"output={POOL / 'scores'}"],
     "bench_pipeline": [f"work_dir={POOL / 'work'}", f"out_file={POOL / 'bench.json'}"],
+    "bench_scale": [f"work_dir={POOL / 'scale'}", f"out_file={POOL / 'scale.json'}"],
     "bench_scan": [f"output_json={POOL / 'scan.json'}"],
     "bench_score": [f"output_json={POOL / 'score.json'}"],
     "bench_state": [f"output_json={POOL / 'state.json'}"],
@@ -405,6 +435,7 @@ KEYS = {
     "evaluate": EVALUATE,
     "score": SCORE,
     "bench_pipeline": BENCH_PIPELINE,
+    "bench_scale": BENCH_SCALE,
     "bench_scan": BENCH_SCAN,
     "bench_score": BENCH_SCORE,
     "bench_state": BENCH_STATE,

@@ -36,6 +36,8 @@ from recsys_mamba.errors import RecsysError
 DEFAULT_BUCKET_EVENTS = 4_000_000
 # user ids sampled for the boundaries
 _SAMPLE = 1_000_000
+# rows per slice of a Parquet source in the partition pass
+SLICE_ROWS = 8_000_000
 _SHOW = 5
 # bytes of scratch and output disk per input event at the peak, with a margin: 62 measured on the
 # 100 M-event bench scale log (buckets, cleaned buckets, output parts as uncompressed Arrow, outputs)
@@ -161,15 +163,26 @@ class Source:
 # ---- the partition pass ----------------------------------------------------------------------------
 
 
+def slices(source: Source, events: int) -> list[pl.LazyFrame]:
+    """The source as consecutive row ranges of `SLICE_ROWS` rows when it is Parquet (Polars' Parquet
+    scan holds memory that grows with the file, ~1 GB more per 100 M events: a slice bounds it), else
+    the whole streaming scan (the text readers stream in bounded memory)."""
+    if source.plain.suffix not in (".parquet", ".pq") or events <= SLICE_ROWS:
+        return [source.lf]
+    return [source.lf.slice(start, SLICE_ROWS) for start in range(0, events, SLICE_ROWS)]
+
+
 def boundaries(source: Source, n_buckets: int, events: int) -> pl.Series:
     """Sorted user ids that start buckets 1..n-1 (fewer when heavy users span several quantiles)."""
     step = max(1, events // _SAMPLE)
-    sample = source.lf.filter(pl.col("_row") % step == 0).select("user_id")
+    found = []
     try:
-        ids = sample.collect(engine="streaming", optimizations=source.flags(False)).get_column("user_id")
+        for part in slices(source, events):
+            sample = part.filter(pl.col("_row") % step == 0).select("user_id")
+            found.append(sample.collect(engine="streaming", optimizations=source.flags(False)))
     except validate.READ_ERRORS as err:
         raise source.failed(err) from None
-    ids = ids.drop_nulls().sort()
+    ids = pl.concat(found).get_column("user_id").drop_nulls().sort()
     if ids.len() == 0 or n_buckets <= 1:
         return ids.head(0)
     at = (np.arange(1, n_buckets) * ids.len()) // n_buckets
@@ -200,25 +213,25 @@ def raw_parts(scratch: Path | str, bucket: int) -> list[Path]:
     return sorted(folder(Path(scratch)).glob(f"raw-{bucket:05d}-*.arrow"))
 
 
-def partition(source: Source, bounds: pl.Series, scratch: Path) -> Partitioned:
-    """One streaming pass over the source (Polars' partitioned Arrow IPC sink): each row goes to its
-    bucket's file, in file order. Rows without a user id go to a file of their own, which is only
-    counted (the null check drops or refuses them)."""
+def partition(source: Source, bounds: pl.Series, scratch: Path, events: int) -> Partitioned:
+    """One streaming pass over the source (Polars' partitioned Arrow IPC sink, slice by slice): each
+    row goes to its bucket's files, in file order. Rows without a user id go to files of their own,
+    which are only counted (the null check drops or refuses them)."""
     root = folder(scratch)
     root.mkdir(parents=True, exist_ok=True)
-
-    def name(args: Any) -> str:
-        key = args.partition_keys.get_column("_bucket")[0]
-        bucket = "null" if key is None else f"{key:05d}"
-        return str(root / f"raw-{bucket}-{args.index_in_partition:04d}.arrow")
-
-    target = pl.PartitionBy(
-        str(root), key="_bucket", include_key=False, file_path_provider=name, approximate_bytes_per_file=None
-    )
+    key = bucket_key(bounds).alias("_bucket")
     try:
-        source.lf.with_columns(bucket_key(bounds).alias("_bucket")).sink_ipc(
-            target, compression="uncompressed", engine="streaming", optimizations=source.flags()
-        )
+        for i, part in enumerate(slices(source, events)):
+
+            def name(args: Any, i: int = i) -> str:
+                key = args.partition_keys.get_column("_bucket")[0]
+                bucket = "null" if key is None else f"{key:05d}"
+                return str(root / f"raw-{bucket}-{i:05d}-{args.index_in_partition:04d}.arrow")
+
+            target = pl.PartitionBy(str(root), key="_bucket", include_key=False, file_path_provider=name)
+            part.with_columns(key).sink_ipc(
+                target, compression="uncompressed", engine="streaming", optimizations=source.flags()
+            )
     except validate.READ_ERRORS as err:
         raise source.failed(err) from None
     out = Partitioned()

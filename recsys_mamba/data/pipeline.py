@@ -210,7 +210,7 @@ class _Stages:
             ids = [0]
         else:
             bounds = buckets.boundaries(source, n_buckets, events)
-            part = buckets.partition(source, bounds, Path(ctx.scratch))
+            part = buckets.partition(source, bounds, Path(ctx.scratch), events)
             rows, null_users, null_user_rows = part.rows, part.null_users, part.null_user_rows
             run.record("read", rows, rows, {})
             if null_users and policy == "error":  # the first check of all: no need to clean the buckets

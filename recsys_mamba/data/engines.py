@@ -73,13 +73,16 @@ class Ray:
 
     def map(self, fn: Callable[..., Any], calls: Sequence[tuple[Any, ...]]) -> Iterator[Any]:
         refs = [self.remote.options(name=f"{fn.__name__}").remote(fn, *args) for args in calls]
+        taken = 0
         try:
             for ref, args in zip(refs, calls, strict=True):
                 yield self._get(ref, fn.__name__, args)
-        finally:
-            for ref in refs:  # a stage that failed: stop the rest of its tasks
+                taken += 1
+        except BaseException:
+            for ref in refs[taken + 1 :]:  # a stage that failed: stop the tasks not yet taken
                 with contextlib.suppress(Exception):
-                    self.ray.cancel(ref, force=True)
+                    self.ray.cancel(ref)
+            raise
 
     def _get(self, ref: Any, name: str, args: tuple[Any, ...]) -> Any:
         ray = self.ray

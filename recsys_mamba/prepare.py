@@ -9,6 +9,7 @@ from omegaconf import DictConfig
 from recsys_mamba import checks
 from recsys_mamba.config import hydra_entry
 from recsys_mamba.data import load_manifest, prepare
+from recsys_mamba.data.pipeline import SCALE
 from recsys_mamba.data.spec import check_source, normalize
 from recsys_mamba.schema import Bool, Check, PathTo, Rule, Schema
 
@@ -29,6 +30,7 @@ PREPARE = Schema(
     Rule("overwrite", Bool()),
     Rule("out_dir", PathTo(optional=True)),
     Rule("paths.cache_dir", PathTo()),
+    SCALE,
     Check(lambda cfg: check_source(normalize(checks.select(cfg, "data")))),
 )
 
@@ -40,7 +42,15 @@ def validate_config(cfg: DictConfig) -> None:
 @hydra_entry("prepare")
 def main(cfg: DictConfig) -> Path:
     validate_config(cfg)
-    folder = prepare(cfg.data, cfg.out_dir, cfg.paths.cache_dir, overwrite=cfg.overwrite)
+    folder = prepare(
+        cfg.data,
+        cfg.out_dir,
+        cfg.paths.cache_dir,
+        overwrite=cfg.overwrite,
+        engine=cfg.engine,
+        buckets=cfg.buckets,
+        bucket_events=cfg.bucket_events,
+    )
     print(summary(folder))
     return folder
 

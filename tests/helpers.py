@@ -29,12 +29,20 @@ def fuzz_settings(default: int) -> settings:
 
 
 def disk_full(monkeypatch: pytest.MonkeyPatch, hit: Callable[[Path], bool]) -> None:
-    """Writes to a path where `hit(path)` go to /dev/full: the real error a full disk gives (Polars
+    """Writes (Parquet, Parquet sinks, Arrow IPC, text) to a path where `hit(path)` go to /dev/full:
+    the real error a full disk gives (Polars
     reports it as a ComputeError carrying "os error 28", plain Python as OSError ENOSPC)."""
     real_parquet, real_text = pl.DataFrame.write_parquet, Path.write_text
+    real_sink, real_ipc = pl.LazyFrame.sink_parquet, pl.DataFrame.write_ipc
 
     def write_parquet(self: pl.DataFrame, file, *args, **kwargs):
         return real_parquet(self, "/dev/full" if hit(Path(file)) else file, *args, **kwargs)
+
+    def sink_parquet(self: pl.LazyFrame, path, *args, **kwargs):
+        return real_sink(self, "/dev/full" if hit(Path(path)) else path, *args, **kwargs)
+
+    def write_ipc(self: pl.DataFrame, file, *args, **kwargs):
+        return real_ipc(self, "/dev/full" if hit(Path(file)) else file, *args, **kwargs)
 
     def write_text(self: Path, *args, **kwargs):
         if hit(self):
@@ -44,6 +52,8 @@ def disk_full(monkeypatch: pytest.MonkeyPatch, hit: Callable[[Path], bool]) -> N
         return real_text(self, *args, **kwargs)
 
     monkeypatch.setattr(pl.DataFrame, "write_parquet", write_parquet)
+    monkeypatch.setattr(pl.LazyFrame, "sink_parquet", sink_parquet)
+    monkeypatch.setattr(pl.DataFrame, "write_ipc", write_ipc)
     monkeypatch.setattr(Path, "write_text", write_text)
 
 

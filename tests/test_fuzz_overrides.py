@@ -360,6 +360,7 @@ def _schemas() -> dict[str, tuple[Schema, Callable[[DictConfig], None]]]:
     from recsys_mamba.bench.encoders import BENCH_ENCODERS, check_config
     from recsys_mamba.bench.loss import BENCH_LOSS
     from recsys_mamba.bench.pipeline import BENCH_PIPELINE
+    from recsys_mamba.bench.scale import BENCH_SCALE
     from recsys_mamba.bench.scan import BENCH_SCAN
     from recsys_mamba.bench.score import BENCH_SCORE
     from recsys_mamba.bench.state import BENCH_STATE
@@ -374,6 +375,7 @@ def _schemas() -> dict[str, tuple[Schema, Callable[[DictConfig], None]]]:
         "evaluate": EVALUATE,
         "score": SCORE,
         "bench_pipeline": BENCH_PIPELINE,
+        "bench_scale": BENCH_SCALE,
         "bench_scan": BENCH_SCAN,
         "bench_score": BENCH_SCORE,
         "bench_state": BENCH_STATE,
@@ -395,6 +397,7 @@ BASES = {
     "evaluate": [f"ckpt_path={POOL / 'run.ckpt'}", f"out_dir={POOL / 'eval'}"],
     "score": [f"ckpt_path={POOL / 'run.ckpt'}", f"input={POOL / 'events.csv'}", f"output={POOL / 'scores'}"],
     "bench_pipeline": [f"work_dir={POOL / 'work'}", f"out_file={POOL / 'bench.json'}"],
+    "bench_scale": [f"work_dir={POOL / 'scale'}", f"out_file={POOL / 'scale.json'}"],
     "bench_scan": [f"output_json={POOL / 'scan.json'}"],
     "bench_score": [f"output_json={POOL / 'score.json'}"],
     "bench_state": [f"output_json={POOL / 'state.json'}"],

@@ -85,7 +85,9 @@ def _write_failure(err: BaseException) -> str | None:
     """Why writing failed (e.g. "No space left on device") when `err` is a write failure, else None."""
     if isinstance(err, OSError) and err.errno in _WRITE_ERRNOS:
         return err.strerror or str(err)
-    found = _POLARS_OS_ERROR.search(str(err)) if type(err).__module__.startswith("polars") else None
+    # Polars raises its own errors, or a plain OSError without errno (e.g. from write_ipc)
+    polars = type(err).__module__.startswith("polars") or isinstance(err, OSError)
+    found = _POLARS_OS_ERROR.search(str(err)) if polars else None
     if found and int(found.group(1)) in _WRITE_ERRNOS:
         return os.strerror(int(found.group(1)))
     return None

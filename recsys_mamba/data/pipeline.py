@@ -1,16 +1,22 @@
 """Files in, Parquet + manifest out: the `prepare` pipeline (output contract: `recsys_mamba.data.format`).
 
-Reading is lazy (Polars scans, streaming engine); the cleaned events are materialised once per
-dropping step so every dropped row is counted by reason in the manifest.
+Memory is bounded by a bucket of users, not by the log (`recsys_mamba.data.buckets`): one streaming
+pass splits the events by a range of user ids into buckets on disk, and each later stage works on one
+bucket at a time (`recsys_mamba.data.tasks`; in this process or as Ray tasks, `engine`), with small
+global tables in between: item counts for the frequency filter, the item / category / event type
+maps, per-bucket user and positive counts. Every output is the buckets' parts concatenated in order
+and written by one Parquet writer in fixed-size row groups, so the files are byte-identical for any
+number of buckets and either engine. A log small enough for one bucket is read straight into memory.
+Every dropped row is counted by reason in the manifest.
 """
 
 from __future__ import annotations
 
-import functools
 import json
+import logging
+import resource
 import shutil
 import time
-from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -19,44 +25,45 @@ import numpy as np
 import polars as pl
 from omegaconf import DictConfig
 
-from recsys_mamba.data import attributes, readers, splits, steps, synthetic, validate
-from recsys_mamba.data import ctr as ctr_samples
+from recsys_mamba.data import attributes, buckets, engines, readers, steps, synthetic, tasks, validate
 from recsys_mamba.data import format as fmt
+from recsys_mamba.data.buckets import DEFAULT_BUCKET_EVENTS
 from recsys_mamba.data.cache import atomic_folder, describe_source, reusable
 from recsys_mamba.data.spec import config_hash, normalize
 from recsys_mamba.errors import RecsysError
+from recsys_mamba.schema import Choice, Int, Rule, Schema
 from recsys_mamba.version import __version__
+
+log = logging.getLogger(__name__)
+
+# Rows per Parquet row group of every output (sequences: users). Fixed, so the bytes of a file depend
+# only on its rows, not on how many buckets (or Polars threads) produced them.
+ROW_GROUP_ROWS = 131_072
+SEQUENCE_ROW_GROUP_ROWS = 8_192
+# per-bucket tables (item counts, item statistics) are folded into the running total once this many
+# rows wait, so the driver holds O(items), not O(items x buckets)
+_FOLD_ROWS = 2_000_000
 
 
 class _Run:
-    """Materialises each step and keeps the per-step row counts and drop reasons."""
+    """The per-step row counts and drop reasons of the manifest."""
 
     def __init__(self, spec: dict[str, Any], source: Path) -> None:
         self.spec, self.source = spec, source
-        self.engine = "streaming" if spec["engine"] == "streaming" else "in-memory"
         self.steps: list[dict[str, Any]] = []
         self.dropped: dict[str, int] = {}
-        self.strings: validate.StringsRead | None = None  # the source re-read as strings, for messages
-
-    def collect(self, lf: pl.LazyFrame, every_field: bool = False) -> pl.DataFrame:
-        # with projection pushdown polars skips the fields no column needs, and with them the check
-        # that a line has no more fields than the header
-        flags = pl.QueryOptFlags(projection_pushdown=False) if every_field else pl.QueryOptFlags()
-        return lf.collect(engine=self.engine, optimizations=flags)
-
-    def step(
-        self, name: str, df: pl.DataFrame, fn: Callable[[pl.LazyFrame], pl.LazyFrame], reason: str
-    ) -> pl.DataFrame:
-        out = self.collect(fn(df.lazy()))
-        self.record(name, df.height, out.height, {reason: df.height - out.height})
-        return out
+        self.rows = 0  # rows after the last step
 
     def record(self, name: str, rows_in: int, rows_out: int, dropped: dict[str, int]) -> None:
         self.steps.append({"step": name, "rows_in": rows_in, "rows_out": rows_out})
         for reason, n in dropped.items():
             if n:
                 self.dropped[reason] = self.dropped.get(reason, 0) + n
+        self.rows = rows_out
         validate.check_not_empty(rows_out, self.source, f"step {name!r}")
+
+    def drop(self, name: str, reason: str, n: int) -> None:
+        self.record(name, self.rows, self.rows - n, {reason: n})
 
 
 def has_timestamps(spec: dict[str, Any]) -> bool:
@@ -67,142 +74,45 @@ def has_timestamps(spec: dict[str, Any]) -> bool:
     return spec["columns"].get("timestamp") is not None
 
 
-def _read(run: _Run, scratch: Path) -> pl.DataFrame:
+def _check_columns(run: _Run, columns: list[str], timed: bool) -> None:
+    """Settings the file's columns cannot serve, refused before any event is read."""
     spec, source = run.spec, run.source
-    run.strings = functools.partial(readers.read, source, spec, scratch, strings=True)
-    try:
-        lf = readers.read(source, spec, scratch)
-        plain = readers.local_text(source, scratch)
-        # one chunk per column: the sort's gather and later steps are much slower across chunks
-        df = run.collect(lf, every_field=readers.layout(spec, plain) is not None).rechunk()
-    except validate.READ_ERRORS as err:
-        raise validate.diagnose(run.strings, spec, source, err, readers.local_text(source, scratch)) from None
-    run.record("read", df.height, df.height, {})
-    return df
-
-
-def _clean(run: _Run, df: pl.DataFrame, timed: bool) -> pl.DataFrame:
-    spec = run.spec
     for col in validate.required_columns(spec, timed):
-        if col not in df.columns:
+        if col not in columns:
             raise RecsysError(
-                f"{run.source}: the data config needs column {col!r} (for ctr.label_from or timestamps) "
+                f"{source}: the data config needs column {col!r} (for ctr.label_from or timestamps) "
                 f"but the file has none; map it with data.columns.{col}=<name> or change data.ctr"
             )
-        counts = validate.null_counts(df, [col])
-        if counts:  # raises for on_null=error
-            step = functools.partial(
-                validate.handle_nulls,
-                columns=[col],
-                counts=counts,
-                policy=spec["on_null"],
-                source=run.source,
-                strings=run.strings,
-            )
-            df = run.step(f"null_{col}", df, step, f"null_{col}")
-    for col, n in validate.invalid_counts(df, timed).items():  # raises for on_null=error
-        step = functools.partial(
-            validate.handle_invalid,
-            col=col,
-            n=n,
-            policy=spec["on_null"],
-            source=run.source,
-            strings=run.strings,
-        )
-        reason = validate.INVALID[col][0]
-        df = run.step(reason, df, step, reason)
-    if "timestamp" not in df.columns:
-        df = run.collect(steps.positional_timestamps(df.lazy()))
-    # the in-memory engine sorts faster than the streaming one; the frame is in memory already
-    df = steps.chrono_sort(df.lazy()).drop("_row").collect(engine="in-memory")
-    if spec["duplicates"] != "keep":
-        df = run.step("duplicates", df, lambda lf: steps.deduplicate(lf, spec["duplicates"]), "duplicate")
     window = spec["time_window"]
-    if window["start"] is not None or window["end"] is not None:
-        if not timed:
-            raise RecsysError(
-                "data config: data.time_window needs real timestamps; this source has only an order"
-            )
-        df = run.step(
-            "time_window",
-            df,
-            lambda lf: steps.time_window(lf, window["start"], window["end"]),
-            "out_of_time_window",
+    if (window["start"] is not None or window["end"] is not None) and not timed:
+        raise RecsysError(
+            "data config: data.time_window needs real timestamps; this source has only an order"
         )
-    flt = spec["filter"]
-    lf, dropped = steps.kcore(df.lazy(), flt["min_user"], flt["min_item"], flt["iterative"])
-    if sum(dropped.values()):
-        out = run.collect(lf)
-        run.record("filter", df.height, out.height, dropped)
-        df = out
-    return df
+    if spec["rating_events"] and "rating" not in columns:
+        raise RecsysError(
+            f"{source}: data.rating_events=true but the file has no rating column; "
+            "set data.columns.rating (or data.rating_events=false)"
+        )
+    ctr = spec["ctr"]
+    if ctr and ctr["label_from"] == "event_type" and "event_type" not in columns:
+        raise RecsysError(f"{source}: ctr.label_from=event_type but the file has no event type column")
+    if spec["split"]["kind"] == "temporal" and not timed:
+        raise RecsysError(
+            "data config: a temporal split needs real timestamps; this source has only an order"
+        )
 
 
 def _as_string_map(mapping: pl.DataFrame, value: str) -> pl.DataFrame:
     return mapping.with_columns(pl.col(value).cast(pl.String))
 
 
-def _index(run: _Run, df: pl.DataFrame, maps: dict[str, pl.DataFrame]) -> tuple[pl.DataFrame, list[str]]:
-    """Replace original ids, categories and event types by contiguous indices (0 = none)."""
-    if run.spec["rating_events"]:
-        if "rating" not in df.columns:
-            raise RecsysError(
-                f"{run.source}: data.rating_events=true but the file has no rating column; "
-                "set data.columns.rating (or data.rating_events=false)"
-            )
-        # Each past rating becomes an event type ("rating=4"), so an encoder sees the feedback given
-        # on the history, not only which items were rated.
-        df = df.with_columns(pl.format("rating={}", pl.col("rating").round(1)).alias("event_type"))
-    maps["user"] = steps.index_map(df.get_column("user_id"), "user_idx", "user_id")
-    maps["item"] = steps.index_map(df.get_column("item_id"), "item_idx", "item_id")
-    lf = steps.encode(steps.user_index(df.lazy()), "item_id", maps["item"], "item_idx")
-    if "category" in df.columns:
-        maps["category"] = steps.index_map(df.get_column("category"), "category_idx", "category")
-        lf = steps.encode(lf, "category", maps["category"], "category_idx")
-    names: list[str] = []
-    if "event_type" in df.columns:
-        names = steps.event_type_names(df.get_column("event_type"), run.spec["event_types"])
-        lf = steps.encode_names(lf, "event_type", names, "event_type_idx")
-    return run.collect(lf), names
-
-
-def _interactions(run: _Run, df: pl.DataFrame, timed: bool) -> pl.DataFrame:
-    spec = run.spec
-    ctr = spec["ctr"]
-    if ctr and ctr["label_from"] == "event_type" and "event_type" not in df.columns:
-        raise RecsysError(f"{run.source}: ctr.label_from=event_type but the file has no event type column")
-    if ctr is not None or "label" not in df.columns:
-        df = df.lazy().pipe(steps.click_labels, ctr).collect()
-    lf = splits.assign(df.lazy(), spec["split"], timed)
-    defaults = {"category_idx": pl.Int32, "event_type_idx": pl.Int32, "rating": pl.Float32}
-    lf = lf.with_columns(
-        pl.lit(None if c == "rating" else 0, dtype=t).alias(c)
-        for c, t in defaults.items()
-        if c not in df.columns
-    )
-    return run.collect(lf.select(pl.col(c).cast(t) for c, t in fmt.INTERACTIONS_SCHEMA.items()))
-
-
-def _item_table(inter: pl.DataFrame, item_map: pl.DataFrame) -> pl.DataFrame:
-    stats = (
-        inter.lazy()
-        .group_by("item_idx")
-        .agg(
-            pl.col("category_idx").first(),
-            (pl.col("split") == fmt.SPLIT_TRAIN).sum().cast(pl.Int64).alias("count"),
-        )
-    )
-    return (
-        _as_string_map(item_map, "item_id")
-        .lazy()
-        .join(stats, on="item_idx", how="left")
-        .sort("item_idx")
-        .collect()
-    )
-
-
-def _write(work: Path, name: str, df: pl.DataFrame) -> str:
-    df.write_parquet(work / name, compression="lz4")  # ~2x faster to write than zstd, a bit larger
+def _write(work: Path, name: str, data: pl.DataFrame | pl.LazyFrame) -> str:
+    """One output file, lz4 (~2x faster to write than zstd, a bit larger), in fixed row groups."""
+    rows = SEQUENCE_ROW_GROUP_ROWS if name == fmt.SEQUENCES else ROW_GROUP_ROWS
+    if isinstance(data, pl.LazyFrame):
+        data.sink_parquet(work / name, compression="lz4", row_group_size=rows, engine="streaming")
+    else:
+        data.write_parquet(work / name, compression="lz4", row_group_size=rows)
     return name
 
 
@@ -222,42 +132,290 @@ def _attributes(
     return attribute_map.height, info
 
 
-def _run(spec: dict[str, Any], source: Path, work: Path, scratch: Path) -> dict[str, Any]:
+class _Counts:
+    """A running sum of per-bucket (key, n) tables, folded in batches (memory O(distinct keys))."""
+
+    def __init__(self, key: str, value: str) -> None:
+        self.key, self.value = key, value
+        self.parts: list[pl.DataFrame] = []
+        self.waiting = 0
+
+    def add(self, part: pl.DataFrame) -> None:
+        self.parts.append(part)
+        self.waiting += part.height
+        if self.waiting > _FOLD_ROWS:
+            self.fold()
+
+    def fold(self) -> pl.DataFrame:
+        if len(self.parts) != 1 or self.waiting:
+            total = pl.concat(self.parts).group_by(self.key).agg(pl.col(self.value).sum())
+            self.parts, self.waiting = [total], 0
+        return self.parts[0]
+
+
+class _Firsts:
+    """Per-item statistics folded in bucket order: the first bucket's category, summed counts."""
+
+    def __init__(self) -> None:
+        self.parts: list[pl.DataFrame] = []
+        self.waiting = 0
+
+    def add(self, part: pl.DataFrame) -> None:
+        self.parts.append(part)
+        self.waiting += part.height
+        if self.waiting > _FOLD_ROWS:
+            self.fold()
+
+    def fold(self) -> pl.DataFrame:
+        total = (
+            pl.concat(self.parts)
+            .group_by("item_idx", maintain_order=True)
+            .agg(pl.col("category_idx").first(), pl.col("count").sum())
+        )
+        self.parts, self.waiting = [total], 0
+        return total
+
+
+def _union(found: dict[str, list[pl.Series]], more: dict[str, pl.Series]) -> None:
+    for key, values in more.items():
+        parts = found.setdefault(key, [])
+        parts.append(values)
+        if len(parts) > 64:
+            found[key] = [pl.concat(parts).unique()]
+
+
+def _distinct(found: dict[str, list[pl.Series]], key: str) -> pl.Series:
+    return pl.concat(found[key]).unique()
+
+
+class _Stages:
+    """The driver: runs each stage's tasks over the buckets and combines their results."""
+
+    def __init__(
+        self, run: _Run, ctx: tasks.Context, engine: engines.Local | engines.Ray, work: Path, target: Path
+    ) -> None:
+        self.run, self.ctx, self.engine, self.work, self.target = run, ctx, engine, work, target
+        self.spec = run.spec
+
+    def _remove(self, kind: str, bucket: int, suffix: str = "") -> None:
+        buckets.path(self.ctx.scratch, kind, bucket, suffix).unlink(missing_ok=True)
+
+    # ---- 1. partition + clean
+
+    def clean(self, source: buckets.Source, n_buckets: int, events: int) -> list[int]:
+        spec, run, ctx = self.spec, self.run, self.ctx
+        policy = spec["on_null"]
+        null_users, null_user_rows, rows = 0, [], None
+        if ctx.single:
+            ids = [0]
+        else:
+            bounds = buckets.boundaries(source, n_buckets, events)
+            part = buckets.partition(source, bounds, Path(ctx.scratch), events)
+            rows, null_users, null_user_rows = part.rows, part.null_users, part.null_user_rows
+            run.record("read", rows, rows, {})
+            if null_users and policy == "error":  # the first check of all: no need to clean the buckets
+                raise validate.null_error("user_id", null_users, null_user_rows, run.source, source.strings)
+            ids = sorted(part.bucket_rows)
+        nulls: dict[str, int] = {"user_id": null_users} if null_users else {}
+        null_rows: dict[str, list[list[int]]] = {"user_id": [null_user_rows]}
+        before: dict[str, int] = {}
+        invalid: dict[str, int] = {}
+        invalid_rows: dict[str, list[list[tuple[int, Any]]]] = {}
+        total = {"duplicates": 0, "time_window": 0, "rows": 0}
+        self.items = _Counts("item_id", "n")
+        self.vocabulary: dict[str, list[pl.Series]] = {}
+        self.kept: dict[int, int] = {}
+        self.users: dict[int, int] = {}
+        for r in self.engine.map(tasks.clean, [(ctx, b) for b in ids]):
+            b = r["bucket"]
+            if not ctx.single:
+                for path in buckets.raw_parts(ctx.scratch, b):
+                    path.unlink()
+            total["rows"] += r["rows"]
+            for col, n in r["nulls"].items():
+                nulls[col] = nulls.get(col, 0) + n
+                null_rows.setdefault(col, []).append(r["null_rows"].get(col, []))
+            for col, n in r["invalid_before"].items():
+                before[col] = before.get(col, 0) + n
+                invalid[col] = invalid.get(col, 0) + r["invalid"].get(col, 0)
+                invalid_rows.setdefault(col, []).append(r["invalid_rows"].get(col, []))
+            if "kept" not in r:
+                continue  # stopped at a null or invalid value (on_null=error)
+            total["duplicates"] += r.get("duplicates", 0)
+            total["time_window"] += r.get("time_window", 0)
+            self.items.add(r["items"])
+            _union(self.vocabulary, r["vocabulary"])
+            if r["kept"]:
+                self.kept[b], self.users[b] = r["kept"], r["users"]
+        if ctx.single:
+            run.record("read", total["rows"], total["rows"], {})
+        for col in validate.required_columns(spec, ctx.timed):  # the order one pass checks them in
+            if nulls.get(col):
+                if policy == "error":
+                    first = buckets.first_rows(null_rows[col])
+                    raise validate.null_error(col, nulls[col], first, run.source, source.strings)
+                run.drop(f"null_{col}", f"null_{col}", nulls[col])
+        for col in validate.INVALID:
+            if before.get(col):
+                if policy == "error":
+                    first = buckets.first_rows(invalid_rows[col], key=lambda r: r[0])
+                    raise validate.invalid_error(col, before[col], first, run.source, source.strings)
+                reason = validate.INVALID[col][0]
+                run.drop(reason, reason, invalid[col])
+        if spec["duplicates"] != "keep":
+            run.drop("duplicates", "duplicate", total["duplicates"])
+        window = spec["time_window"]
+        if window["start"] is not None or window["end"] is not None:
+            run.drop("time_window", "out_of_time_window", total["time_window"])
+        return [b for b in ids if b in self.kept]
+
+    # ---- 2. frequency filter
+
+    def kcore(self, live: list[int]) -> tuple[list[int], dict[str, Any] | None]:
+        flt, run = self.spec["filter"], self.run
+        min_user, min_item = flt["min_user"], flt["min_item"]
+        if min_user <= 1 and min_item <= 1:
+            return live, None
+        counts = self.items.fold()
+        gone_items = counts.get_column("item_id").head(0)
+        dropped = {"min_item": 0, "min_user": 0}
+        rounds = 0
+        while True:
+            rounds += 1
+            rare = gone_items.head(0)
+            if min_item > 1:
+                rare = counts.filter(pl.col("n") < min_item).get_column("item_id")
+            gone, new = self.engine.put(gone_items), self.engine.put(rare)
+            calls = [(self.ctx, b, rounds, gone, new, min_user) for b in live]
+            folded = _Counts("item_id", "n")
+            changed = rare.len() > 0
+            for r in self.engine.map(tasks.kcore_pass, calls):
+                b = r["bucket"]
+                if rounds > 1:
+                    self._remove("gone-users", b, f"-{rounds - 1}")
+                dropped["min_item"] += r["min_item"]
+                dropped["min_user"] += r["min_user"]
+                changed = changed or r["rare_users"] > 0
+                folded.add(r["items"])
+                self.kept[b], self.users[b] = r["kept"], r["users"]
+            counts = folded.fold()
+            gone_items = pl.concat([gone_items, rare])
+            if not flt["iterative"] or not changed:
+                break
+        self.items = _Counts("item_id", "n")
+        self.items.add(counts)
+        if not sum(dropped.values()):
+            return live, None
+        run.record("filter", run.rows, run.rows - sum(dropped.values()), dropped)
+        return [b for b in live if self.kept[b]], {"gone_items": gone_items, "rounds": rounds}
+
+    # ---- 3./4. maps and index
+
+    def maps(self, live: list[int], kcore: dict[str, Any] | None) -> tuple[tasks.Maps, list[str]]:
+        spec, ctx = self.spec, self.ctx
+        vocabulary = self.vocabulary
+        if kcore is not None and any(c in ctx.columns for c in ("category", "event_type", "rating")):
+            vocabulary = {}
+            kc = self.engine.put(kcore)
+            for found in self.engine.map(tasks.vocabulary_pass, [(ctx, b, kc) for b in live]):
+                _union(vocabulary, found)
+        item_map = steps.index_map(self.items.fold().get_column("item_id"), "item_idx", "item_id")
+        category_map = None
+        if "category" in ctx.columns:
+            category_map = steps.index_map(_distinct(vocabulary, "category"), "category_idx", "category")
+        names: list[str] = []
+        if "event_type" in ctx.columns or spec["rating_events"]:
+            present = pl.Series([], dtype=pl.String)
+            if "event_type" in vocabulary:
+                present = _distinct(vocabulary, "event_type")
+            names = steps.event_type_names(present, spec["event_types"])
+        return tasks.Maps(item=item_map, category=category_map, event_types=names), names
+
+    def index(self, live: list[int], maps: tasks.Maps, kcore: dict[str, Any] | None) -> dict[str, Any]:
+        offsets, offset = {}, 0
+        for b in live:
+            offsets[b], offset = offset, offset + self.users[b]
+        shared, kc = self.engine.put(maps), self.engine.put(kcore)
+        calls = [(self.ctx, b, offsets[b], shared, kc) for b in live]
+        stats = _Firsts()
+        out: dict[str, Any] = {"rows": 0, "users": offset, "positives": {}}
+        out.update(samples=0, sample_positives=0)
+        for r in self.engine.map(tasks.index, calls):
+            b = r["bucket"]
+            for kind in ("clean", "gone-users"):
+                self._remove(kind, b, f"-{kcore['rounds']}" if kind == "gone-users" and kcore else "")
+            out["rows"] += r["rows"]
+            stats.add(r["items"])
+            out["positives"][b] = r.get("positives", 0)
+            out["samples"] += r.get("samples", 0)
+            out["sample_positives"] += r.get("sample_positives", 0)
+        out["item_stats"] = stats.fold()
+        return out
+
+    def negatives(self, live: list[int], items: pl.DataFrame, positives: dict[int, int]) -> tuple[int, int]:
+        ctr = self.spec["ctr"]
+        n_items, k = items.height, int(ctr["negatives"])
+        if n_items < 2:
+            raise RecsysError("ctr.negatives needs at least 2 items; set data.ctr.negatives=0")
+        item_category = np.concatenate([[0], items.get_column("category_idx").fill_null(0).to_numpy()])
+        rng = np.random.default_rng(int(ctr["seed"]))
+        states = {}
+        for b in live:  # where each bucket's draws start: after those of all positives before it
+            states[b] = rng.bit_generator.state
+            todo = positives[b] * k
+            while todo:
+                step = min(todo, 1 << 22)
+                rng.integers(1, n_items, size=step)
+                todo -= step
+        shared = self.engine.put(item_category)
+        samples = positive = 0
+        for r in self.engine.map(tasks.negatives, [(self.ctx, b, shared, states[b]) for b in live]):
+            samples += r["samples"]
+            positive += r["sample_positives"]
+        return samples, positive
+
+    def parts(self, kind: str, live: list[int]) -> pl.LazyFrame:
+        return pl.scan_ipc([buckets.path(self.ctx.scratch, kind, b) for b in live])
+
+    def write_parts(self, files: list[str], name: str, kind: str, live: list[int]) -> None:
+        files.append(_write(self.work, name, self.parts(kind, live)))
+        for b in live:
+            self._remove(kind, b)
+
+
+def _run(
+    spec: dict[str, Any],
+    source_path: Path,
+    work: Path,
+    scratch: Path,
+    engine: str = "local",
+    requested: int | None = None,
+    bucket_events: int = DEFAULT_BUCKET_EVENTS,
+    target: Path | None = None,
+) -> dict[str, Any]:
     started = time.perf_counter()
-    run = _Run(spec, source)
+    target = work if target is None else target
+    run = _Run(spec, source_path)
     timed = has_timestamps(spec)
     # read (and checked) before the events, so a bad attributes file fails before the long work
     attribute_path = attributes.source(spec)
     attribute_pairs = None if attribute_path is None else attributes.read(attribute_path, spec)
-    df = _clean(run, _read(run, scratch), timed)
-    maps: dict[str, pl.DataFrame] = {}
-    df, event_names = _index(run, df, maps)
-    inter = _interactions(run, df, timed)
-    del df
-    files = [_write(work, fmt.INTERACTIONS, inter)]
-    seqs = steps.build_sequences(inter, fmt.SEQUENCE_COLUMNS)
-    files.append(_write(work, fmt.SEQUENCES, seqs))
-    del seqs
-    files.append(_write(work, fmt.USER_MAP, _as_string_map(maps["user"], "user_id")))
-    items = _item_table(inter, maps["item"])
-    files.append(_write(work, fmt.ITEM_MAP, items))
-    if "category" in maps:
-        files.append(_write(work, fmt.CATEGORY_MAP, _as_string_map(maps["category"], "category")))
-    n_attributes, attribute_info = _attributes(work, files, attribute_pairs, maps["item"], attribute_path)
-    del attribute_pairs
-    ctr_info = None
-    if spec["ctr"] is not None:
-        item_category = np.concatenate([[0], items.get_column("category_idx").fill_null(0).to_numpy()])
-        samples = ctr_samples.build(inter.lazy(), item_category, spec["ctr"])
-        files.append(_write(work, fmt.CTR, samples))
-        ctr_info = {**spec["ctr"], "n_samples": samples.height, "n_positives": int(samples["label"].sum())}
+    source = buckets.Source(source_path, spec, scratch)
+    columns = source.schema().names()
+    _check_columns(run, columns, timed)
+    events = buckets.estimate_events(source_path, spec, source.plain)
+    n_buckets = buckets.choose(requested, events, bucket_events)
+    buckets.check_disk(work, events, target)
+    ctx = tasks.Context(spec, str(source_path), str(scratch), timed, n_buckets == 1, tuple(columns))
+    runner = engines.start(engine, target)
+    try:
+        body = _stages(_Stages(run, ctx, runner, work, target), source, n_buckets, events, attribute_pairs)
+    finally:
+        runner.close()
+    n_attributes, attribute_info, files = body.pop("_attributes")
+    ctr_info = body.pop("ctr")
     return {
-        "n_users": maps["user"].height,
-        "n_items": maps["item"].height,
-        "n_interactions": inter.height,
-        "n_categories": maps["category"].height if "category" in maps else 0,
-        "n_event_types": len(event_names),
-        "event_types": event_names,
+        **body,
         "has_timestamps": timed,
         "dropped": run.dropped,
         "steps": run.steps,
@@ -268,6 +426,86 @@ def _run(spec: dict[str, Any], source: Path, work: Path, scratch: Path) -> dict[
         "files": files,
         "prepare_seconds": round(time.perf_counter() - started, 3),
     }
+
+
+class _Progress:
+    """Logs each stage's time and this process's peak memory so far (the run's log file)."""
+
+    def __init__(self, n_buckets: int, events: int, engine: str) -> None:
+        self.last, self.cpu = time.perf_counter(), time.process_time()
+        log.info("prepare: ~%s events in %d bucket(s), engine=%s", f"{events:,}", n_buckets, engine)
+
+    def __call__(self, stage: str) -> None:
+        now, cpu = time.perf_counter(), time.process_time()
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+        wall, used = now - self.last, cpu - self.cpu
+        log.info("prepare: %s %.1f s (CPU %.1f s), peak RSS so far %.0f MiB", stage, wall, used, peak)
+        self.last, self.cpu = now, cpu
+
+
+def _stages(
+    stages: _Stages,
+    source: buckets.Source,
+    n_buckets: int,
+    events: int,
+    attribute_pairs: tuple[pl.Series, pl.DataFrame] | None,
+) -> dict[str, Any]:
+    spec, work = stages.spec, stages.work
+    done = _Progress(n_buckets, events, stages.engine.name)
+    live = stages.clean(source, n_buckets, events)
+    done("partition + clean")
+    live, kcore = stages.kcore(live)
+    done("frequency filter")
+    maps, names = stages.maps(live, kcore)
+    indexed = stages.index(live, maps, kcore)
+    done("maps + index")
+    items = (
+        _as_string_map(maps.item, "item_id")
+        .lazy()
+        .join(indexed["item_stats"].lazy(), on="item_idx", how="left")
+        .sort("item_idx")
+        .collect()
+    )
+    ctr_info = None
+    if spec["ctr"] is not None:
+        samples, positives = indexed["samples"], indexed["sample_positives"]
+        if spec["ctr"]["negatives"] > 0:
+            samples, positives = stages.negatives(live, items, indexed["positives"])
+        ctr_info = {**spec["ctr"], "n_samples": samples, "n_positives": positives}
+    files: list[str] = []
+    stages.write_parts(files, fmt.INTERACTIONS, "interactions", live)
+    stages.write_parts(files, fmt.SEQUENCES, "sequences", live)
+    stages.write_parts(files, fmt.USER_MAP, "users", live)
+    files.append(_write(work, fmt.ITEM_MAP, items))
+    if maps.category is not None:
+        files.append(_write(work, fmt.CATEGORY_MAP, _as_string_map(maps.category, "category")))
+    attribute_path = attributes.source(spec)
+    n_attributes, attribute_info = _attributes(work, files, attribute_pairs, maps.item, attribute_path)
+    if spec["ctr"] is not None:
+        stages.write_parts(files, fmt.CTR, "ctr", live)
+    done("negatives + writing the outputs")
+    return {
+        "n_users": indexed["users"],
+        "n_items": maps.item.height,
+        "n_interactions": indexed["rows"],
+        "n_categories": maps.category.height if maps.category is not None else 0,
+        "n_event_types": len(names),
+        "event_types": names,
+        "ctr": ctr_info,
+        "_attributes": (n_attributes, attribute_info, files),
+    }
+
+
+# The settings that say how `prepare` runs (not what it makes).
+SCALE = Schema(
+    Rule("engine", Choice(engines.ENGINES)),
+    Rule("buckets", Int(1, 1 << 20, optional=True, example=16)),
+    Rule("bucket_events", Int(1, example=DEFAULT_BUCKET_EVENTS)),
+)
+
+
+def check_scale(engine: Any, n_buckets: Any, bucket_events: Any) -> None:
+    SCALE.validate({"engine": engine, "buckets": n_buckets, "bucket_events": bucket_events})
 
 
 def target_folder(spec: dict[str, Any], out_dir: Path | str | None, cache_dir: Path | str) -> Path:
@@ -282,13 +520,23 @@ def prepare(
     out_dir: Path | str | None = None,
     cache_dir: Path | str = "data/cache",
     overwrite: bool = False,
+    *,
+    engine: str = "local",
+    buckets: int | None = None,
+    bucket_events: int = DEFAULT_BUCKET_EVENTS,
 ) -> Path:
     """Prepare the data described by `cfg_data` and return the prepared folder.
 
     A folder already holding this config (same hash, sources unchanged by size and mtime) is reused
     without reading any data, unless `overwrite`. Writing goes to a temporary sibling folder that
-    replaces the target only when complete.
+    replaces the target only when complete; the buckets live inside it, so a killed run leaves no
+    bucket that a later run could trust (the next run sweeps the folder away).
+
+    `engine` runs the bucket tasks in this process ("local") or as Ray tasks ("ray"); `buckets` fixes
+    their number (None: one per `bucket_events` events of the input). Neither changes a byte of the
+    output, so neither is part of the config hash.
     """
+    check_scale(engine, buckets, bucket_events)
     spec = normalize(cfg_data)
     cfg_hash = config_hash(spec)
     target = target_folder(spec, out_dir, cache_dir)
@@ -301,7 +549,7 @@ def prepare(
             source = synthetic.ensure_log(spec["synthetic"], Path(cache_dir))
         else:
             source = Path(spec["path"]).expanduser()
-        body = _run(spec, source, work, scratch)
+        body = _run(spec, source, work, scratch, engine, buckets, bucket_events, target)
         shutil.rmtree(scratch)
         manifest = {
             "format_version": fmt.FORMAT_VERSION,

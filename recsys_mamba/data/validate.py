@@ -67,13 +67,18 @@ def handle_nulls(
     if policy == "error":
         col, n = next(iter(counts.items()))
         rows = lf.filter(pl.col(col).is_null()).select("_row").head(_SHOW).collect().to_series().to_list()
-        lines = where(rows, strings, source)
-        raise RecsysError(
-            f"{source}: column {col!r} is empty in {n} rows (data rows {[r + 1 for r in rows]}, 1-based, "
-            f"header not counted{'; ' + lines if lines else ''}); fill them in, or drop such rows with "
-            "data.on_null=drop (they are counted in the manifest)"
-        )
+        raise null_error(col, n, rows, source, strings)
     return lf.filter(pl.all_horizontal(pl.col(c).is_not_null() for c in columns))
+
+
+def null_error(col: str, n: int, rows: list[int], source: Path, strings: StringsRead | None) -> RecsysError:
+    """The error for `n` empty values of `col`; `rows` are the first offending `_row`s (file order)."""
+    lines = where(rows, strings, source)
+    return RecsysError(
+        f"{source}: column {col!r} is empty in {n} rows (data rows {[r + 1 for r in rows]}, 1-based, "
+        f"header not counted{'; ' + lines if lines else ''}); fill them in, or drop such rows with "
+        "data.on_null=drop (they are counted in the manifest)"
+    )
 
 
 def invalid_counts(df: pl.DataFrame, timed: bool) -> dict[str, int]:
@@ -91,17 +96,24 @@ def handle_invalid(
     lf: pl.LazyFrame, col: str, n: int, policy: str, source: Path, strings: StringsRead | None = None
 ) -> pl.LazyFrame:
     """Drop the rows with an invalid `col` (policy 'drop', counted by the caller) or raise naming them."""
-    reason, bad, expected = INVALID[col]
-    flagged = bad.fill_null(False)
+    flagged = INVALID[col][1].fill_null(False)
     if policy == "error":
         rows = lf.filter(flagged).select("_row", col).head(_SHOW).collect()
-        lines = where(rows["_row"].to_list(), strings, source)
-        raise RecsysError(
-            f"{source}: column {col!r} must hold {expected} but {n} rows do not (values "
-            f"{rows[col].to_list()}{' at ' + lines if lines else ''}); fix them, or drop such rows with "
-            f"data.on_null=drop (counted in the manifest as {reason!r})"
-        )
+        raise invalid_error(col, n, rows.rows(), source, strings)
     return lf.filter(~flagged)
+
+
+def invalid_error(
+    col: str, n: int, rows: list[tuple[int, Any]], source: Path, strings: StringsRead | None
+) -> RecsysError:
+    """The error for `n` invalid values of `col`; `rows` are the first offending (`_row`, value) pairs."""
+    reason, _, expected = INVALID[col]
+    lines = where([r for r, _ in rows], strings, source)
+    return RecsysError(
+        f"{source}: column {col!r} must hold {expected} but {n} rows do not (values "
+        f"{[v for _, v in rows]}{' at ' + lines if lines else ''}); fix them, or drop such rows with "
+        f"data.on_null=drop (counted in the manifest as {reason!r})"
+    )
 
 
 def _parses(col: str, dtype: pl.DataType, floats_ok: bool, numbers_only: bool) -> pl.Expr:
@@ -229,7 +241,7 @@ def _quoted_problem(path: Path, text: Layout) -> str | None:
         if record and any("\n" in f for f in record):
             return (
                 f"line {start}: a quoted field runs over {end - start + 1} lines, up to line {end}; "
-                "is a closing quote (\") missing?"
+                'is a closing quote (") missing?'
             )
         if record and expected is None:
             expected = len(record)

@@ -24,14 +24,15 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import polars as pl
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from recsys_mamba.data import buckets, prepare
 from recsys_mamba.data import format as fmt
-from recsys_mamba.data import prepare
 from recsys_mamba.errors import RecsysError
 from tests.helpers import fuzz_settings
 
@@ -768,3 +769,74 @@ def test_a_non_finite_value_is_never_kept(tmp_path: Path) -> None:
     assert all(math.isfinite(r) for r in pl.read_parquet(out / fmt.INTERACTIONS)["rating"].to_list())
     with pytest.raises(RecsysError, match=r"column 'rating' must hold finite numbers .* at line 2, line 3"):
         _run({**spec, "on_null": "error"}, tmp_path / "again")
+
+
+# ---- any number of buckets, the same bytes --------------------------------------------------------
+
+VOLATILE = ("created_at", "prepare_seconds", "sources", "package_version")
+
+
+def folder_bytes(folder: Path) -> dict[str, Any]:
+    """Every file of a prepared folder as bytes; the manifest without its timing fields."""
+    out: dict[str, Any] = {}
+    for p in sorted(folder.iterdir()):
+        if p.name == fmt.MANIFEST:
+            out[p.name] = {k: v for k, v in json.loads(p.read_text()).items() if k not in VOLATILE}
+        else:
+            out[p.name] = p.read_bytes()
+    return out
+
+
+def outcome(spec: dict[str, Any], folder: Path, n_buckets: int) -> Any:
+    """The bytes `prepare` writes with `n_buckets` buckets, or the error it gives."""
+    try:
+        out = prepare(spec, folder / f"out{n_buckets}", folder / "cache", buckets=n_buckets)
+    except RecsysError as err:
+        return f"error: {err}"
+    return folder_bytes(out)
+
+
+CTR_OPTIONS = st.one_of(
+    st.none(),
+    st.builds(
+        lambda k, seed: {"label_from": "none", "negatives": k, "seed": seed},
+        st.integers(0, 2),
+        st.integers(0, 9),
+    ),
+)
+
+
+@pytest.mark.parametrize("form", FORMATS, ids=lambda f: f"{f.name}-{f.kind}-{f.sep!r}")
+def test_bucket_count_does_not_change_a_byte(form: Format, reliability) -> None:
+    """1, 3 and 16 buckets (most of them empty or holding one user here) give byte-identical files and
+    the same manifest, or the same error."""
+
+    @fuzz_settings(default=4)
+    @given(log=logs(form), ctr=CTR_OPTIONS, small_times=st.booleans())
+    def check(log: Log, ctr: dict[str, Any] | None, small_times: bool) -> None:
+        reliability.fuzz("pipeline/buckets")
+        if small_times:  # small ids and times: the packed sort key's path (a mixed log takes the other)
+            for e in log.events:
+                e.time = e.time if form.positional else e.time % 7
+                e.user = e.user if log.str_ids else e.user % 41
+        with tempfile.TemporaryDirectory() as tmp, mock.patch.object(buckets, "SLICE_ROWS", 4):
+            folder = Path(tmp)  # a Parquet log is partitioned in slices of 4 rows
+            spec = {**data_spec(log, write(log, folder)), "ctr": ctr}
+            one = outcome(spec, folder, 1)
+            assert outcome(spec, folder, 3) == one
+            assert outcome(spec, folder, 16) == one
+
+    check()
+
+
+@fuzz_settings(default=40)
+@given(case=corrupted())
+def test_bucket_count_does_not_change_what_a_corrupted_log_gives(case, reliability) -> None:
+    log, kind, detail = case
+    reliability.fuzz("pipeline/buckets-corrupt")
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        src = write(log, folder)
+        corrupt(log, kind, detail, src)
+        spec = data_spec(log, src)
+        assert outcome(spec, folder, 3) == outcome(spec, folder, 1)

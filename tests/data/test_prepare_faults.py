@@ -299,3 +299,78 @@ def test_unwritable_out_dir_is_a_clear_error(tmp_path, reliability):
     reliability.fault("unwritable/prepare", survived=clear and blocker.read_text() == "not a folder")
     assert clear, res.stderr[-2000:]
     assert "out_dir=" in res.stderr
+
+
+# ---- buckets: a run killed in the middle of a bucket, a full disk, a log too big for the disk -----
+
+
+def bucket_spec(path: Path) -> dict:
+    return normalize({"name": "b", "path": str(path), "columns": ALL_COLUMNS, "filter": {"min_item": 2}})
+
+
+@pytest.fixture
+def bucket_log(tmp_path: Path) -> Path:
+    """A CSV log of 360 events, 40 users: every one of 4 buckets gets users."""
+    rows = ["user_id,item_id,timestamp,event_type,rating,label,category"]
+    events = [(u, i) for u in range(40) for i in range(9)]
+    rows += [f"{u},{(u * 7 + i) % 23},{i},pv,{1 + i % 5}.0,{i % 2},c{i % 3}" for u, i in events]
+    path = tmp_path / "log.csv"
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("stage", ["clean-2", "kcore-1", "index-3"])
+def test_a_run_killed_in_a_bucket_leaves_no_bucket_a_rerun_trusts(tmp_path, bucket_log, stage, reliability):
+    spec = bucket_spec(bucket_log)
+    expected = snapshot(prepare(spec, tmp_path / "expected", tmp_path / "cache", buckets=4))
+    failpoints = tmp_path / "failpoints"
+    failpoints.mkdir()
+    (failpoints / stage).touch()  # the process dies (os._exit) when that bucket's task starts
+    out = tmp_path / "out"
+    args = [
+        "data=events",
+        f"data.path={bucket_log}",
+        "data.name=b",
+        *(f"data.columns.{k}={v}" for k, v in ALL_COLUMNS.items()),
+        "data.filter.min_item=2",
+        f"out_dir={out}",
+        "buckets=4",
+    ]
+    env = {**os.environ, "RECSYS_PREPARE_FAILPOINTS": str(failpoints)}
+    command = cli(tmp_path / "cache", *args)
+    killed = subprocess.run(command, cwd=REPO, env=env, capture_output=True, timeout=120)
+    left = list(tmp_path.glob(".out.tmp-*/_scratch/buckets/*.arrow"))
+    assert killed.returncode == 70 and left and not out.exists(), killed.stderr[-2000:]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    ok = same(snapshot(out), expected) and not list(tmp_path.glob(".out.*"))
+    reliability.fault("prepare/killed-in-a-bucket", survived=ok, data_lost=not ok)
+    assert ok
+
+
+def test_disk_full_in_a_bucket_is_a_clear_error(tmp_path, monkeypatch, bucket_log, reliability):
+    if not Path("/dev/full").exists():
+        pytest.skip("/dev/full is needed to make Polars hit a real ENOSPC")
+    spec = bucket_spec(bucket_log)
+    out = prepare(spec, tmp_path / "prepared", tmp_path / "cache", buckets=4)
+    before = snapshot(out)
+    with monkeypatch.context() as m:
+        disk_full(m, lambda p: p.name.startswith(".clean-00002.arrow"))  # bucket 2's cleaned events
+        with pytest.raises(RecsysError) as err:
+            prepare(spec, out, tmp_path / "cache", overwrite=True, buckets=4)
+    message = str(err.value)
+    intact = same(snapshot(out), before) and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    clear = str(out) in message and "No space left on device" in message and "out_dir=" in message
+    reliability.fault("disk-full/prepare-bucket", survived=intact and clear, data_lost=not intact)
+    assert clear, message
+    assert intact
+
+
+def test_a_log_too_big_for_the_disk_is_refused_before_any_work(tmp_path, monkeypatch, bucket_log):
+    from recsys_mamba.data import buckets
+
+    real = buckets.shutil.disk_usage
+    monkeypatch.setattr(buckets.shutil, "disk_usage", lambda p: real(p)._replace(free=10_000))
+    with pytest.raises(RecsysError, match=r"needs about .* GiB of free disk .*Nothing was written"):
+        prepare(bucket_spec(bucket_log), tmp_path / "out", tmp_path / "cache")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["log.csv"]

@@ -84,3 +84,17 @@ def test_movielens_sample_file(shared, tmp_path):
         f"data.path={shared}/ml-1m/sample_movielens_rating.dat",
     )
     assert load_manifest(out)["n_interactions"] == 100_000
+
+
+@pytest.mark.parametrize("name", ["ml1m", "ml1m_ctr"])
+def test_bucket_count_does_not_change_a_byte(name, shared, tmp_path):
+    """ML-1M (sequence file, item filter) and its CTR ratings (gzip, 5-core, labels): 1, 3 and 16
+    buckets give byte-identical files and manifests (timing fields aside)."""
+    from tests.data.test_fuzz_pipeline import folder_bytes
+
+    cfg = compose("prepare", [f"data={name}", f"paths.shared_data_dir={shared}"])
+    got = [folder_bytes(prepare(cfg.data, tmp_path / f"b{n}", tmp_path, buckets=n)) for n in (1, 3, 16)]
+    assert got[0] == got[1] == got[2]
+    manifest = got[0]["manifest.json"]
+    kept = {"ml1m": 999_611, "ml1m_ctr": 487_650 - sum(manifest["dropped"].values())}
+    assert manifest["n_interactions"] == kept[name]

@@ -135,3 +135,12 @@ def test_chrono_sort_packed_key_paths_agree():
     assert steps.chrono_sort(lf).collect()["item_id"].to_list() == expected
     small = _events([0, 1, 0, 1, 0], [10, 11, 12, 13, 14], [3, 1, 3, 1, 2])
     assert steps.chrono_sort(small).collect()["item_id"].to_list() == expected
+
+
+def test_chrono_sort_of_a_bucket_whose_rows_are_far_into_the_file():
+    # a bucket of a bigger log: 4 rows whose `_row`s (file positions) need more bits than the row count;
+    # they must not spill into the timestamp and put a later event first
+    lf = pl.LazyFrame(
+        {"user_id": [7, 7, 7, 7], "item_id": [10, 11, 12, 13], "timestamp": [2, 1, 1, 0]}
+    ).with_columns(pl.Series("_row", [1000, 5, 999, 1003], dtype=pl.UInt32))
+    assert steps.chrono_sort(lf).collect()["item_id"].to_list() == [13, 11, 12, 10]

@@ -1,0 +1,44 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from recsys_mamba.bench import scale
+from recsys_mamba.config import compose
+from recsys_mamba.errors import RecsysError
+
+
+def _cfg(tmp_path, *extra: str):
+    return compose(
+        "bench_scale",
+        [
+            "prepare.sizes=[3000,6000]",
+            "prepare.events_per_user=30",
+            "prepare.n_items=60",
+            "prepare.chunk=1000",
+            "prepare.run=['buckets=3']",
+            f"work_dir={tmp_path / 'work'}",
+            f"paths.log_dir={tmp_path / 'logs'}",
+            *extra,
+        ],
+    )
+
+
+def test_miniature_prepare_section(tmp_path):
+    result = scale.bench(_cfg(tmp_path))
+    cases = result["sections"]["prepare"]["cases"]
+    assert [c["events_in"] for c in cases] == [3000, 6000]
+    for case in cases:
+        assert case["events_per_s"] > 0 and case["peak_rss_mib"] > 10 and case["buckets"] == 3
+        # far too small a log to reach 2 M events/s: the goal check must say so
+        assert case["goals"]["peak_rss_gb"]["value"] < 3 and case["goals"]["met"] is False
+    assert not (tmp_path / "work").exists()
+    json.dumps(result)
+
+
+def test_sections_are_checked_before_any_work(tmp_path):
+    for bad in ("sections=[]", "sections=[prepare,prepare]", "sections=[training]"):
+        with pytest.raises(RecsysError, match="sections"):
+            scale.validate_config(_cfg(tmp_path, bad))
+    assert not (tmp_path / "work").exists()

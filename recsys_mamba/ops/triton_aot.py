@@ -24,6 +24,7 @@ import os
 import re
 import subprocess
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -382,20 +383,39 @@ def default_workers() -> int:
 
 
 def compile_all(variants: tuple[Variant, ...] | None = None, archs: tuple[int, ...] = ARCHS,
-                workers: int | None = None) -> list[Compiled | Failure]:
+                workers: int | None = None, deadline: float | None = None) -> list[Compiled | Failure]:
     """Compiles every (variant, arch), in `workers` forked processes when more than one.
 
     Results come back in (variant, arch) order. Each worker shares Triton's on-disk cache, so a later
     `compile_variant` in this process (or a later run) reads the binaries and figures back cheaply.
+    With a `deadline` (a time.monotonic() value) no job starts after it, and the jobs that did not
+    finish in time are left out of the result.
     """
     everything = launch_variants()
     chosen = everything if variants is None else variants
     jobs = [(everything.index(v), arch) for v in chosen for arch in archs]
     workers = default_workers() if workers is None else workers
+
+    def late() -> bool:
+        return deadline is not None and time.monotonic() > deadline
+
     if workers <= 1 or len(jobs) <= 1:
-        return [_compile_job(job) for job in jobs]
+        results = []
+        for job in jobs:
+            if late():
+                break
+            results.append(_compile_job(job))
+        return results
     import multiprocessing
 
+    results_by_job: dict[tuple[int, int], Compiled | Failure] = {}
     # fork: the children inherit the recorded launches; they only run Triton's compiler and ptxas.
     with multiprocessing.get_context("fork").Pool(min(workers, len(jobs))) as pool:
-        return pool.map(_compile_job, jobs, chunksize=1)
+        pending = {job: pool.apply_async(_compile_job, (job,)) for job in jobs}
+        for job, handle in pending.items():
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                results_by_job[job] = handle.get(timeout=left)
+            except multiprocessing.TimeoutError:
+                break  # leaving the block terminates the workers
+    return [results_by_job[job] for job in jobs if job in results_by_job]

@@ -186,10 +186,11 @@ class IntList(Kind):
     maximum: int | None = None
     example: str = "[1,2]"
     allow_empty: bool = False
+    optional: bool = False
     values = "lists"
 
     def check(self, value: Any, key: str) -> None:
-        if self.allow_empty and value == []:
+        if (self.allow_empty and value == []) or (self.optional and value is None):
             return
         checks.integers(value, key, minimum=self.minimum, maximum=self.maximum, example=self.example)
 

@@ -281,7 +281,9 @@ def oracle(kind: Kind) -> Callable[[Any], bool]:
         )
     if isinstance(kind, IntList):
         each = ints(kind.minimum, kind.maximum)
-        return lambda v: isinstance(v, list) and (bool(v) or kind.allow_empty) and all(each(x) for x in v)
+        return lambda v: (v is None and kind.optional) or (
+            isinstance(v, list) and (bool(v) or kind.allow_empty) and all(each(x) for x in v)
+        )
     if isinstance(kind, NumList):
         return lambda v: (
             isinstance(v, list)
@@ -358,12 +360,14 @@ DATA = [
 def _schemas() -> dict[str, tuple[Schema, Callable[[DictConfig], None]]]:
     from recsys_mamba.bench.accuracy import BENCH_ACCURACY
     from recsys_mamba.bench.encoders import BENCH_ENCODERS, check_config
+    from recsys_mamba.bench.gpu import BENCH_GPU
     from recsys_mamba.bench.loss import BENCH_LOSS
     from recsys_mamba.bench.pipeline import BENCH_PIPELINE
     from recsys_mamba.bench.scale import BENCH_SCALE
     from recsys_mamba.bench.scan import BENCH_SCAN
     from recsys_mamba.bench.score import BENCH_SCORE
     from recsys_mamba.bench.state import BENCH_STATE
+    from recsys_mamba.bench.triton import BENCH_TRITON
     from recsys_mamba.evaluation.report import EVALUATE
     from recsys_mamba.prepare import PREPARE
     from recsys_mamba.scoring.job import SCORE
@@ -381,6 +385,8 @@ def _schemas() -> dict[str, tuple[Schema, Callable[[DictConfig], None]]]:
         "bench_state": BENCH_STATE,
         "bench_accuracy": BENCH_ACCURACY,
         "bench_loss": BENCH_LOSS,
+        "bench_triton": BENCH_TRITON,
+        "bench_gpu": BENCH_GPU,
     }
     out = {name: (schema, schema.validate) for name, schema in schemas.items()}
     out["bench_encoders"] = (BENCH_ENCODERS, check_config)
@@ -403,6 +409,8 @@ BASES = {
     "bench_state": [f"output_json={POOL / 'state.json'}"],
     "bench_accuracy": [f"runs=[{POOL / 'prepared'}]", f"output_json={POOL / 'accuracy.json'}"],
     "bench_loss": [f"output_json={POOL / 'loss.json'}"],
+    "bench_triton": [f"output_json={POOL / 'triton.json'}"],
+    "bench_gpu": [f"output_json={POOL / 'gpu.json'}"],
     "bench_encoders": [],
 }
 EXTRA_KEYS = {"train": DATA, "prepare": DATA}

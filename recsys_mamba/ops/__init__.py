@@ -16,7 +16,7 @@ import torch
 
 from recsys_mamba.ops.backend import BACKENDS
 from recsys_mamba.ops.backend import resolve as resolve_backend
-from recsys_mamba.ops.checks import check_scan, check_state_update
+from recsys_mamba.ops.checks import ScanArgs, check_scan, check_state_update
 from recsys_mamba.ops.chunked import selective_scan_chunked
 from recsys_mamba.ops.ref import selective_scan_ref, selective_state_update_ref
 
@@ -54,17 +54,17 @@ def selective_scan(
     (batch, dim, d_state) in fp32 (fp64 for fp64 inputs). Differentiable in every tensor input.
     """
     check_scan(u, delta, A, B, C, D, z, delta_bias, initial_state)
-    args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, initial_state)
+    args = ScanArgs(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, initial_state)
     name = resolve_backend(backend, u.device)
     if name == "ref":
         return selective_scan_ref(*args)
     if name == "cpu":
         from recsys_mamba.ops.cpu import selective_scan_cpu
 
-        return selective_scan_cpu(*args)
+        return selective_scan_cpu(args)
     from recsys_mamba.ops.triton_scan import selective_scan_triton
 
-    return selective_scan_triton(*args)
+    return selective_scan_triton(args)
 
 
 def selective_state_update(

@@ -3,12 +3,30 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 from recsys_mamba.errors import RecsysError
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+class ScanArgs(NamedTuple):
+    """`selective_scan`'s arguments (mamba-ssm's `selective_scan_fn` names and layouts), as every
+    backend receives them."""
+
+    u: torch.Tensor
+    delta: torch.Tensor
+    A: torch.Tensor
+    B: torch.Tensor
+    C: torch.Tensor
+    D: torch.Tensor | None = None
+    z: torch.Tensor | None = None
+    delta_bias: torch.Tensor | None = None
+    delta_softplus: bool = False
+    return_last_state: bool = False
+    initial_state: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)

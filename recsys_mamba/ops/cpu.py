@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from recsys_mamba.ops.backend import numba_kernels
-from recsys_mamba.ops.checks import compute_dtype
+from recsys_mamba.ops.checks import ScanArgs, compute_dtype
 from recsys_mamba.ops.ref import selective_scan_ref
 
 CHUNK = 64  # steps re-run per backward chunk: its K x d_state x W buffers stay in L2
@@ -64,20 +64,8 @@ class _ScanFn(torch.autograd.Function):
                 dh0)
 
 
-def selective_scan_cpu(
-    u: torch.Tensor,
-    delta: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    D: torch.Tensor | None = None,
-    z: torch.Tensor | None = None,
-    delta_bias: torch.Tensor | None = None,
-    delta_softplus: bool = False,
-    return_last_state: bool = False,
-    initial_state: torch.Tensor | None = None,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, initial_state)
+def selective_scan_cpu(args: ScanArgs) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, initial_state = args
     if numba_kernels() is None:
         return selective_scan_ref(*args)
     ct = compute_dtype(u, delta, A, B, C, D, z, delta_bias, initial_state)

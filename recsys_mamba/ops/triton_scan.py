@@ -1,22 +1,31 @@
 """Triton backend: fused forward and backward selective-scan kernels.
 
-One program owns (batch row, BLOCK_D channels) and walks time in chunks of K steps. Inside a
-chunk the recurrence h_t = a_t h_{t-1} + b_t is an associative scan over a (BLOCK_D, BLOCK_N, K)
-register tile; the state carried between chunks lives in registers and is written to global
-memory only at chunk boundaries (the backward's checkpoints). The backward re-runs each chunk's
-forward from its checkpoint, then gets dL/dh_t with a reverse scan of
+One program owns (batch row, BLOCK_D channels of one B/C group) and walks time in chunks of K
+steps. Inside a chunk the recurrence h_t = a_t h_{t-1} + b_t is an associative scan over a
+(BLOCK_D, BLOCK_N, K) register tile; the state carried between chunks lives in registers and is
+written to global memory only at chunk boundaries (the backward's checkpoints). The backward re-runs
+each chunk's forward from its checkpoint, then gets dL/dh_t with a reverse scan of
 G_t = C_t dy_t + a_{t+1} G_{t+1}, walking chunks from last to first. Loads are cast to fp32, so
 fp16/bf16 inputs accumulate in fp32. Set TRITON_INTERPRET=1 before importing triton to run on CPU.
+
+The binaries the code can launch are few on purpose: one per kernel, activation dtype (fp32, fp16,
+bf16) and BLOCK_N, with BLOCK_D, K and num_warps fixed by `launch_config(d_state)`. The optional
+inputs are runtime flags, no scalar is specialised, and the wrapper hands the kernels contiguous,
+16-byte aligned tensors in one activation dtype with fp32 parameters. `ops.triton_aot` compiles all of
+them for sm_80 and sm_90 without a GPU (tests/ops/test_triton_compile.py).
 """
 
 from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-K_CHUNK = 32
-BLOCK_D = 16
+from recsys_mamba.errors import RecsysError
+from recsys_mamba.ops.checks import ScanArgs, compute_dtype
 
 
 @triton.jit
@@ -30,36 +39,42 @@ def _softplus(x):
 
 
 @triton.jit
-def _channel_params(A_ptr, D_ptr, bias_ptr, offs_d, offs_n, mask_d, mask_dn, N,
-                    HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr):
-    A = tl.load(A_ptr + offs_d[:, None] * N + offs_n[None, :], mask=mask_dn, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    else:
-        bias = tl.zeros((BLOCK_D,), tl.float32)
-    if HAS_D:
-        Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    else:
-        Dv = tl.zeros((BLOCK_D,), tl.float32)
+def _channel_params(A_ptr, D_ptr, bias_ptr, offs_d, offs_n, mask_d, mask_dn, N, has_d, has_bias,
+                    BLOCK_D: tl.constexpr):
+    A = tl.load(A_ptr + offs_d[:, None] * N + offs_n[None, :], mask=mask_dn, other=0.0)
+    bias = tl.zeros((BLOCK_D,), tl.float32)
+    if has_bias != 0:
+        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0)
+    Dv = tl.zeros((BLOCK_D,), tl.float32)
+    if has_d != 0:
+        Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0)
     return A, bias, Dv
 
 
 @triton.jit
-def _load_state(ptr, offs, mask, PRESENT: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
-    if PRESENT:
-        return tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    else:
-        return tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
+def _load_state(ptr, offs, mask, present, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    h = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
+    if present != 0:
+        h = tl.load(ptr + offs, mask=mask, other=0.0)
+    return h
+
+
+@triton.jit
+def _channel_block(pid, dpg, blocks_per_group, BLOCK_D: tl.constexpr):
+    """Program pid's group and channels: a block never straddles two B/C groups (masked at the end)."""
+    g = pid // blocks_per_group
+    local = (pid % blocks_per_group) * BLOCK_D + tl.arange(0, BLOCK_D)
+    return g, g * dpg + local, local < dpg
 
 
 @triton.jit
 def _chunk_forward(u_ptr, delta_ptr, B_ptr, C_ptr, A, bias, row, bc_row, offs_d, offs_n, t, mask_dt,
-                   mask_nt, h_carry, L, SOFTPLUS: tl.constexpr):
+                   mask_nt, h_carry, L, softplus):
     """Loads one chunk and returns (dt, u, Bt, Ct, a, b, h) with h the states inside the chunk."""
     ptr_dt = row + offs_d[:, None] * L + t[None, :]
     u = tl.load(u_ptr + ptr_dt, mask=mask_dt, other=0.0).to(tl.float32)
     dt = tl.load(delta_ptr + ptr_dt, mask=mask_dt, other=0.0).to(tl.float32) + bias[:, None]
-    if SOFTPLUS:
+    if softplus != 0:
         dt = _softplus(dt)
     ptr_nt = bc_row + offs_n[:, None] * L + t[None, :]
     Bt = tl.load(B_ptr + ptr_nt, mask=mask_nt, other=0.0).to(tl.float32)
@@ -72,25 +87,32 @@ def _chunk_forward(u_ptr, delta_ptr, B_ptr, C_ptr, A, bias, row, bc_row, offs_d,
     return dt, u, Bt, Ct, a, b, h
 
 
-@triton.jit
+# Scalars are runtime arguments that Triton must not specialise: by default it compiles a separate
+# binary for every int equal to 1 and every multiple of 16, and constexpr presence flags would double
+# the binaries each (2^5 forward variants per block size and dtype). The flags become uniform branches
+# around loads and a few elementwise ops per (channel, step), small next to a chunk's
+# (BLOCK_D, BLOCK_N, K) tile of exponentials and scans (not timed on a GPU yet: `bench gpu` will).
+_FWD_SCALARS = ["dim", "L", "N", "dpg", "groups", "n_chunks", "blocks_per_group",
+                "has_d", "has_z", "has_bias", "has_h0", "softplus"]
+_BWD_SCALARS = ["dim", "L", "N", "dpg", "groups", "n_chunks", "blocks_per_group",
+                "has_d", "has_z", "has_bias", "has_dlast", "softplus"]
+
+
+@triton.jit(do_not_specialize=_FWD_SCALARS)
 def _scan_fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr,
-                     out_ptr, last_ptr, ckpt_ptr, dim, L, N, dpg, groups, n_chunks,
-                     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     HAS_H0: tl.constexpr, SOFTPLUS: tl.constexpr,
+                     out_ptr, last_ptr, ckpt_ptr, dim, L, N, dpg, groups, n_chunks, blocks_per_group,
+                     has_d, has_z, has_bias, has_h0, softplus,
                      BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, K: tl.constexpr):
     pid_b = tl.program_id(0)
-    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    g, offs_d, mask_d = _channel_block(tl.program_id(1), dpg, blocks_per_group, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, K)
-    mask_d = offs_d < dim
     mask_dn = mask_d[:, None] & (offs_n < N)[None, :]
-    A, bias, Dv = _channel_params(A_ptr, D_ptr, bias_ptr, offs_d, offs_n, mask_d, mask_dn, N,
-                                  HAS_D, HAS_BIAS, BLOCK_D)
+    A, bias, Dv = _channel_params(A_ptr, D_ptr, bias_ptr, offs_d, offs_n, mask_d, mask_dn, N, has_d, has_bias,
+                                  BLOCK_D)
     state_off = (pid_b * dim + offs_d[:, None]) * N + offs_n[None, :]
-    h = _load_state(h0_ptr, state_off, mask_dn, HAS_H0, BLOCK_D, BLOCK_N)
+    h = _load_state(h0_ptr, state_off, mask_dn, has_h0, BLOCK_D, BLOCK_N)
     row = pid_b * dim * L
-    # A program's channels all use one B/C group (BLOCK_D divides dim // groups or groups == 1).
-    g = (tl.program_id(1) * BLOCK_D) // dpg
     bc_row = (pid_b * groups + g) * N * L
     for c in range(n_chunks):
         ckpt_off = ((pid_b * dim + offs_d[:, None]) * n_chunks + c) * N + offs_n[None, :]
@@ -99,9 +121,9 @@ def _scan_fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_p
         mask_dt = mask_d[:, None] & (t < L)[None, :]
         mask_nt = (offs_n < N)[:, None] & (t < L)[None, :]
         _, u, _, Ct, _, _, hs = _chunk_forward(u_ptr, delta_ptr, B_ptr, C_ptr, A, bias, row, bc_row,
-                                               offs_d, offs_n, t, mask_dt, mask_nt, h, L, SOFTPLUS)
+                                               offs_d, offs_n, t, mask_dt, mask_nt, h, L, softplus)
         y = tl.sum(hs * Ct[None, :, :], axis=1) + Dv[:, None] * u
-        if HAS_Z:
+        if has_z != 0:
             z = tl.load(z_ptr + row + offs_d[:, None] * L + t[None, :], mask=mask_dt, other=0.0)
             z = z.to(tl.float32)
             y = y * z * tl.sigmoid(z)
@@ -111,26 +133,23 @@ def _scan_fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_p
     tl.store(last_ptr + state_off, h, mask=mask_dn)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_BWD_SCALARS)
 def _scan_bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, ckpt_ptr,
                      dout_ptr, dlast_ptr, du_ptr, ddelta_ptr, dz_ptr, dA_ptr, dD_ptr, dB_ptr, dC_ptr,
-                     dh0_ptr, dim, L, N, dpg, groups, n_chunks, n_dblocks,
-                     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     HAS_DLAST: tl.constexpr, SOFTPLUS: tl.constexpr,
+                     dh0_ptr, dim, L, N, dpg, groups, n_chunks, blocks_per_group,
+                     has_d, has_z, has_bias, has_dlast, softplus,
                      BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, K: tl.constexpr):
     pid_b = tl.program_id(0)
     pid_d = tl.program_id(1)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    g, offs_d, mask_d = _channel_block(pid_d, dpg, blocks_per_group, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, K)
-    mask_d = offs_d < dim
     mask_dn = mask_d[:, None] & (offs_n < N)[None, :]
-    A, bias, Dv = _channel_params(A_ptr, D_ptr, bias_ptr, offs_d, offs_n, mask_d, mask_dn, N,
-                                  HAS_D, HAS_BIAS, BLOCK_D)
+    A, bias, Dv = _channel_params(A_ptr, D_ptr, bias_ptr, offs_d, offs_n, mask_d, mask_dn, N, has_d, has_bias,
+                                  BLOCK_D)
     state_off = (pid_b * dim + offs_d[:, None]) * N + offs_n[None, :]
-    G_carry = _load_state(dlast_ptr, state_off, mask_dn, HAS_DLAST, BLOCK_D, BLOCK_N)
+    G_carry = _load_state(dlast_ptr, state_off, mask_dn, has_dlast, BLOCK_D, BLOCK_N)
     row = pid_b * dim * L
-    g = (pid_d * BLOCK_D) // dpg
     bc_row = (pid_b * groups + g) * N * L
     # dB/dC partial sums per channel block (summed on the host): no atomics, deterministic.
     dbc_row = ((pid_d * tl.num_programs(0) + pid_b) * N) * L
@@ -145,10 +164,10 @@ def _scan_bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_p
         ckpt_off = ((pid_b * dim + offs_d[:, None]) * n_chunks + c) * N + offs_n[None, :]
         h0 = tl.load(ckpt_ptr + ckpt_off, mask=mask_dn, other=0.0)
         dt, u, Bt, Ct, a, b, hs = _chunk_forward(u_ptr, delta_ptr, B_ptr, C_ptr, A, bias, row, bc_row,
-                                                 offs_d, offs_n, t, mask_dt, mask_nt, h0, L, SOFTPLUS)
+                                                 offs_d, offs_n, t, mask_dt, mask_nt, h0, L, softplus)
         ptr_dt = row + offs_d[:, None] * L + t[None, :]
         dy = tl.load(dout_ptr + ptr_dt, mask=mask_dt, other=0.0).to(tl.float32)
-        if HAS_Z:
+        if has_z != 0:
             z = tl.load(z_ptr + ptr_dt, mask=mask_dt, other=0.0).to(tl.float32)
             sz = tl.sigmoid(z)
             y = tl.sum(hs * Ct[None, :, :], axis=1) + Dv[:, None] * u
@@ -159,7 +178,7 @@ def _scan_bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_p
         mask_next = mask_d[:, None] & (t1 < L)[None, :]
         dt_n = tl.load(delta_ptr + row + offs_d[:, None] * L + t1[None, :], mask=mask_next,
                        other=0.0).to(tl.float32) + bias[:, None]
-        if SOFTPLUS:
+        if softplus != 0:
             dt_n = _softplus(dt_n)
         a_next = tl.where((t1 < L)[None, None, :], tl.exp(dt_n[:, None, :] * A[:, :, None]), 1.0)
         t_last = tl.minimum(c * K + K, L) - 1
@@ -171,7 +190,7 @@ def _scan_bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_p
         ah = hs - b  # a_t * h_{t-1}, without storing h_{t-1}
         gah = G * ah
         ddt = tl.sum(gah * A[:, :, None], axis=1) + u * tl.sum(G * Bt[None, :, :], axis=1)
-        if SOFTPLUS:
+        if softplus != 0:
             raw = tl.load(delta_ptr + ptr_dt, mask=mask_dt, other=0.0).to(tl.float32) + bias[:, None]
             ddt = tl.where(raw <= 20.0, ddt * tl.sigmoid(raw), ddt)
         tl.store(ddelta_ptr + ptr_dt, ddt, mask=mask_dt)
@@ -190,11 +209,49 @@ def _scan_bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_p
     tl.store(dD_ptr + pid_b * dim + offs_d, dD_acc, mask=mask_d)
 
 
-def _blocks(dim: int, groups: int, N: int) -> tuple[int, int]:
-    block_d = BLOCK_D
-    while groups > 1 and (dim // groups) % block_d:
-        block_d //= 2  # a block must not straddle two B/C groups
-    return block_d, max(2, triton.next_power_of_2(N))
+MAX_D_STATE = 256  # the largest d_state the kernels take (mamba-ssm's selective_scan_fn has the same cap)
+
+# One row per BLOCK_N: chunk length K, then BLOCK_D and num_warps for the forward and the backward
+# (checkpoints are laid out per channel, so the two kernels may block channels differently). A program
+# holds (BLOCK_D, BLOCK_N, K) fp32 tiles in registers; the backward keeps about twice as many alive, so
+# it gets half the channels or twice the warps. Every row compiles without register spills for sm_80
+# and sm_90 in fp32, fp16 and bf16: `python -m recsys_mamba.bench triton` prints ptxas's figures, and
+# tests/ops/test_triton_compile.py fails on a spill.
+_CONFIGS: dict[int, tuple[int, int, int, int, int]] = {
+    #     K  fwd: D, warps  bwd: D, warps
+    2: (32, 16, 4, 16, 8),
+    4: (32, 16, 8, 16, 8),
+    8: (32, 16, 4, 16, 8),
+    16: (32, 16, 8, 8, 8),
+    32: (32, 8, 8, 4, 8),
+    64: (32, 4, 8, 2, 8),
+    128: (32, 2, 8, 1, 8),
+    256: (16, 2, 8, 1, 8),
+}
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    block_n: int
+    chunk: int  # K: time steps per chunk; the forward checkpoints the state at each chunk start
+    fwd_block_d: int
+    fwd_warps: int
+    bwd_block_d: int
+    bwd_warps: int
+
+
+def launch_config(d_state: int) -> LaunchConfig:
+    """Block sizes and warps for a d_state: the only source of the kernels' constexprs and num_warps."""
+    if not 1 <= d_state <= MAX_D_STATE:
+        raise RecsysError(f"backend='triton' takes d_state in 1..{MAX_D_STATE}, got {d_state}")
+    block_n = max(2, triton.next_power_of_2(d_state))
+    return LaunchConfig(block_n, *_CONFIGS[block_n])
+
+
+def _aligned(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Contiguous, in dtype, 16-byte aligned: the one pointer specialisation the kernels are built for."""
+    t = t.to(dtype).contiguous()
+    return t if t.data_ptr() % 16 == 0 else t.clone()
 
 
 class _ScanFn(torch.autograd.Function):
@@ -202,21 +259,23 @@ class _ScanFn(torch.autograd.Function):
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, softplus):
         nb, dim, L = u.shape
         groups, N = B.shape[1], A.shape[1]
-        block_d, block_n = _blocks(dim, groups, N)
-        n_chunks = triton.cdiv(L, K_CHUNK)
+        cfg = launch_config(N)
+        dpg = dim // groups
+        bpg = triton.cdiv(dpg, cfg.fwd_block_d)
+        n_chunks = triton.cdiv(L, cfg.chunk)
+        f32 = dict(device=u.device, dtype=torch.float32)
         out = torch.empty_like(u)
-        last = torch.empty(nb, dim, N, device=u.device, dtype=torch.float32)
-        ckpt = torch.empty(nb, dim, n_chunks, N, device=u.device, dtype=torch.float32)
-        dummy = u.new_empty(1)
-        grid = (nb, triton.cdiv(dim, block_d))
-        _scan_fwd_kernel[grid](
-            u, delta, A, B, C, D if D is not None else dummy, z if z is not None else dummy,
-            delta_bias if delta_bias is not None else dummy,
-            initial_state if initial_state is not None else dummy, out, last, ckpt,
-            dim, L, N, dim // groups, groups, n_chunks,
-            HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-            HAS_H0=initial_state is not None, SOFTPLUS=softplus,
-            BLOCK_D=block_d, BLOCK_N=block_n, K=K_CHUNK,
+        last = torch.empty(nb, dim, N, **f32)
+        ckpt = torch.empty(nb, dim, n_chunks, N, **f32)
+        act_dummy, f32_dummy = u.new_empty(1), torch.empty(1, **f32)
+        _scan_fwd_kernel[(nb, groups * bpg)](
+            u, delta, A, B, C, f32_dummy if D is None else D, act_dummy if z is None else z,
+            f32_dummy if delta_bias is None else delta_bias,
+            f32_dummy if initial_state is None else initial_state, out, last, ckpt,
+            dim, L, N, dpg, groups, n_chunks, bpg,
+            int(D is not None), int(z is not None), int(delta_bias is not None),
+            int(initial_state is not None), int(softplus),
+            BLOCK_D=cfg.fwd_block_d, BLOCK_N=cfg.block_n, K=cfg.chunk, num_warps=cfg.fwd_warps,
         )
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, ckpt)
         ctx.softplus = softplus
@@ -228,10 +287,13 @@ class _ScanFn(torch.autograd.Function):
         u, delta, A, B, C, D, z, delta_bias, ckpt = ctx.saved_tensors
         nb, dim, L = u.shape
         groups, N = B.shape[1], A.shape[1]
-        block_d, block_n = _blocks(dim, groups, N)
-        n_dblocks = triton.cdiv(dim, block_d)
+        cfg = launch_config(N)
+        dpg = dim // groups
+        bpg = triton.cdiv(dpg, cfg.bwd_block_d)
+        n_dblocks = groups * bpg
         f32 = dict(device=u.device, dtype=torch.float32)
-        dout = torch.zeros_like(u) if dout is None else dout.contiguous()
+        dout = torch.zeros_like(u) if dout is None else _aligned(dout, u.dtype)
+        dlast = None if dlast is None else _aligned(dlast, torch.float32)
         du, ddelta = torch.empty(u.shape, **f32), torch.empty(u.shape, **f32)
         dz = torch.empty(u.shape, **f32) if z is not None else None
         dA = torch.empty(nb, dim, N, **f32)
@@ -239,46 +301,48 @@ class _ScanFn(torch.autograd.Function):
         dB = torch.zeros(n_dblocks, nb, N, L, **f32)
         dC = torch.zeros(n_dblocks, nb, N, L, **f32)
         dh0 = torch.empty(nb, dim, N, **f32)
-        dummy = u.new_empty(1)
+        act_dummy, f32_dummy = u.new_empty(1), torch.empty(1, **f32)
         _scan_bwd_kernel[(nb, n_dblocks)](
-            u, delta, A, B, C, D if D is not None else dummy, z if z is not None else dummy,
-            delta_bias if delta_bias is not None else dummy, ckpt, dout,
-            dlast.contiguous() if dlast is not None else dummy,
-            du, ddelta, dz if dz is not None else dummy, dA, dD, dB, dC, dh0,
-            dim, L, N, dim // groups, groups, ckpt.shape[2], n_dblocks,
-            HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-            HAS_DLAST=dlast is not None, SOFTPLUS=ctx.softplus,
-            BLOCK_D=block_d, BLOCK_N=block_n, K=K_CHUNK,
+            u, delta, A, B, C, f32_dummy if D is None else D, act_dummy if z is None else z,
+            f32_dummy if delta_bias is None else delta_bias, ckpt, dout,
+            f32_dummy if dlast is None else dlast,
+            du, ddelta, f32_dummy if dz is None else dz, dA, dD, dB, dC, dh0,
+            dim, L, N, dpg, groups, ckpt.shape[2], bpg,
+            int(D is not None), int(z is not None), int(delta_bias is not None), int(dlast is not None),
+            int(ctx.softplus),
+            BLOCK_D=cfg.bwd_block_d, BLOCK_N=cfg.block_n, K=cfg.chunk, num_warps=cfg.bwd_warps,
         )
         # Channel blocks -> groups: blocks never straddle groups, so sum each group's blocks.
-        per_group = n_dblocks // groups if groups > 1 else n_dblocks
-        dB = dB.view(groups, per_group, nb, N, L).sum(1).transpose(0, 1)
-        dC = dC.view(groups, per_group, nb, N, L).sum(1).transpose(0, 1)
+        dB = dB.view(groups, bpg, nb, N, L).sum(1).transpose(0, 1)
+        dC = dC.view(groups, bpg, nb, N, L).sum(1).transpose(0, 1)
         return (du, ddelta, dA.sum(0), dB, dC, None if D is None else dD.sum(0), dz,
                 None if delta_bias is None else ddelta.sum((0, 2)),
                 dh0 if ctx.has_h0 else None, None)
 
 
-def selective_scan_triton(
-    u: torch.Tensor,
-    delta: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    D: torch.Tensor | None = None,
-    z: torch.Tensor | None = None,
-    delta_bias: torch.Tensor | None = None,
-    delta_softplus: bool = False,
-    return_last_state: bool = False,
-    initial_state: torch.Tensor | None = None,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+def selective_scan_triton(args: ScanArgs) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, initial_state = args
     grouped = B.dim() == 4
     if not grouped:
         B, C = B.unsqueeze(1), C.unsqueeze(1)
+    # The kernels see one activation dtype (fp32, fp16 or bf16) for u, delta, z, B, C and fp32 for
+    # A, D, delta_bias and the initial state, as mamba-ssm's kernels require. Loads are cast to fp32
+    # anyway, so fp64 inputs cast on the host give the same result.
+    act = activation_dtype(u, delta, z, B, C)
 
-    def c(t: torch.Tensor | None) -> torch.Tensor | None:
-        return None if t is None else t.contiguous()
+    def c(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+        return None if t is None else _aligned(t, dtype)
 
-    out, last = _ScanFn.apply(c(u), c(delta), c(A), c(B), c(C), c(D), c(z), c(delta_bias),
-                              c(initial_state), delta_softplus)
-    return (out, last) if return_last_state else out
+    f32 = torch.float32
+    out, last = _ScanFn.apply(c(u, act), c(delta, act), c(A, f32), c(B, act), c(C, act), c(D, f32),
+                              c(z, act), c(delta_bias, f32), c(initial_state, f32), delta_softplus)
+    out = out.to(u.dtype)
+    if return_last_state:
+        return out, last.to(compute_dtype(u, delta, A, B, C, D, z, delta_bias, initial_state))
+    return out
+
+
+def activation_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
+    """The dtype the kernels read u, delta, z, B, C in: their common type, fp64 read as fp32."""
+    dtype = functools.reduce(torch.promote_types, (t.dtype for t in tensors if t is not None))
+    return torch.float32 if dtype == torch.float64 else dtype

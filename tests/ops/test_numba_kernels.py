@@ -8,6 +8,7 @@ from ops_scan_cases import assert_matches_ref, make_inputs
 numba = pytest.importorskip("numba")
 
 from recsys_mamba.ops._numba_kernels import W, fast_exp, fast_softplus  # noqa: E402
+from recsys_mamba.ops.checks import ScanArgs  # noqa: E402
 from recsys_mamba.ops.cpu import selective_scan_cpu  # noqa: E402
 
 
@@ -61,7 +62,7 @@ def test_nan_inputs_reach_the_scan_output(name):
          "D": torch.randn(4), "z": torch.randn(1, 4, 8),
          "B": torch.randn(1, 16, 8), "C": torch.randn(1, 16, 8)}
     x[name][..., 3] = float("nan")
-    out = selective_scan_cpu(**x)
+    out = selective_scan_cpu(ScanArgs(**x))
     assert out[..., 3:].isnan().any() and not out[..., :3].isnan().any()
 
 

@@ -13,6 +13,7 @@ from recsys_mamba.data import attributes
 from recsys_mamba.data.cache import content_hash
 from recsys_mamba.data.synthetic import DEFAULTS as SYNTHETIC
 from recsys_mamba.errors import RecsysError
+from recsys_mamba.schema import Bool, Check, Int, Kind, Num, Relation, Rule, Schema, Seed
 
 FORMATS = ("events", "movielens", "recbole", "sequences", "sequence_pairs", "taobao", "synthetic")
 OPTIONAL_COLUMNS = ("timestamp", "event_type", "rating", "label", "category")
@@ -124,16 +125,47 @@ def _check_sections(raw: dict[str, Any]) -> None:
             raise RecsysError(f"data.{key}: unknown keys {unknown}; known keys are {sorted(default)}")
 
 
-def _names(value: Any, key: str) -> None:
-    if value is None:
-        return
-    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-        raise RecsysError(f"{key}={value!r} must be null or a list of names, e.g. {key}=[pv,cart,buy]")
-    if len(set(value)) != len(value):
-        raise RecsysError(f"{key}={value!r} names a type twice; list each once")
+class Names(Kind):
+    """null, or a list of distinct non-empty names (event types)."""
+
+    optional = True
+
+    def check(self, value: Any, key: str) -> None:
+        if value is None:
+            return
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            raise RecsysError(f"{key}={value!r} must be null or a list of names, e.g. {key}=[pv,cart,buy]")
+        if len(set(value)) != len(value):
+            raise RecsysError(f"{key}={value!r} names a type twice; list each once")
 
 
-def _check_separator(spec: dict[str, Any]) -> None:
+class FolderName(Kind):
+    """A name that becomes a cache folder's name: text without '/' or '\\'."""
+
+    def check(self, value: Any, key: str) -> None:
+        name = checks.text(value, key, example="mydata")
+        if "/" in name or "\\" in name or name in (".", ".."):
+            raise RecsysError(f"{key}={name!r} names the cache folder: no '/' or '\\', e.g. {key}=mydata")
+
+
+class AttributesPath(Kind):
+    """null, or an attributes file whose suffix names its format."""
+
+    optional = True
+    values = "paths"
+
+    def check(self, value: Any, key: str) -> None:
+        path = checks.path(value, key, optional=True)
+        if path is not None and path.suffix.lower() not in attributes.SUFFIXES:
+            raise RecsysError(
+                f"{key}={value!r}: the file's suffix names its format and must be one of "
+                f"{list(attributes.SUFFIXES)} "
+                '(.json: {"<item id>": [attribute, ...]}; .csv/.tsv/.parquet: columns item_id, attribute)'
+            )
+
+
+def _separator(cfg: dict[str, Any]) -> None:
+    spec = cfg["data"]
     sep = spec["separator"]
     if sep is None:
         return
@@ -147,44 +179,13 @@ def _check_separator(spec: dict[str, Any]) -> None:
         )
 
 
-def _check_synthetic(params: Any) -> None:
-    if params is None:
-        return
-    if not isinstance(params, dict):
-        raise RecsysError(f"data.synthetic={params!r} must be a mapping of generator settings")
-    unknown = sorted(set(params) - set(SYNTHETIC))
-    if unknown:
-        raise RecsysError(f"data.synthetic: unknown keys {unknown}; known keys are {sorted(SYNTHETIC)}")
-    p = {**SYNTHETIC, **params}
-    key = "data.synthetic."
-    checks.seed(p["seed"], key + "seed")
-    for name in ("n_users", "n_items", "n_categories", "min_events", "days"):
-        checks.integer(p[name], key + name, minimum=1, maximum=10**9)
-    checks.integer(p["max_events"], key + "max_events", minimum=p["min_events"], maximum=10**6)
-    checks.integer(p["start_time"], key + "start_time", minimum=0, maximum=2**40)
-    checks.number(p["mean_events"], key + "mean_events", above=0, maximum=10**6)
-    checks.number(p["taste_concentration"], key + "taste_concentration", above=0)
-    for name in ("drift", "session_drift", "session_break", "p_current_interest", "p_other_tastes"):
-        checks.number(p[name], key + name, minimum=0, maximum=1)
-    if p["p_current_interest"] + p["p_other_tastes"] > 1:
-        raise RecsysError(
-            f"{key}p_current_interest + p_other_tastes = {p['p_current_interest'] + p['p_other_tastes']} "
-            "must be <= 1 (they are shares of the impressions)"
-        )
-    for name in ("pop_exponent", "ctr_bias", "interest_weight", "recent_weight", "quality_weight"):
-        checks.number(p[name], key + name, minimum=-1e3, maximum=1e3)
+def _path(cfg: dict[str, Any]) -> None:
+    if cfg["data"]["format"] != "synthetic":
+        checks.path(cfg["data"]["path"], "data.path")
 
 
-def check_values(spec: dict[str, Any]) -> None:
-    """Types and ranges of every value, so a bad override fails before any file is read."""
-    name = checks.text(spec["name"], "data.name", example="mydata")
-    if "/" in name or "\\" in name or name in (".", ".."):
-        raise RecsysError(f"data.name={name!r} names the cache folder: no '/' or '\\', e.g. data.name=mydata")
-    if spec["format"] != "synthetic":
-        checks.path(spec["path"], "data.path")
-    _check_separator(spec)
-    checks.boolean(spec["has_header"], "data.has_header")
-    columns = spec["columns"]
+def _columns(cfg: dict[str, Any]) -> None:
+    columns = cfg["data"]["columns"]
     if not isinstance(columns, dict):
         raise RecsysError(f"data.columns={columns!r} must map fields to column names")
     unknown = sorted(set(columns) - set(DEFAULTS["columns"]))
@@ -193,54 +194,107 @@ def check_values(spec: dict[str, Any]) -> None:
         raise RecsysError(f"data.columns: unknown fields {unknown}; known fields are {known}")
     for field, column in columns.items():
         checks.text(column, f"data.columns.{field}", optional=field in OPTIONAL_COLUMNS, example=field)
-    _names(spec["event_types"], "data.event_types")
-    if checks.boolean(spec["rating_events"], "data.rating_events"):
-        if spec["columns"].get("event_type") is not None:
-            raise RecsysError(
-                "data.rating_events=true makes the event types from the ratings, but "
-                f"data.columns.event_type={spec['columns']['event_type']!r} reads them from the file; "
-                "set one of them only"
-            )
-        if spec["event_types"] is not None:
-            raise RecsysError(
-                "data.rating_events=true names its own event types; leave data.event_types=null"
-            )
-    window = spec["time_window"]
-    start = checks.integer(window["start"], "data.time_window.start", optional=True, example=1_600_000_000)
-    end = checks.integer(window["end"], "data.time_window.end", optional=True, example=1_700_000_000)
-    if start is not None and end is not None and start >= end:
-        raise RecsysError(f"data.time_window: start={start} must be before end={end}")
-    flt = spec["filter"]
-    checks.integer(flt["min_user"], "data.filter.min_user", minimum=0, example=5)
-    checks.integer(flt["min_item"], "data.filter.min_item", minimum=0, example=5)
-    checks.boolean(flt["iterative"], "data.filter.iterative")
-    split = spec["split"]
-    checks.integer(split["min_events"], "data.split.min_events", minimum=0, example=3)
-    valid = checks.integer(split["valid_time"], "data.split.valid_time", optional=True, example=1_650_000_000)
-    test = checks.integer(split["test_time"], "data.split.test_time", optional=True, example=1_660_000_000)
-    if valid is not None and test is not None and valid > test:
-        raise RecsysError(f"data config: split.valid_time={valid} is after split.test_time={test}")
-    ctr = spec["ctr"]
-    if ctr is not None:
-        unknown = sorted(set(ctr) - set(CTR_DEFAULTS))
+
+
+def _known_keys(section: str, known: dict[str, Any]) -> Check:
+    def check(cfg: dict[str, Any]) -> None:
+        value = cfg["data"].get(section)
+        if value is None:
+            return
+        if not isinstance(value, dict):
+            raise RecsysError(f"data.{section}={value!r} must be a mapping of settings")
+        unknown = sorted(set(value) - set(known))
         if unknown:
-            raise RecsysError(f"data.ctr: unknown keys {unknown}; known keys are {sorted(CTR_DEFAULTS)}")
-        checks.number(ctr["rating_threshold"], "data.ctr.rating_threshold", example=4.0)
-        _names(ctr["positive_events"], "data.ctr.positive_events")
-        checks.integer(ctr["negatives"], "data.ctr.negatives", minimum=0, maximum=10_000, example=1)
-        checks.seed(ctr["seed"], "data.ctr.seed")
-    _check_synthetic(spec["synthetic"])
-    _check_item_attributes(spec["item_attributes"])
+            raise RecsysError(f"data.{section}: unknown keys {unknown}; known keys are {sorted(known)}")
+
+    return Check(check)
 
 
-def _check_item_attributes(value: Any) -> None:
-    key, suffixes = attributes.KEY, attributes.SUFFIXES
-    path = checks.path(value, key, optional=True)
-    if path is not None and path.suffix.lower() not in suffixes:
-        raise RecsysError(
-            f"{key}={value!r}: the file's suffix names its format and must be one of {list(suffixes)} "
-            '(.json: {"<item id>": [attribute, ...]}; .csv/.tsv/.parquet: columns item_id, attribute)'
-        )
+_SYNTHETIC_INTS = ("n_users", "n_items", "n_categories", "min_events", "days")
+_SYNTHETIC_SHARES = ("drift", "session_drift", "session_break", "p_current_interest", "p_other_tastes")
+_SYNTHETIC_WEIGHTS = ("pop_exponent", "ctr_bias", "interest_weight", "recent_weight", "quality_weight")
+
+# Types and ranges of every value of a normalized data config (seen as {"data": spec}, the synthetic
+# generator's settings merged with their defaults), so a bad override fails before any file is read.
+DATA = Schema(
+    Rule("data.name", FolderName()),
+    Check(_path),
+    Check(_separator),
+    Rule("data.has_header", Bool()),
+    Check(_columns),
+    Rule("data.event_types", Names()),
+    Rule("data.rating_events", Bool()),
+    Relation(
+        ("data.rating_events", "data.columns.event_type"),
+        lambda ratings, column: not ratings or column is None,
+        "{k0}=true makes the event types from the ratings, but {k1}={v1!r} reads them from the file; "
+        "set one of them only",
+    ),
+    Relation(
+        ("data.rating_events", "data.event_types"),
+        lambda ratings, names: not ratings or names is None,
+        "{k0}=true names its own event types; leave {k1}=null",
+    ),
+    Rule("data.time_window.start", Int(optional=True, example=1_600_000_000)),
+    Rule("data.time_window.end", Int(optional=True, example=1_700_000_000)),
+    Relation(
+        ("data.time_window.start", "data.time_window.end"),
+        lambda start, end: start is None or end is None or start < end,
+        "data.time_window: start={v0} must be before end={v1}",
+    ),
+    Rule("data.filter.min_user", Int(0, example=5)),
+    Rule("data.filter.min_item", Int(0, example=5)),
+    Rule("data.filter.iterative", Bool()),
+    Rule("data.split.min_events", Int(0, example=3)),
+    Rule("data.split.valid_time", Int(optional=True, example=1_650_000_000)),
+    Rule("data.split.test_time", Int(optional=True, example=1_660_000_000)),
+    Relation(
+        ("data.split.valid_time", "data.split.test_time"),
+        lambda valid, test: valid is None or test is None or valid <= test,
+        "data config: split.valid_time={v0} is after split.test_time={v1}",
+    ),
+    _known_keys("ctr", CTR_DEFAULTS),
+    Rule("data.ctr.rating_threshold", Num(example=4.0), present_only=True),
+    Rule("data.ctr.positive_events", Names(), present_only=True),
+    Rule("data.ctr.negatives", Int(0, 10_000, example=1), present_only=True),
+    Rule("data.ctr.seed", Seed(), present_only=True),
+    _known_keys("synthetic", SYNTHETIC),
+    Rule("data.synthetic.seed", Seed(), present_only=True),
+    [Rule(f"data.synthetic.{name}", Int(1, 10**9), present_only=True) for name in _SYNTHETIC_INTS],
+    Rule("data.synthetic.max_events", Int(1, 10**6), present_only=True),
+    Relation(
+        ("data.synthetic.max_events", "data.synthetic.min_events"),
+        lambda most, least: most >= least,
+        "{k0}={v0} must be an integer >= {k1}={v1}",
+        present_only=True,
+    ),
+    Rule("data.synthetic.start_time", Int(0, 2**40), present_only=True),
+    Rule("data.synthetic.mean_events", Num(above=0, maximum=10**6), present_only=True),
+    Rule("data.synthetic.taste_concentration", Num(above=0), present_only=True),
+    [
+        Rule(f"data.synthetic.{name}", Num(minimum=0, maximum=1), present_only=True)
+        for name in _SYNTHETIC_SHARES
+    ],
+    Relation(
+        ("data.synthetic.p_current_interest", "data.synthetic.p_other_tastes"),
+        lambda current, other: current + other <= 1,
+        "data.synthetic.p_current_interest + p_other_tastes = {v0} + {v1} must be <= 1 (they are shares of "
+        "the impressions)",
+        present_only=True,
+    ),
+    [
+        Rule(f"data.synthetic.{name}", Num(minimum=-1e3, maximum=1e3), present_only=True)
+        for name in _SYNTHETIC_WEIGHTS
+    ],
+    Rule("data.item_attributes", AttributesPath()),
+)
+
+
+def check_values(spec: dict[str, Any]) -> None:
+    """`DATA` on a normalized spec."""
+    params = spec["synthetic"]
+    merged = {**SYNTHETIC, **params} if isinstance(params, dict) else params
+    DATA.validate({"data": {**spec, "synthetic": merged}})
 
 
 def check_source(spec: dict[str, Any]) -> None:

@@ -7,6 +7,7 @@ from recsys_mamba.models.heads import CTRHead, NextItemHead
 from recsys_mamba.models.mamba import MambaEncoder
 from recsys_mamba.models.model import RecModel
 from recsys_mamba.models.sasrec import SASRecEncoder
+from recsys_mamba.models.static import StaticEncoder
 
 __all__ = [
     "CTRHead",
@@ -16,4 +17,5 @@ __all__ = [
     "RecModel",
     "SASRecEncoder",
     "SequenceEncoder",
+    "StaticEncoder",
 ]

@@ -29,6 +29,7 @@ State = dict[str, Tensor]
 class SequenceEncoder(nn.Module):
     # Parameter names (last component) that AdamW must not decay, besides every 1-D parameter.
     no_decay_names: tuple[str, ...] = ()
+    uses_sequence = True  # False: a baseline whose hidden states ignore the events (models.static)
 
     def __init__(
         self,
@@ -158,9 +159,7 @@ class SequenceEncoder(nn.Module):
         scores[..., 0] = float("-inf")
         return scores
 
-    def cross_entropy_all(
-        self, hidden: Tensor, targets: Tensor, terms: Sequence[SparseScore] = ()
-    ) -> Tensor:
+    def cross_entropy_all(self, hidden: Tensor, targets: Tensor, terms: Sequence[SparseScore] = ()) -> Tensor:
         """Mean cross-entropy of `score_all(hidden)` (plus the sparse `terms`, one row per target)
         against targets (N,) in [1, n_items], without the (N, n_items + 1) score matrix
         (`ops.linear_cross_entropy`). An encoder that overrides score_all overrides this too."""
@@ -202,8 +201,12 @@ class SequenceEncoder(nn.Module):
         self.check_inputs(items, categories, event_types)
         state = self.init_state(items.shape[0], items.device)
         for t in range(items.shape[1]):  # padding steps (item 0) leave a row's state as it was
-            state = self.step(items[:, t], state, select(categories, (slice(None), t)),
-                              select(event_types, (slice(None), t)))[1]
+            state = self.step(
+                items[:, t],
+                state,
+                select(categories, (slice(None), t)),
+                select(event_types, (slice(None), t)),
+            )[1]
         return state
 
     def check_step_inputs(

@@ -193,9 +193,11 @@ class CTRHead(Head):
 
     Inputs to the MLP are [h, e, h*e] with h the hidden state at the last real event and e the
     candidate's embedding (item + category); with target_attention, a DIN-style pooled vector of
-    the history weighted by relevance to the candidate is appended. Trained with BCE, whose
-    minimiser is the true click probability, so sigmoid(logit) is used as the CTR estimate;
-    `base_rate` starts the output bias at the training click rate.
+    the history weighted by relevance to the candidate is appended; with `n_users` > 0, the user's
+    own embedding u and u*e too (what a non-sequential DNN knows, so that a comparison with one is
+    about the sequence, not about the id). Trained with BCE, whose minimiser is the true click
+    probability, so sigmoid(logit) is used as the CTR estimate; `base_rate` starts the output bias at
+    the training click rate.
     """
 
     def __init__(
@@ -206,7 +208,9 @@ class CTRHead(Head):
         target_attention: bool = True,
         attention_dim: int = 64,
         base_rate: float | None = None,
+        n_users: int = 0,
     ) -> None:
+        """n_users: the users of the training data (user ids 1..n_users, 0 = unknown); 0 for none."""
         super().__init__()
         self.target_attention = target_attention
         if target_attention:
@@ -215,7 +219,7 @@ class CTRHead(Head):
                 nn.Linear(4 * d_model, attention_dim), nn.ReLU(), nn.Linear(attention_dim, 1)
             )
         layers: list[nn.Module] = []
-        width = (4 if target_attention else 3) * d_model
+        width = (4 if target_attention else 3) * d_model + (2 * d_model if n_users > 0 else 0)
         for dim in mlp_dims:
             layers += [nn.Linear(width, dim), nn.ReLU(), Dropout(dropout)]
             width = dim
@@ -225,6 +229,12 @@ class CTRHead(Head):
             if not 0.0 < base_rate < 1.0:
                 raise RecsysError(f"base_rate must be in (0, 1), got {base_rate}")
             nn.init.constant_(self.mlp[-1].bias, float(torch.logit(torch.tensor(base_rate))))
+        self.n_users = n_users
+        self.user_emb = nn.Embedding(n_users + 1, d_model, padding_idx=0) if n_users > 0 else None
+        if self.user_emb is not None:
+            nn.init.normal_(self.user_emb.weight, std=0.02)
+            with torch.no_grad():
+                self.user_emb.weight[0].zero_()
 
     def forward(
         self,
@@ -233,11 +243,14 @@ class CTRHead(Head):
         mask: Tensor,
         cand_items: Tensor,
         cand_categories: Tensor | None = None,
+        users: Tensor | None = None,
     ) -> Tensor:
-        """hidden (B, L, d), mask (B, L) True at real events, candidates (B,) -> logits (B,).
+        """hidden (B, L, d), mask (B, L) True at real events, candidates (B,) -> logits (B,); users (B,):
+        each row's user id, for a head with user embeddings (required there; an id beyond the
+        training users counts as unknown, 0).
 
         A row without any real event has h = 0 (and a zero pooled vector): the prediction then
-        rests on the candidate alone.
+        rests on the candidate (and the user) alone.
         """
         if hidden.dim() != 3 or mask.shape != hidden.shape[:2] or cand_items.shape != hidden.shape[:1]:
             raise RecsysError(
@@ -257,6 +270,12 @@ class CTRHead(Head):
             # Padding gets weight exactly 0; a row with no real event ends with all-zero weights.
             weights = torch.softmax(scores.masked_fill(~mask, torch.finfo(scores.dtype).min), dim=1) * mask
             features.append((weights[..., None] * hidden).sum(1))
+        if self.user_emb is not None:
+            if users is None or users.shape != cand_items.shape:
+                raise RecsysError("CTRHead with user embeddings needs users (B,): each row's user id")
+            known = users.where(users < self.user_emb.num_embeddings, 0)
+            u = self.user_emb(known)
+            features += [u, u * e]
         return self.mlp(torch.cat(features, dim=-1)).squeeze(-1)
 
     @staticmethod

@@ -10,6 +10,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import nn
 
+from recsys_mamba.errors import RecsysError
 from recsys_mamba.models.base import SequenceEncoder
 from recsys_mamba.models.heads import Head
 from recsys_mamba.models.model import RecModel
@@ -31,6 +32,10 @@ def build_head(head_cfg: DictConfig, encoder: SequenceEncoder, inputs: HeadInput
         kwargs: dict[str, Any] = {} if "d_model" in head.keywords else {"d_model": encoder.d_model}
         if head.keywords.get("base_rate", 0.0) is None and inputs.base_rate is not None:
             kwargs["base_rate"] = inputs.base_rate()
+        if "n_users" in head.keywords and head.keywords["n_users"] is None:
+            if inputs.n_users is None:
+                raise RecsysError("head.n_users=null (user embeddings) needs a task that knows its users")
+            kwargs["n_users"] = inputs.n_users()
         head = head(**kwargs)
     if head.needs_transitions:
         head.attach_transitions(inputs.transitions())

@@ -122,7 +122,12 @@ def load_run(ckpt_path: str | Path, prepared: str | Path | None = None, max_len:
     # The training data's transition counts travel in the checkpoint: size the table to load them.
     saved_pairs = state.get("head.transitions.keys")
     n_pairs = 0 if saved_pairs is None else saved_pairs.numel()
-    inputs = HeadInputs(transitions=lambda: TransitionTable.empty(n_items, n_pairs))
+    # So are the user embeddings of a head that has them: as many as the training data had users.
+    user_emb = state.get("head.user_emb.weight")
+    inputs = HeadInputs(
+        transitions=lambda: TransitionTable.empty(n_items, n_pairs),
+        n_users=None if user_emb is None else (lambda: user_emb.shape[0] - 1),
+    )
     model = build_model(cfg, data.encoder_inputs(), inputs)
     try:
         model.encoder.load_state_dict(_submodule_state(state, "encoder."))

@@ -95,6 +95,14 @@ def topk_chunk(run: Run, users: pl.DataFrame, top_k: int, exclude_seen: bool) ->
     return rank_rows(run, user_scores(run, users), users, top_k, exclude_seen)
 
 
+def pair_users(run: Run, user_ids: pl.Series, rows: np.ndarray) -> Tensor | None:
+    """The user_idx of pairs `rows` (0 for users the training data did not have), for a head with user
+    embeddings; None for the others."""
+    if not getattr(run.model.head, "n_users", 0):
+        return None
+    return torch.from_numpy(run.data.user_index(user_ids.gather(rows)))
+
+
 def candidate_chunk(run: Run, users: pl.DataFrame, pairs: pl.DataFrame) -> pl.DataFrame:
     """Scores of (user_id, item_id) pairs for `users` (a chunk of histories, pairs joined on user_id):
     what the task scores a pair with (next_item: the ranking score; ctr: the click probability).
@@ -119,6 +127,7 @@ def candidate_chunk(run: Run, users: pl.DataFrame, pairs: pl.DataFrame) -> pl.Da
                 torch.from_numpy(rows[warm_rows]),
                 torch.from_numpy(idx[warm_rows]),
                 torch.from_numpy(items_table.categories[idx[warm_rows]]),
+                pair_users(run, pairs["user_id"], warm_rows),
             )
         score[warm_rows] = value.float().numpy()
     return pl.DataFrame(

@@ -120,3 +120,11 @@ class PreparedData:
     def user_ids(self) -> pl.DataFrame:
         """user_idx -> original user_id (str)."""
         return self.read(USER_MAP)
+
+    def user_index(self, user_ids: pl.Series) -> np.ndarray:
+        """The user_idx of each original id (as text), 0 where the prepared data does not know it."""
+        known = self.user_ids().select(pl.col("user_id").cast(pl.String), "user_idx")
+        found = pl.DataFrame({"user_id": user_ids.cast(pl.String)}).join(
+            known, on="user_id", how="left", maintain_order="left"
+        )
+        return found["user_idx"].fill_null(0).to_numpy().astype(np.int64)

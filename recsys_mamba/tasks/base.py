@@ -49,6 +49,7 @@ class HeadInputs:
 
     base_rate: Callable[[], float] | None = None  # ctr: the training click rate, to start the output bias
     transitions: Callable[[], TransitionTable] | None = None  # next_item: training transition counts
+    n_users: Callable[[], int] | None = None  # the users a head with user embeddings gives a vector
 
 
 @dataclass(frozen=True)
@@ -179,7 +180,9 @@ class Task(ABC):
         rows: Tensor,
         items: Tensor,
         categories: Tensor,
+        users: Tensor | None = None,
     ) -> Tensor:
         """Scores of (user, item) pairs: row `rows[i]` of the encoded histories `hidden` (B, L, d) with
         `lengths` (B,), against `items[i]` (and its category); `history` (B rows): what each user has
-        had, for a head whose scores depend on it (`head.uses_history`)."""
+        had, for a head whose scores depend on it (`head.uses_history`); `users`: each pair's
+        user_idx (0 = unknown), for a head with user embeddings (`head.n_users` > 0)."""

@@ -37,7 +37,9 @@ def ctr_logits(model: Model, batch: Batch) -> Tensor:
         hidden = hidden.index_select(0, batch["sample_window"])
         lengths = batch["sample_hist"]
     mask = real_positions(hidden.shape[1], lengths)
-    return model.head(model.encoder, hidden, mask, batch["cand_items"], batch.get("cand_categories"))
+    return model.head(
+        model.encoder, hidden, mask, batch["cand_items"], batch.get("cand_categories"), batch["users"]
+    )
 
 
 def real_positions(width: int, lengths: Tensor) -> Tensor:
@@ -75,7 +77,10 @@ class CTRTask(Task):
 
     def head_inputs(self, data: PreparedData, datasets: dict[str, BatchDataset]) -> HeadInputs:
         frame = train_samples(datasets).frame
-        return HeadInputs(base_rate=lambda: float(frame["label"].cast(float).mean()))
+        return HeadInputs(
+            base_rate=lambda: float(frame["label"].cast(float).mean()),
+            n_users=lambda: int(data.manifest["n_users"]),
+        )
 
     def samples(self, batch: Batch) -> int:
         return len(batch["labels"])
@@ -187,10 +192,11 @@ class CTRTask(Task):
         rows: Tensor,
         items: Tensor,
         categories: Tensor,
+        users: Tensor | None = None,
     ) -> Tensor:
         """The click probability of each pair."""
         mask = real_positions(hidden.shape[1], lengths)
-        return model.head(model.encoder, hidden[rows], mask[rows], items, categories).sigmoid()
+        return model.head(model.encoder, hidden[rows], mask[rows], items, categories, users).sigmoid()
 
 
 def _all_metrics(arrays: dict[str, np.ndarray], idx: np.ndarray, n_bins: int) -> dict[str, float]:

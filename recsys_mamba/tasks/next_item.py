@@ -222,6 +222,7 @@ class NextItemTask(Task):
         rows: Tensor,
         items: Tensor,
         categories: Tensor,
+        users: Tensor | None = None,
     ) -> Tensor:
         """The dot-product score of the model's ranking (plus the head's terms) for each pair."""
         last = gather_last(hidden, lengths)[rows]

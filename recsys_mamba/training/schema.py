@@ -7,6 +7,7 @@ import importlib.util
 import math
 
 import torch
+from hydra.utils import get_class
 from omegaconf import DictConfig
 
 from recsys_mamba import checks
@@ -39,6 +40,25 @@ def _devices(cfg: DictConfig) -> None:
     devices = checks.select(cfg, "trainer.devices", default=None)
     if not isinstance(devices, str | list) and devices is not None:
         checks.integer(devices, "trainer.devices", minimum=-1, example=1)
+
+
+def _static_encoder(cfg: DictConfig) -> None:
+    """An encoder that ignores the sequence (model=dnn) is a CTR baseline on the user and item ids:
+    without the user id it would be an item-only model, under a name that promises more."""
+    target = checks.select(cfg, "model._target_", default=None)
+    try:
+        uses_sequence = getattr(get_class(str(target)), "uses_sequence", True)
+    except Exception:  # an unimportable target is reported where the model is built, with its error
+        return
+    if uses_sequence:
+        return
+    if checks.select(cfg, "task.name") != "ctr":
+        raise RecsysError(f"model._target_={target} ignores the sequence: it is a baseline for task=ctr only")
+    if checks.select(cfg, "head.n_users", default=0) == 0:
+        raise RecsysError(
+            f"model._target_={target} ignores the sequence, so its head must know the user: "
+            "set head.n_users=null"
+        )
 
 
 def _monitors(cfg: DictConfig) -> None:
@@ -110,6 +130,7 @@ TRAIN = Schema(
     Rule("trainer.precision", Choice(PRECISIONS, as_text=True)),
     Check(_devices),
     Check(_monitors),
+    Check(_static_encoder),
     Check(_loggers),
     Rule(
         "ckpt_path",

@@ -128,6 +128,32 @@ def test_ctr_head_base_rate_and_errors(encoder) -> None:
         head(encoder, torch.zeros(2, 16), torch.ones(2, 3, dtype=torch.bool), torch.tensor([1, 2]))
 
 
+def test_ctr_head_user_embeddings(encoder) -> None:
+    head = CTRHead(16, mlp_dims=(8,), n_users=3).eval()
+    assert head.user_emb.num_embeddings == 4
+    with torch.no_grad():
+        head.user_emb.weight.normal_()  # as if trained; the initial scale barely moves the logits
+    items, cats, events = random_batch(lengths=(5, 5, 5, 5))
+    hidden = encoder(items, cats, events)
+    mask = items != 0
+    same = hidden[:1].expand(4, -1, -1)  # one history, one candidate: rows differ only in the user
+    cands, cand_cats = torch.full((4,), 3), torch.full((4,), 1)
+    logits = head(encoder, same, mask[:1].expand(4, -1), cands, cand_cats, torch.tensor([1, 2, 3, 0]))
+    assert len(set(logits.tolist())) == 4
+    # A user the training data did not have is the unknown user 0, whatever its id.
+    unknown = head(encoder, same, mask[:1].expand(4, -1), cands, cand_cats, torch.tensor([0, 4, 99, 0]))
+    torch.testing.assert_close(unknown, logits[3].expand(4))
+    with pytest.raises(RecsysError, match="needs users"):
+        head(encoder, hidden, mask, cands, cand_cats)
+    # Without user embeddings the ids change nothing.
+    plain = CTRHead(16, mlp_dims=(8,)).eval()
+    assert plain.user_emb is None
+    torch.testing.assert_close(
+        plain(encoder, hidden, mask, cands, cand_cats, torch.tensor([1, 2, 3, 0])),
+        plain(encoder, hidden, mask, cands, cand_cats),
+    )
+
+
 def ctr_examples(ratings: pl.DataFrame, width: int = 30):
     """Every (user, position >= 5) of the first `width` ratings: the history before it (ratings as
     event types), the item there as candidate, clicked when rated >= 4. Returns users and a

@@ -49,6 +49,12 @@ def trained_attributes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Pa
     return train_tiny(tmp_path_factory, f"data.item_attributes={path}")
 
 
+@pytest.fixture(scope="session")
+def trained_ctr_users(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The user + item embedding DNN (model=dnn): a CTR model whose scores depend on the user id."""
+    return train_tiny(tmp_path_factory, "task=ctr", "model=dnn", "head.n_users=null")
+
+
 def train_tiny(tmp_path_factory: pytest.TempPathFactory, *overrides: str) -> dict[str, Path]:
     from recsys_mamba.training.run import train
 

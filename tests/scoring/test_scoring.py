@@ -237,3 +237,49 @@ def test_item_attributes_are_trained_saved_and_scored(trained_attributes, tmp_pa
     idx = [model.data.items.index[i] - 1 for i in rows["item_id"]]
     np.testing.assert_allclose(rows["score"].to_numpy(), expected[idx].numpy(), rtol=1e-4, atol=1e-5)
     assert rows["score"][0] == pytest.approx(float(expected.max()), rel=1e-4)
+
+
+def test_user_embeddings_score_as_in_training(trained_ctr_users, tmp_path: Path) -> None:
+    state = torch.load(trained_ctr_users["ckpt"], map_location="cpu", weights_only=True)["state_dict"]
+    model = load_run(trained_ctr_users["ckpt"])
+    assert model.model.head.n_users == state["head.user_emb.weight"].shape[0] - 1 > 0
+    events = pl.read_parquet(trained_ctr_users["events"])
+    users = events["user_id"].unique().sort().head(3).to_list()
+    items = events["item_id"].unique().sort().head(2).to_list()
+    pairs = pl.DataFrame(
+        {"user_id": [u for u in [*users, "new"] for _ in items], "item_id": items * (len(users) + 1)}
+    )
+    pairs.write_parquet(tmp_path / "pairs.parquet")
+    # "new" has a history but was not a training user: it scores as the unknown user 0.
+    history = pl.concat([events, events.head(3).with_columns(user_id=pl.lit("new"))])
+    history.write_parquet(tmp_path / "history.parquet")
+    job(
+        trained_ctr_users,
+        tmp_path / "c",
+        "mode=candidates",
+        f"input={tmp_path / 'pairs.parquet'}",
+        f"history={tmp_path / 'history.parquet'}",
+    )
+    got = pl.concat([pl.read_parquet(f) for f in (tmp_path / "c").glob("*.parquet")]).sort(
+        ["user_id", "item_id"]
+    )
+    # By hand: model=dnn's hidden states are zero, so a score is the head on (user, item) alone.
+    user_map = pl.read_parquet(trained_ctr_users["prepared"] / "user_map.parquet")
+    index = dict(zip(user_map["user_id"].cast(pl.String), user_map["user_idx"], strict=True))
+    idx = torch.tensor([model.data.items.index[i] for i in got["item_id"]])
+    user_idx = torch.tensor([index.get(str(u), 0) for u in got["user_id"]])
+    head, d = model.model.head, model.model.encoder.d_model
+    with torch.no_grad():
+        expected = head(
+            model.model.encoder,
+            torch.zeros(len(idx), 1, d),
+            torch.ones(len(idx), 1, dtype=torch.bool),
+            idx,
+            torch.from_numpy(model.data.items.categories[idx.numpy()]),
+            user_idx,
+        ).sigmoid()
+    assert (user_idx[got["user_id"] == "new"] == 0).all() and (user_idx[got["user_id"] != "new"] > 0).all()
+    np.testing.assert_allclose(got["score"].to_numpy(), expected.numpy(), rtol=1e-5, atol=1e-6)
+    # The user matters: the same item scores differently for different known users.
+    first = got.filter(pl.col("item_id") == items[0])["score"]
+    assert first.n_unique() == len(first)

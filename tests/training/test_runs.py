@@ -24,7 +24,9 @@ def test_every_experiment_composes_and_instantiates(experiment, tmp_path):
     encoder = instantiate(cfg.model)(**SIZES)
     head = instantiate(cfg.head)
     if not isinstance(head, torch.nn.Module):
-        head = head(d_model=encoder.d_model)
+        # n_users=null (one embedding per user) is sized from the data, as runs.build_head does.
+        users = {"n_users": 7} if head.keywords.get("n_users", 0) is None else {}
+        head = head(d_model=encoder.d_model, **users)
     module = instantiate(cfg.module, encoder=encoder, head=head)
     assert isinstance(module, L.LightningModule)
     callbacks = [instantiate(c) for c in cfg.callbacks.values()]
@@ -44,7 +46,13 @@ def test_model_swaps_in_alone(model, tmp_path):
 @pytest.mark.parametrize("task", ["next_item", "ctr"])
 @pytest.mark.parametrize("model", MODELS)
 def test_fast_dev_run(tiny, model, task, tmp_path, cache_dir):
-    cfg = tiny(tmp_path, [f"model={model}", f"task={task}", "trainer.fast_dev_run=true"], cache_dir)
+    # model=dnn ignores the sequence: a CTR baseline on user and item embeddings (tested below).
+    users = ["head.n_users=null"] if model == "dnn" and task == "ctr" else []
+    cfg = tiny(tmp_path, [f"model={model}", f"task={task}", "trainer.fast_dev_run=true", *users], cache_dir)
+    if model == "dnn" and task == "next_item":
+        with pytest.raises(RecsysError, match="baseline for task=ctr only"):
+            train(cfg)
+        return
     result = train(cfg)
     for key in get_task(task).metric_names:
         assert math.isfinite(result[key]), key
@@ -126,6 +134,13 @@ def test_resume_matches_uninterrupted_run(tiny, task, tmp_path, cache_dir):
 def test_bad_config_fails_before_training(tiny, override, match, tmp_path):
     cfg = tiny(tmp_path, [override])
     with pytest.raises(RecsysError, match=match):
+        train(cfg)
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_dnn_baseline_needs_the_user_id(tiny, tmp_path):
+    cfg = tiny(tmp_path, ["model=dnn", "task=ctr"])
+    with pytest.raises(RecsysError, match=r"head\.n_users=null"):
         train(cfg)
     assert not (tmp_path / "checkpoints").exists()
 

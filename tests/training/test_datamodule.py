@@ -247,3 +247,26 @@ def test_length_buckets_of_one_rank_are_the_one_process_batches():
     rng = np.random.default_rng([7, 2])
     assert batches == [expected[i] for i in rng.permutation(len(expected))]
     assert len(one) == len(batches) == 63
+
+
+@pytest.mark.parametrize("n", [1, 3, 16, 17, 999])
+@pytest.mark.parametrize("world", [2, 3])
+def test_length_bucket_ranks_are_disjoint_cover_the_rows_and_step_together(n, world):
+    from recsys_mamba.sequences import LengthBucketBatchSampler
+
+    lengths = np.random.default_rng(n).integers(1, 200, n)
+    ranks = []
+    for rank in range(world):
+        sampler = LengthBucketBatchSampler(lengths, 8, world, rank, seed=1, pool_batches=4)
+        sampler.set_epoch(5)
+        ranks.append(list(sampler))
+        assert len(sampler) == len(ranks[-1])
+    assert len({len(r) for r in ranks}) == 1  # the same number of steps on every rank
+    for step in zip(*ranks, strict=True):
+        assert len({len(b) for b in step}) == 1  # and batches of one size at each step
+    seen = [i for r in ranks for b in r for i in b]
+    padding = -n % world  # rows repeated to fill the last step, as DistributedSampler pads
+    assert sorted(set(seen)) == list(range(n)) and len(seen) == n + padding
+    # every step's batches (all ranks) are one stretch of a length-sorted pool of 4 steps: similar lengths
+    spans = [np.ptp(lengths[[i for b in step for i in b]]) for step in zip(*ranks, strict=True)]
+    assert n < 100 or np.mean(spans) < 0.5 * np.ptp(lengths)

@@ -29,7 +29,7 @@ import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
 
-from recsys_mamba.data.cache import atomic_folder
+from recsys_mamba.data.cache import _write_failure, atomic_folder
 from recsys_mamba.data.format import SEQUENCES
 from recsys_mamba.errors import RecsysError
 from recsys_mamba.sequences.store import EVENT_ARRAYS, USER_ARRAYS, SequenceStore, event_dtypes, flatten
@@ -177,12 +177,13 @@ def build(prepared: Path, target: Path) -> None:
             index = _write(tmp, sequences)
             (tmp / INDEX).write_text(json.dumps(index, indent=1) + "\n")
     except RecsysError as err:
-        if "writing the prepared data failed" in str(err):  # atomic_folder's words for a full disk
-            reason = str(err).split("failed (", 1)[1].split(")", 1)[0]
-            raise RecsysError(
-                f"{target}: cannot build the memory-mapped sequence store ({reason}); {_hint(target)}"
-            ) from err
-        raise
+        # atomic_folder words a full disk for prepared data; say it for the store, from the OS's reason
+        reason = _write_failure(err.__cause__) if err.__cause__ is not None else None
+        if reason is None:
+            raise
+        raise RecsysError(
+            f"{target}: cannot build the memory-mapped sequence store ({reason}); {_hint(target)}"
+        ) from err
 
 
 @contextlib.contextmanager

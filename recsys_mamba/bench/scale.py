@@ -10,13 +10,24 @@ group by `bench/pipeline.py`'s generator, so generating is bounded in memory too
 events per user on average), each prepared by `python -m recsys_mamba.prepare` in a child process.
 Per size: wall time end to end, events/s, child CPU time and peak RSS (`os.wait4`), the number of
 buckets, and whether the goals (`prepare.goals`) are met. Sizes run one after another, never at once.
+
+`datamodule`: the training data's memory. A data set (`datamodule.data`, e.g. [data=ml1m]) is prepared
+once; then for each store in `datamodule.stores` a fresh child process sets up the `RecDataModule` on
+it and reads one training epoch: `mapped` (the memory-mapped store training uses), `memory` (the same
+arrays read into memory) and `memory_int64` (in memory, every array int64: the store before it was
+mapped). Per store: RSS after the imports, after setup and after the epoch, split into anonymous
+memory (the process's own) and file pages (mapped pages, shared with the page cache, which the
+kernel drops under pressure), and the child's peak RSS (`os.wait4`).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,7 +41,7 @@ from recsys_mamba.bench._harness import machine, write_result
 from recsys_mamba.bench.pipeline import generate_log, run_prepare
 from recsys_mamba.config import hydra_entry
 from recsys_mamba.errors import RecsysError
-from recsys_mamba.schema import Bool, Check, Int, IntList, Num, PathTo, Rule, Schema, Seed
+from recsys_mamba.schema import Bool, Check, Choice, Int, IntList, Num, PathTo, Rule, Schema, Seed, Subset
 
 
 def _log(work: Path, p: dict[str, Any], events: int) -> tuple[Path, float | None]:
@@ -92,8 +103,93 @@ def section_prepare(cfg: DictConfig, work: Path) -> dict[str, Any]:
     return {"cases": cases}
 
 
+def _rss_mib() -> dict[str, float]:
+    """This process's resident memory (MiB): all of it, anonymous, and file-backed (mapped files)."""
+    fields = {"VmRSS": "rss", "RssAnon": "anon", "RssFile": "file"}
+    out: dict[str, float] = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in fields:
+            out[fields[key]] = round(int(value.split()[0]) / 1024, 1)  # kB
+    return out
+
+
+def datamodule_child(prepared: str, store: str, task: str, max_len: int, batch_size: int) -> None:
+    """In a fresh process: a RecDataModule set up on `prepared` with its sequences in `store`, one
+    training epoch read; prints the RSS at each stage as JSON."""
+    import numpy as np
+
+    from recsys_mamba.data.format import SEQUENCES
+    from recsys_mamba.sequences import PreparedData, SequenceStore
+    from recsys_mamba.training.datamodule import RecDataModule
+
+    stages = {"imports": _rss_mib()}
+    dm = RecDataModule(data={}, task=task, max_len=max_len, batch_size=batch_size, prepared_dir=prepared)
+    if store != "mapped":
+        memory = SequenceStore.from_frame(PreparedData.open(prepared).read(SEQUENCES))
+        if store == "memory_int64":
+            wide = {"users": memory.users, "start": memory.start, "length": memory.length}
+            wide |= {"split_first": memory.first, **memory.flat}
+            memory = SequenceStore({k: np.asarray(v, dtype=np.int64) for k, v in wide.items()})
+        PreparedData.store = property(lambda self: memory)  # type: ignore[assignment,method-assign]
+    dm.setup("fit")
+    stages["setup"] = _rss_mib()
+    batches = sum(1 for _ in dm.train_dataloader())
+    stages["epoch"] = _rss_mib()
+    print(json.dumps({"stages": stages, "train_batches": batches}))
+
+
+def _datamodule_case(prepared: Path, store: str, d: dict[str, Any]) -> dict[str, Any]:
+    args = [str(prepared), store, d["task"], int(d["max_len"]), int(d["batch_size"])]
+    code = f"from recsys_mamba.bench.scale import datamodule_child; datamodule_child(*{args!r})"
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    assert proc.stdout is not None and proc.stderr is not None
+    out, err = proc.stdout.read().decode(), proc.stderr.read().decode()
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RecsysError(f"benchmark child failed (store={store}):\n{out}{err}")
+    found = json.loads(out.strip().splitlines()[-1])
+    stages = found["stages"]
+    return {
+        "store": store,
+        **{f"{stage}_{kind}_mib": v for stage, values in stages.items() for kind, v in values.items()},
+        "datamodule_anon_mib": round(stages["epoch"]["anon"] - stages["imports"]["anon"], 1),
+        "peak_rss_mib": round(usage.ru_maxrss / 1024, 1),  # Linux reports KiB
+        "train_batches": found["train_batches"],
+    }
+
+
+def section_datamodule(cfg: DictConfig, work: Path) -> dict[str, Any]:
+    from recsys_mamba.sequences.mapped import open_store
+
+    d = OmegaConf.to_container(cfg.datamodule, resolve=True)
+    assert isinstance(d, dict)
+    prepared = work / "datamodule-prepared"
+    try:
+        prepared_case = run_prepare(list(d["data"]), prepared, work / "hydra")
+        open_store(prepared)  # built once here, so no child pays for it
+        cases = [_datamodule_case(prepared, store, d) for store in d["stores"]]
+    finally:
+        shutil.rmtree(prepared, ignore_errors=True)
+    for case in cases:
+        print(
+            f"datamodule store={case['store']}: {case['datamodule_anon_mib']:,.1f} MiB anonymous memory "
+            f"added by setup and one epoch (RSS {case['epoch_rss_mib']:,.1f} MiB, of it mapped files "
+            f"{case['epoch_file_mib']:,.1f} MiB), peak RSS {case['peak_rss_mib']:,.1f} MiB",
+            flush=True,
+        )
+    return {
+        "command": "python -m recsys_mamba.prepare " + " ".join(d["data"]),
+        "n_interactions": prepared_case["n_interactions"],
+        "cases": cases,
+    }
+
+
 # name -> section; a new section registers itself here and gets a block of its own in the config
-SECTIONS: dict[str, Callable[[DictConfig, Path], dict[str, Any]]] = {"prepare": section_prepare}
+SECTIONS: dict[str, Callable[[DictConfig, Path], dict[str, Any]]] = {
+    "prepare": section_prepare,
+    "datamodule": section_datamodule,
+}
 
 
 def bench(cfg: DictConfig) -> dict[str, Any]:
@@ -124,7 +220,7 @@ def _sections(cfg: DictConfig) -> None:
 
 
 def _overrides(cfg: DictConfig) -> None:
-    for key in ("prepare.data", "prepare.run"):
+    for key in ("prepare.data", "prepare.run", "datamodule.data"):
         overrides = checks.select(cfg, key, None)
         if not isinstance(overrides, list) or not all(isinstance(o, str) and "=" in o for o in overrides):
             raise RecsysError(f"{key}={overrides!r} must be a list of key=value overrides")
@@ -144,6 +240,10 @@ BENCH_SCALE = Schema(
     Rule("prepare.keep_logs", Bool()),
     Rule("prepare.goals.peak_rss_gb", Num(above=0, example=3)),
     Rule("prepare.goals.events_per_s", Num(above=0, example=2e6)),
+    Rule("datamodule.task", Choice(("next_item", "ctr"))),
+    Rule("datamodule.max_len", Int(1, 10**6, example=200)),
+    Rule("datamodule.batch_size", Int(1, 10**7, example=128)),
+    Rule("datamodule.stores", Subset(("mapped", "memory", "memory_int64"))),
     Check(_overrides),
 )
 

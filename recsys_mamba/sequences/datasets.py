@@ -30,8 +30,9 @@ class BatchDataset(Dataset):
         self.store = store
         self.max_len = max_len
 
-    def __getitem__(self, index: int) -> Batch:
-        return self.__getitems__([index])
+    def __getitem__(self, index: int | list[int]) -> Batch:
+        # A list is a whole batch: what a sampler that yields batches gives a DataLoader with batch_size=None.
+        return self.__getitems__(index if isinstance(index, list) else [index])
 
     def __getitems__(self, indices: list[int]) -> Batch:
         idx = np.asarray(indices, dtype=np.int64)
@@ -127,7 +128,7 @@ class NextItemEvalDataset(BatchDataset):
         length = np.minimum(pos, self.max_len)
         start = self.store.start[rows] + pos - length
         batch = self.store.history(start, length)
-        batch["target"] = torch.from_numpy(self.store.flat["items"][self.store.start[rows] + pos])
+        batch["target"] = torch.from_numpy(self.store.values("items", self.store.start[rows] + pos))
         batch["users"] = torch.from_numpy(self.store.users[rows])
         # Every earlier item, not only the encoded window: the masked protocol removes the whole history.
         width = max(int(pos.max(initial=0)), 1)

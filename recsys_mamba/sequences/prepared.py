@@ -15,12 +15,12 @@ import torch
 from recsys_mamba.data.format import (
     CTR,
     ITEM_MAP,
-    SEQUENCES,
     USER_MAP,
     load_item_attributes,
     load_manifest,
 )
 from recsys_mamba.errors import RecsysError
+from recsys_mamba.sequences.mapped import open_store
 from recsys_mamba.sequences.store import SequenceStore
 
 
@@ -90,7 +90,8 @@ class PreparedData:
 
     @functools.cached_property
     def store(self) -> SequenceStore:
-        return SequenceStore(self.read(SEQUENCES))
+        """Every user's sequence as memory-mapped flat arrays (`sequences.mapped`), built on first use."""
+        return open_store(self.folder)
 
     @functools.cached_property
     def items(self) -> ItemTable:

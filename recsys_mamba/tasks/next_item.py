@@ -157,7 +157,7 @@ class NextItemTask(Task):
     def sample_details(self, dataset: BatchDataset, index: np.ndarray) -> dict[str, np.ndarray]:
         assert isinstance(dataset, NextItemEvalDataset)
         store = dataset.store
-        targets = store.flat["items"][store.start[dataset.rows] + dataset.target_pos]
+        targets = store.values("items", store.start[dataset.rows] + dataset.target_pos)
         return {"target": targets[index], "users": store.users[dataset.rows][index]}
 
     def report_metrics(self, arrays: dict[str, np.ndarray], n_bins: int) -> Callable[[np.ndarray], dict]:

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from recsys_mamba.errors import RecsysError
 from recsys_mamba.sequences import BatchDataset, LengthBucketBatchSampler, PreparedData, collate_batch
+from recsys_mamba.sequences.mapped import open_store
 from recsys_mamba.tasks import get_task
 from recsys_mamba.tasks.base import DataSettings, HeadInputs
 
@@ -62,7 +63,9 @@ class RecDataModule(L.LightningDataModule):
     # ---- preparation ----------------------------------------------------------------------------
 
     def prepare_data(self) -> None:
-        self.prepared_path()
+        # Lightning calls this in one process per node before the others set up: it builds the
+        # memory-mapped sequence store that every rank then maps (`sequences.mapped`).
+        open_store(self.prepared_path())
 
     def prepared_path(self) -> Path:
         """The prepared folder; runs the pipeline (or reuses its cache) unless `prepared_dir` is given."""
@@ -124,13 +127,13 @@ class RecDataModule(L.LightningDataModule):
 
     # ---- loaders --------------------------------------------------------------------------------
 
-    def _loader(
-        self, split: str, batch_size: int, sampler: Any = None, batch_sampler: Any = None
-    ) -> DataLoader:
-        by_batch = {"batch_sampler": batch_sampler} if batch_sampler is not None else {}
+    def _loader(self, split: str, batch_size: int | None, sampler: Any = None) -> DataLoader:
+        """`batch_size=None`: the sampler yields whole batches (`LengthBucketBatchSampler`)."""
         return DataLoader(
             self.datasets[split],
-            **(by_batch or {"batch_size": batch_size, "sampler": sampler, "shuffle": False}),
+            batch_size=batch_size,
+            sampler=sampler,
+            shuffle=False,
             collate_fn=collate_batch,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
@@ -141,19 +144,15 @@ class RecDataModule(L.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         train = self.datasets["train"]
+        rows = train.rows_per_batch(self.batch_size)  # `batch_size` counts samples
+        if self.bucket_by_length:
+            # Each rank gets disjoint batches of similar lengths, as many as every other rank.
+            buckets = LengthBucketBatchSampler(train.lengths(), rows, world, rank, seed=self.seed)
+            return self._loader("train", None, buckets)
         # A seeded sampler whose order depends only on (seed, epoch): a resumed run sees the same batches.
         sampler = DistributedSampler(
             train, num_replicas=world, rank=rank, shuffle=True, seed=self.seed, drop_last=False
         )
-        rows = train.rows_per_batch(self.batch_size)  # `batch_size` counts samples
-        if self.bucket_by_length:
-            if world > 1:
-                raise RecsysError(
-                    "datamodule.bucket_by_length=true is not supported with more than one process yet; "
-                    "set datamodule.bucket_by_length=false for DDP runs"
-                )
-            buckets = LengthBucketBatchSampler(sampler, train.lengths(), rows)
-            return self._loader("train", rows, batch_sampler=buckets)
         return self._loader("train", rows, sampler)
 
     def val_dataloader(self) -> DataLoader:

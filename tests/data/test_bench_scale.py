@@ -42,3 +42,21 @@ def test_sections_are_checked_before_any_work(tmp_path):
         with pytest.raises(RecsysError, match="sections"):
             scale.validate_config(_cfg(tmp_path, bad))
     assert not (tmp_path / "work").exists()
+
+
+def test_miniature_datamodule_section(tmp_path):
+    cfg = _cfg(
+        tmp_path,
+        "sections=[datamodule]",
+        "datamodule.data=['data=synthetic','data.synthetic.n_users=60','data.synthetic.n_items=40',"
+        f"'paths.cache_dir={tmp_path / 'cache'}']",
+        "datamodule.max_len=10",
+        "datamodule.batch_size=16",
+    )
+    cases = scale.bench(cfg)["sections"]["datamodule"]["cases"]
+    assert [c["store"] for c in cases] == ["mapped", "memory", "memory_int64"]
+    # every store gives the same batches, and the mapped one's arrays are file pages, not anonymous memory
+    assert len({c["train_batches"] for c in cases}) == 1 and cases[0]["train_batches"] > 1
+    for case in cases:
+        assert case["peak_rss_mib"] > 0 and case["epoch_rss_mib"] > case["epoch_anon_mib"] > 0
+    assert not (tmp_path / "work").exists()

@@ -11,7 +11,7 @@ from recsys_mamba.sequences import SequenceStore, gather_last, last_positions, p
 
 def store() -> SequenceStore:
     # user 1: 1 2 3 | 4 (3 training events), user 2: 5 6 | 7 (2)
-    return SequenceStore(
+    return SequenceStore.from_frame(
         pl.DataFrame(
             {
                 "user_idx": [2, 1],

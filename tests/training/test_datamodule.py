@@ -176,7 +176,7 @@ def test_ctr_windows_cover_every_sample_once_and_match_per_sample_logits(prepare
 def test_length_buckets_cover_every_row_once_with_less_padding(prepared):
     def epoch(dm, e):
         loader = dm.train_dataloader()
-        loader.batch_sampler.set_epoch(e) if dm.bucket_by_length else loader.sampler.set_epoch(e)
+        loader.sampler.set_epoch(e)
         batches = list(loader)
         slots = sum(b["items"].numel() for b in batches)
         return [b["index"].tolist() for b in batches], slots, len(loader)
@@ -197,12 +197,76 @@ def test_length_buckets_cover_every_row_once_with_less_padding(prepared):
     assert epoch(bucketed, 1)[0] != rows
 
 
-def test_length_buckets_refuse_ddp(prepared):
-    dm = _dm(prepared, bucket_by_length=True)
-
+def test_length_buckets_under_ddp_give_each_rank_disjoint_similar_batches(prepared):
     class Trainer:
-        world_size, global_rank = 2, 0
+        world_size = 2
 
-    dm.trainer = Trainer()
-    with pytest.raises(RecsysError, match="bucket_by_length"):
-        dm.train_dataloader()
+        def __init__(self, rank):
+            self.global_rank = rank
+
+    def epoch(rank, e, seed=3, bucket=True):
+        dm = _dm(prepared, max_len=20, seed=seed, bucket_by_length=bucket)
+        dm.trainer = Trainer(rank)
+        loader = dm.train_dataloader()
+        loader.sampler.set_epoch(e)  # what Lightning calls each epoch
+        return [b["index"].tolist() for b in loader], len(loader), dm.datasets["train"]
+
+    (r0, n0, train), (r1, n1, _) = epoch(0, 0), epoch(1, 0)
+    assert n0 == n1 == len(r0) == len(r1)  # DDP needs the same number of steps on every rank
+    assert [len(b) for b in r0] == [len(b) for b in r1]  # and batches of the same size at each step
+    n = len(train)
+    seen = [i for b in r0 + r1 for i in b]
+    assert sorted(set(seen)) == list(range(n)) and len(seen) == n + n % 2  # padded as DistributedSampler
+    for a, b in zip(r0, r1, strict=True):
+        assert not set(a) & set(b) or n % 2  # disjoint (bar the one padding row when n is odd)
+    # The two ranks' batches at a step come from the same stretch of one sorted pool.
+    lengths = train.lengths()
+
+    def spans(x, y):
+        return [lengths[a + b].max() - lengths[a + b].min() for a, b in zip(x, y, strict=True)]
+
+    plain = spans(epoch(0, 0, bucket=False)[0], epoch(1, 0, bucket=False)[0])
+    assert np.mean(spans(r0, r1)) < np.mean(plain)
+    assert epoch(0, 0)[0] == r0 and epoch(0, 1)[0] != r0  # depends only on (seed, epoch)
+
+
+def test_length_buckets_of_one_rank_are_the_one_process_batches():
+    from recsys_mamba.sequences import LengthBucketBatchSampler
+
+    lengths = np.random.default_rng(0).integers(1, 50, 1000)
+    one = LengthBucketBatchSampler(lengths, 16, seed=7, pool_batches=4)
+    one.set_epoch(2)
+    batches = list(one)
+    # As before DDP support: DistributedSampler's shuffle, pools of 4 batches sorted by length, batches
+    # shuffled by (seed, epoch).
+    order = torch.randperm(1000, generator=torch.Generator().manual_seed(9)).numpy()
+    expected = []
+    for lo in range(0, 1000, 64):
+        pool = order[lo : lo + 64][np.argsort(lengths[order[lo : lo + 64]], kind="stable")]
+        expected += [pool[i : i + 16].tolist() for i in range(0, len(pool), 16)]
+    rng = np.random.default_rng([7, 2])
+    assert batches == [expected[i] for i in rng.permutation(len(expected))]
+    assert len(one) == len(batches) == 63
+
+
+@pytest.mark.parametrize("n", [1, 3, 16, 17, 999])
+@pytest.mark.parametrize("world", [2, 3])
+def test_length_bucket_ranks_are_disjoint_cover_the_rows_and_step_together(n, world):
+    from recsys_mamba.sequences import LengthBucketBatchSampler
+
+    lengths = np.random.default_rng(n).integers(1, 200, n)
+    ranks = []
+    for rank in range(world):
+        sampler = LengthBucketBatchSampler(lengths, 8, world, rank, seed=1, pool_batches=4)
+        sampler.set_epoch(5)
+        ranks.append(list(sampler))
+        assert len(sampler) == len(ranks[-1])
+    assert len({len(r) for r in ranks}) == 1  # the same number of steps on every rank
+    for step in zip(*ranks, strict=True):
+        assert len({len(b) for b in step}) == 1  # and batches of one size at each step
+    seen = [i for r in ranks for b in r for i in b]
+    padding = -n % world  # rows repeated to fill the last step, as DistributedSampler pads
+    assert sorted(set(seen)) == list(range(n)) and len(seen) == n + padding
+    # every step's batches (all ranks) are one stretch of a length-sorted pool of 4 steps: similar lengths
+    spans = [np.ptp(lengths[[i for b in step for i in b]]) for step in zip(*ranks, strict=True)]
+    assert n < 100 or np.mean(spans) < 0.5 * np.ptp(lengths)

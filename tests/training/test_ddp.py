@@ -4,10 +4,13 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from recsys_mamba.training.run import train
+
+REPO = Path(__file__).resolve().parents[2]
 
 TINY_CLI = [
     "trainer.max_epochs=2",
@@ -76,3 +79,45 @@ def test_ddp_cpu_matches_one_process(tiny, tmp_path, cache_dir):
     )
     assert abs(one["auc"] - ddp["auc"]) < 0.15
     assert abs(one["logloss"] - ddp["logloss"]) < 0.1
+
+
+@pytest.mark.timeout(240)
+def test_ddp_cpu_length_buckets_give_each_rank_disjoint_batches(tmp_path):
+    """datamodule.bucket_by_length=true under trainer=ddp_cpu: every step, the two ranks train disjoint
+    batches of the same size; together they cover every training row each epoch."""
+    from recsys_mamba.sequences import PreparedData
+    from recsys_mamba.tasks import get_task
+    from recsys_mamba.tasks.base import DataSettings
+
+    # Its own cache, so the one prepared folder in it is the one this run trained on.
+    run_dir, seen, cache_dir = tmp_path / "ddp", tmp_path / "batches", tmp_path / "cache"
+    cmd = [
+        sys.executable,
+        "-m",
+        "recsys_mamba.train",
+        "task=next_item",
+        "trainer=ddp_cpu",
+        *[o for o in TINY_CLI if not o.startswith("trainer.limit_train_batches")],
+        "test=false",
+        "datamodule.bucket_by_length=true",
+        "+callbacks.record._target_=tests.training.ddp_probe.RecordBatches",
+        f"+callbacks.record.out={seen}",
+        f"paths.cache_dir={cache_dir}",
+        f"hydra.run.dir={run_dir}",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=220, env=env, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [
+        [json.loads(line) for line in (seen / f"rank-{r}.jsonl").read_text().splitlines()] for r in (0, 1)
+    ]
+    (prepared,) = (p for p in cache_dir.iterdir() if (p / "store").is_dir())
+    settings = DataSettings(max_len=20, positive_targets=True, next_item_windows=True, ctr_train_windows=True)
+    train = get_task("next_item").datasets(PreparedData.open(prepared), settings)["train"]
+    for epoch in (0, 1):
+        r0, r1 = ([b["index"] for b in rows if b["epoch"] == epoch] for rows in ranks)
+        assert len(r0) == len(r1) > 1 and [len(b) for b in r0] == [len(b) for b in r1]
+        padding = len(train) % 2
+        overlap = sum(len(set(a) & set(b)) for a, b in zip(r0, r1, strict=True))
+        assert overlap <= padding
+        assert sorted({i for b in r0 + r1 for i in b}) == list(range(len(train)))

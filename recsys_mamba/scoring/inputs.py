@@ -13,8 +13,9 @@ from recsys_mamba.data.format import MANIFEST, SEQUENCES, USER_MAP, load_manifes
 from recsys_mamba.data.readers import Layout
 from recsys_mamba.data.validate import READ_ERRORS, text_problem
 from recsys_mamba.errors import RecsysError
+from recsys_mamba.runs import events
+from recsys_mamba.runs.events import histories, to_model_space  # noqa: F401 (the job's names for them)
 from recsys_mamba.schema import Kind
-from recsys_mamba.sequences.prepared import PreparedData
 
 EVENT_COLUMNS = ("user_id", "item_id")
 _SHOW = 5
@@ -93,54 +94,8 @@ def read_table(path: str | Path, required: tuple[str, ...]) -> pl.DataFrame:
 
 
 def as_ids(df: pl.DataFrame, col: str, path: Path | str) -> pl.Series:
-    """`col` as strings; whole floats print as integers (1.0 -> "1") so they match the model's item
-    map whatever number type the input has; other floats are an error naming the rows."""
-    s = df[col]
-    if s.dtype.is_float():
-        c = pl.col(col)
-        bad = c.is_not_null() & ~(c.is_finite() & (c == c.floor()) & (c.abs() < 2.0**63))
-        rows = _rows(df, bad)
-        if rows:
-            raise RecsysError(
-                f"input={path}: column {col!r} holds numbers that are not integers (rows {rows}, 1-based); "
-                "ids must be integers or strings"
-            )
-        s = s.cast(pl.Int64)
-    try:
-        return s.cast(pl.String)
-    except READ_ERRORS as err:
-        raise RecsysError(f"input={path}: column {col!r} does not hold ids ({_first_line(err)})") from None
-
-
-def _timestamps(df: pl.DataFrame, path: Path) -> pl.Series:
-    """`timestamp` as int64 (the file order when absent); a value that is not a whole number within
-    int64 (text, a fraction, NaN, inf, empty) is an error naming the rows: a guessed time would
-    silently reorder the user's history."""
-    if "timestamp" not in df.columns:
-        return pl.int_range(df.height, dtype=pl.Int64, eager=True).alias("timestamp")
-    raw = df["timestamp"]
-    col = pl.col("timestamp")
-    if raw.dtype.is_temporal():
-        parsed = col.cast(pl.Int64)
-    elif raw.dtype == pl.String:
-        parsed = col.str.strip_chars().cast(pl.Int64, strict=False)
-    elif raw.dtype.is_float():
-        whole = col.is_finite() & (col == col.floor()) & (col.abs() < 2.0**63)
-        parsed = pl.when(whole).then(col).cast(pl.Int64, strict=False)
-    elif raw.dtype.is_numeric() and not raw.dtype.is_decimal():
-        parsed = col.cast(pl.Int64, strict=False)  # UInt64 above 2**63 - 1 becomes null
-    else:
-        parsed = pl.lit(None, dtype=pl.Int64)
-    out = df.select(parsed.alias("timestamp"), raw.alias("_raw")).with_row_index("_r", offset=1)
-    bad = out.filter(pl.col("timestamp").is_null()).head(_SHOW)
-    if bad.height:
-        n = out["timestamp"].null_count()
-        raise RecsysError(
-            f"input={path}: column 'timestamp' must hold whole numbers (unix time) but {n} rows do not "
-            f"(rows {bad['_r'].to_list()}, 1-based: {bad['_raw'].to_list()}); fix or remove them, or drop "
-            "the column to use the file order"
-        )
-    return out["timestamp"]
+    """`col` as strings (`runs.events.as_ids`), errors naming input=`path`."""
+    return events.as_ids(df, col, f"input={path}")
 
 
 def prepared_events(folder: Path) -> pl.DataFrame:
@@ -178,67 +133,7 @@ def read_events(path: str | Path) -> pl.DataFrame:
     path = Path(path)
     if path.is_dir() and (path / MANIFEST).is_file():
         return prepared_events(path)
-    df = read_table(path, EVENT_COLUMNS)
-    if "event_type" in df.columns:
-        event_type = as_ids(df, "event_type", path)
-    else:
-        event_type = pl.Series("event_type", [None] * df.height, dtype=pl.String)
-    return pl.DataFrame(
-        [
-            as_ids(df, "user_id", path),
-            as_ids(df, "item_id", path),
-            _timestamps(df, path),
-            event_type.alias("event_type"),
-        ]
-    )
-
-
-def to_model_space(data: PreparedData, events: pl.DataFrame) -> tuple[pl.DataFrame, int]:
-    """Events with model indices (item, category, event type); unknown items dropped, and counted."""
-    index = data.items.index
-    item_map = pl.DataFrame(
-        {"item_id": list(index), "item_idx": list(index.values())},
-        schema={"item_id": pl.String, "item_idx": pl.Int64},
-    )
-    types = data.event_type_names
-    type_map = pl.DataFrame(
-        {"event_type": types, "event_type_idx": list(range(1, len(types) + 1))},
-        schema={"event_type": pl.String, "event_type_idx": pl.Int64},
-    )
-    joined = events.join(item_map, on="item_id", how="left", maintain_order="left")
-    unknown = int(joined["item_idx"].null_count())
-    known = joined.drop_nulls("item_idx").join(type_map, on="event_type", how="left", maintain_order="left")
-    category = pl.Series(data.items.categories)
-    known = known.with_columns(
-        pl.col("event_type_idx").fill_null(0),
-        pl.col("item_idx")
-        .map_batches(lambda s: category.gather(s), return_dtype=pl.Int64)
-        .alias("category_idx"),
-    )
-    return known, unknown
-
-
-def histories(data: PreparedData, events: pl.DataFrame) -> tuple[pl.DataFrame, int]:
-    """One row per user (sorted by user_id): lists items, categories, event_types in time order.
-
-    Users whose events are all unknown items keep a row with empty lists (cold users).
-    """
-    users = events.select("user_id").unique()
-    known, unknown = to_model_space(data, events)
-    per_user = (
-        known.sort(["user_id", "timestamp"], maintain_order=True)
-        .group_by("user_id", maintain_order=True)
-        .agg(
-            pl.col("item_idx").alias("items"),
-            pl.col("category_idx").alias("categories"),
-            pl.col("event_type_idx").alias("event_types"),
-        )
-    )
-    empty = pl.lit([], dtype=pl.List(pl.Int64))
-    out = users.join(per_user, on="user_id", how="left").with_columns(
-        pl.col(c).fill_null(empty) for c in ("items", "categories", "event_types")
-    )
-    return out.sort("user_id"), unknown
+    return events.event_frame(read_table(path, EVENT_COLUMNS), f"input={path}")
 
 
 def shard_mask(user_ids: pl.Series, shard: str) -> np.ndarray:

@@ -46,7 +46,7 @@ def _candidates(run: Run, cfg: DictConfig, out: Path, prefix: str) -> tuple[list
         pl.col("user_id").cast(pl.String), pl.col("item_id").cast(pl.String)
     )
     pairs = pairs.filter(inputs.shard_mask(pairs["user_id"], cfg.shard))
-    users, unknown = _histories(run, cfg.history or str(run.data.folder), cfg.shard)
+    users, unknown = _histories(run, cfg.history or str(run.prepared_data().folder), cfg.shard)
     missing = pairs.select("user_id").unique().join(users, on="user_id", how="anti")
     empty = pl.lit([], dtype=pl.List(pl.Int64))
     users = (
@@ -104,7 +104,7 @@ def _required(cfg: DictConfig) -> None:
 SCORE = Schema(
     Rule("mode", Choice(MODES)),
     Check(_required),
-    Rule("ckpt_path", PathTo("file", what="a .ckpt file from a train run")),
+    Rule("ckpt_path", PathTo("exists", what="a .ckpt file from a train run, or an exported bundle folder")),
     Rule("input", PathTo("exists", what="an event log, pairs file or prepared folder")),
     Rule("output", PathTo("out_dir")),
     Rule("prepared", PathTo("prepared", optional=True)),

@@ -11,9 +11,8 @@ from tqdm import tqdm
 from recsys_mamba.errors import RecsysError
 from recsys_mamba.files import write_atomic
 from recsys_mamba.models.base import SequenceEncoder
+from recsys_mamba.runs.inference import fresh_state, state_hidden, step_states
 from recsys_mamba.scoring.parts import RERUN_HINT
-
-HIDDEN = "_hidden"  # the last output is kept in the state dict, so scores need no re-encoding
 
 
 class StateStore:
@@ -24,20 +23,11 @@ class StateStore:
         self.states: dict[str, dict[str, torch.Tensor]] = {}
         self.seen: dict[str, list[int]] = {}
 
-    def _fresh(self) -> dict[str, torch.Tensor]:
-        state = self.encoder.init_state(1)
-        state[HIDDEN] = torch.zeros(1, self.encoder.d_model)
-        return state
-
     def update(self, users: list[str], items: torch.Tensor, cats: torch.Tensor, types: torch.Tensor) -> None:
         """One event for each of `users` (all distinct)."""
-        encoder = self.encoder
-        merged = encoder.merge_states([self.states.get(u) or self._fresh() for u in users])
-        merged.pop(HIDDEN)
-        with torch.no_grad():
-            hidden, new = encoder.step(items, merged, cats, types)
-        new[HIDDEN] = hidden
-        for user, state, item in zip(users, encoder.split_state(new), items.tolist(), strict=True):
+        states = [self.states.get(u) or fresh_state(self.encoder) for u in users]
+        new = step_states(self.encoder, states, items, cats, types)
+        for user, state, item in zip(users, new, items.tolist(), strict=True):
             self.states[user] = state
             self.seen.setdefault(user, []).append(item)
 
@@ -67,7 +57,7 @@ class StateStore:
         )
 
     def hidden(self, users: list[str]) -> torch.Tensor:
-        return torch.cat([self.states[u][HIDDEN] for u in users])
+        return state_hidden([self.states[u] for u in users])
 
     def save(self, path: Path) -> None:
         users = sorted(self.states)

@@ -31,7 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 from recsys_mamba.errors import RecsysError
 from recsys_mamba.files import TMP_MARK, write_bytes_atomic
 from recsys_mamba.runs.checkpoint import check_expected
-from recsys_mamba.runs.load import Run, _vetted, assemble, check_data, prepared_folder
+from recsys_mamba.runs.load import Run, _vetted, assemble, check_data, load_checkpoint_run, prepared_folder
 from recsys_mamba.sequences.prepared import PreparedData
 from recsys_mamba.sequences.vocabulary import ItemTable, Vocabulary
 from recsys_mamba.tasks import get_task
@@ -50,7 +50,11 @@ _TRANSITION_PREFIX = "head.transitions."
 # The run config's sections a bundle keeps: what builds and feeds the model (no paths, trainer, loggers).
 _SECTIONS = ("model", "head", "task", "datamodule", "data")
 _DATAMODULE_KEYS = (
-    "max_len", "positive_targets", "next_item_windows", "ctr_train_windows", "eval_batch_size"
+    "max_len",
+    "positive_targets",
+    "next_item_windows",
+    "ctr_train_windows",
+    "eval_batch_size",
 )
 _ABSOLUTE = re.compile(r"^(/|~|[A-Za-z]:[\\/]|\\\\)")
 
@@ -325,3 +329,12 @@ def load_bundle(path: str | Path, prepared: str | Path | None = None, max_len: i
     max_len = int(max_len or model_json.get("max_len") or cfg.model.max_len)
     return Run(path, cfg, meta, task, data, model, max_len)
 
+
+def load_run(ckpt_path: str | Path, prepared: str | Path | None = None, max_len: int | None = None) -> Run:
+    """An exported bundle's (a folder with model.json) or a checkpoint's model with its weights and
+    config, refused with a message where the pieces do not belong together. Data: `prepared` when
+    given; else the item table the bundle or checkpoint carries (a checkpoint from before carried item
+    tables: the prepared folder its run trained on)."""
+    if Path(ckpt_path).is_dir():
+        return load_bundle(ckpt_path, prepared, max_len)
+    return load_checkpoint_run(ckpt_path, prepared, max_len)

@@ -184,16 +184,14 @@ def assemble(
     return model.eval()
 
 
-def load_run(ckpt_path: str | Path, prepared: str | Path | None = None, max_len: int | None = None) -> Run:
-    """A checkpoint's (or an exported bundle's: a folder with model.json) model with its weights and
-    its config, refused with a message where the pieces do not belong together. Data: `prepared` when
-    given; else the item table the checkpoint or bundle carries (a checkpoint from before carried item
-    tables: the prepared folder its run trained on)."""
+def load_checkpoint_run(
+    ckpt_path: str | Path, prepared: str | Path | None = None, max_len: int | None = None
+) -> Run:
+    """A checkpoint's model with its weights and its config, refused with a message where the pieces
+    do not belong together. Data: `prepared` when given; else the item table the checkpoint carries
+    (a checkpoint from before carried item tables: the prepared folder its run trained on). Bundles
+    and checkpoints alike: `runs.load_run`."""
     path = Path(ckpt_path)
-    if path.is_dir():
-        from recsys_mamba.runs.bundle import load_bundle
-
-        return load_bundle(path, prepared, max_len)
     if not path.is_file():
         raise RecsysError(
             f"ckpt_path={path} does not exist; pass a .ckpt file (e.g. <run>/checkpoints/last.ckpt) or a "

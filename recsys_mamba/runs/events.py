@@ -75,21 +75,34 @@ def timestamps(df: pl.DataFrame, source: Path | str) -> pl.Series:
     return out["timestamp"]
 
 
-def event_frame(df: Any, source: str | Path) -> pl.DataFrame:
-    """user_id, item_id (strings), timestamp (int64; the frame's order when absent), event_type
-    (string or null) from a polars or pandas frame with at least user_id and item_id; `source` names
-    it in errors."""
-    if not isinstance(df, pl.DataFrame):
-        try:
-            df = pl.from_pandas(df) if type(df).__module__.startswith("pandas") else pl.DataFrame(df)
-        except (TypeError, ValueError, *READ_ERRORS) as err:
-            raise RecsysError(
-                f"{source}: expected a polars or pandas DataFrame with columns user_id, item_id[, timestamp, "
-                f"event_type], got {type(df).__name__} ({_first_line(err)})"
-            ) from None
+def as_polars(df: Any, source: str | Path) -> pl.DataFrame:
+    """`df` (a polars or pandas frame, a polars lazy frame, or a dict or list of rows) as a polars frame."""
+    if isinstance(df, pl.DataFrame):
+        return df
+    if isinstance(df, pl.LazyFrame):
+        return df.collect()
+    if not isinstance(df, (dict, list)) and not type(df).__module__.startswith("pandas"):
+        raise RecsysError(
+            f"{source}: expected a polars or pandas DataFrame with columns user_id, item_id[, timestamp, "
+            f"event_type], got {type(df).__name__}; read a file first, e.g. pl.read_parquet(path)"
+        )
+    try:
+        return pl.from_pandas(df) if type(df).__module__.startswith("pandas") else pl.DataFrame(df)
+    except (TypeError, ValueError, *READ_ERRORS) as err:
+        raise RecsysError(
+            f"{source}: expected a polars or pandas DataFrame with columns user_id, item_id[, timestamp, "
+            f"event_type], got {type(df).__name__} ({_first_line(err)})"
+        ) from None
+
+
+def check_id_columns(df: pl.DataFrame, source: str | Path) -> None:
+    """user_id and item_id present, each holding single values, none missing."""
     missing = [c for c in EVENT_COLUMNS if c not in df.columns]
     if missing:
-        raise RecsysError(f"{source} lacks column(s) {missing}; it has {df.columns}")
+        raise RecsysError(
+            f"{source} lacks column(s) {missing}; it has {df.columns}: give it columns user_id and item_id "
+            "(rename yours, e.g. df.rename({'userId': 'user_id'}))"
+        )
     for col in EVENT_COLUMNS:
         dtype = df.schema[col]
         if dtype.is_nested() or dtype == pl.Object:
@@ -101,6 +114,21 @@ def event_frame(df: Any, source: str | Path) -> pl.DataFrame:
                 f"{source}: column {col!r} is empty in {nulls} rows (rows {rows}, 1-based); fill in or "
                 "remove those rows"
             )
+
+
+def pair_frame(df: Any, source: str | Path) -> pl.DataFrame:
+    """user_id, item_id (strings) from a polars or pandas frame with at least those columns."""
+    df = as_polars(df, source)
+    check_id_columns(df, source)
+    return pl.DataFrame([as_ids(df, c, source) for c in EVENT_COLUMNS])
+
+
+def event_frame(df: Any, source: str | Path) -> pl.DataFrame:
+    """user_id, item_id (strings), timestamp (int64; the frame's order when absent), event_type
+    (string or null) from a polars or pandas frame with at least user_id and item_id; `source` names
+    it in errors."""
+    df = as_polars(df, source)
+    check_id_columns(df, source)
     if "event_type" in df.columns:
         event_type = as_ids(df, "event_type", source)
     else:
@@ -113,6 +141,12 @@ def event_frame(df: Any, source: str | Path) -> pl.DataFrame:
             event_type.alias("event_type"),
         ]
     )
+
+
+def unknown_items(data: Vocabulary | Any, events: pl.DataFrame) -> pl.Series:
+    """The distinct item ids of `events` (strings) that the model does not know, in first-seen order."""
+    ids = events["item_id"].unique(maintain_order=True)
+    return ids.filter(~ids.is_in(list(data.items.index)))
 
 
 def to_model_space(data: Vocabulary | Any, events: pl.DataFrame) -> tuple[pl.DataFrame, int]:
@@ -161,3 +195,13 @@ def histories(data: Vocabulary | Any, events: pl.DataFrame) -> tuple[pl.DataFram
         pl.col(c).fill_null(empty) for c in ("items", "categories", "event_types")
     )
     return out.sort("user_id"), unknown
+
+
+def with_users(users: pl.DataFrame, user_ids: pl.Series) -> pl.DataFrame:
+    """The histories (`histories`) of exactly the users in `user_ids`, sorted: a user without any row in
+    `users` gets empty lists (cold)."""
+    wanted = user_ids.unique().to_frame("user_id")
+    missing = wanted.join(users, on="user_id", how="anti")
+    empty = pl.lit([], dtype=pl.List(pl.Int64))
+    padded = missing.with_columns(**{c: empty for c in ("items", "categories", "event_types")})
+    return pl.concat([users, padded]).join(wanted, on="user_id", how="semi").sort("user_id")

@@ -4,6 +4,9 @@ service (`serving/`) all call these, so their results agree by construction."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import numpy as np
 import polars as pl
 import torch
@@ -143,6 +146,7 @@ def candidate_chunk(run: Run, users: pl.DataFrame, pairs: pl.DataFrame) -> pl.Da
         },
     )
 
+
 # ---- streaming ------------------------------------------------------------------------------------
 
 
@@ -168,3 +172,70 @@ def step_states(
 def state_hidden(states: list[State]) -> Tensor:
     """The last outputs (B, d_model) of per-user states: what `next_item_scores` ranks from."""
     return torch.cat([st[HIDDEN] for st in states])
+
+
+class StreamStates:
+    """Per-user encoder states (with their last output) and the items each user has had, fed one event
+    at a time: the stream mode of the scoring job and `Recommender.new_state` / `update`."""
+
+    def __init__(self, encoder: SequenceEncoder) -> None:
+        self.encoder = encoder
+        self.states: dict[str, State] = {}
+        self.seen: dict[str, list[int]] = {}
+
+    def __len__(self) -> int:
+        return len(self.states)
+
+    def update(self, users: list[str], items: Tensor, cats: Tensor, types: Tensor) -> None:
+        """One event for each of `users` (all distinct)."""
+        states = [self.states.get(u) or fresh_state(self.encoder) for u in users]
+        new = step_states(self.encoder, states, items, cats, types)
+        for user, state, item in zip(users, new, items.tolist(), strict=True):
+            self.states[user] = state
+            self.seen.setdefault(user, []).append(item)
+
+    def consume(
+        self, events: pl.DataFrame, chunk_events: int = 65536, wrap: Callable[[Any], Any] = lambda it: it
+    ) -> None:
+        """Apply `events` (model space, any order) in time order; a user's events stay in sequence.
+        `wrap`: around the chunks (a progress bar)."""
+        events = events.sort("timestamp", maintain_order=True)
+        for start in wrap(range(0, len(events), chunk_events)):
+            chunk = events.slice(start, chunk_events).with_columns(
+                pl.int_range(pl.len()).over("user_id").alias("round")
+            )
+            # Within a chunk, a user's k-th event goes in round k, so one step batch holds a user once.
+            for _, part in chunk.group_by("round", maintain_order=True):
+                self.update(
+                    part["user_id"].to_list(),
+                    *(
+                        torch.from_numpy(part[c].to_numpy().astype("int64"))
+                        for c in ("item_idx", "category_idx", "event_type_idx")
+                    ),
+                )
+
+    def table(self, users: list[str] | None = None) -> pl.DataFrame:
+        """user_id and items (seen, model space) of `users` (default: all, sorted): the input of ranking."""
+        users = sorted(self.states) if users is None else users
+        return pl.DataFrame(
+            {"user_id": users, "items": [self.seen.get(u, []) for u in users]},
+            schema={"user_id": pl.String, "items": pl.List(pl.Int64)},
+        )
+
+    def hidden(self, users: list[str]) -> Tensor:
+        """The last outputs (B, d_model) of `users`; zeros for a user without events."""
+        return state_hidden([self.states.get(u) or fresh_state(self.encoder) for u in users])
+
+
+def topk_from_states(
+    run: Run, hidden: Tensor, users: pl.DataFrame, top_k: int, exclude_seen: bool
+) -> pl.DataFrame:
+    """Top-k rows of `users` (user_id, items: all they have had) from their states' last outputs
+    (B, d): the state holds the whole stream, so a seen-item bias counts every item the user has had.
+    Users without any event (empty items) get the popularity list, as in `topk_chunk`."""
+    scores = popularity_scores(run).expand(len(users), -1).clone()
+    warm = (users["items"].list.len() > 0).to_numpy()
+    if warm.any():
+        at = torch.from_numpy(warm)
+        scores[at] = next_item_scores(run, hidden[at], users.filter(pl.Series(warm))["items"]).detach()
+    return rank_rows(run, scores, users, top_k, exclude_seen)

@@ -18,7 +18,6 @@ from recsys_mamba.runs.events import histories, to_model_space  # noqa: F401 (th
 from recsys_mamba.schema import Kind
 
 EVENT_COLUMNS = ("user_id", "item_id")
-_SHOW = 5
 _SHARD = re.compile(r"\s*([0-9]+)\s*/\s*([0-9]+)\s*")
 MAX_SHARDS = 1 << 32  # user ids hash to crc32 values: more shards than that would all be empty
 
@@ -45,25 +44,6 @@ def _read_parquet(path: Path) -> pl.DataFrame:
         raise RecsysError(f"input={path}: not a readable Parquet or .csv file ({_first_line(err)})") from None
 
 
-def _rows(df: pl.DataFrame, mask: pl.Expr) -> list[int]:
-    return df.with_row_index("_r", offset=1).filter(mask).head(_SHOW)["_r"].to_list()
-
-
-def _check_ids(df: pl.DataFrame, path: Path, columns: tuple[str, ...]) -> None:
-    """Id columns must hold single values, none missing: a null user or item cannot be scored."""
-    for col in columns:
-        dtype = df.schema[col]
-        if dtype.is_nested() or dtype == pl.Object:
-            raise RecsysError(f"input={path}: column {col!r} holds {dtype} values, not numbers or text")
-        nulls = df[col].null_count()
-        if nulls:
-            rows = _rows(df, pl.col(col).is_null())
-            raise RecsysError(
-                f"input={path}: column {col!r} is empty in {nulls} rows (rows {rows}, 1-based); fill in or "
-                "remove those rows"
-            )
-
-
 def read_table(path: str | Path, required: tuple[str, ...]) -> pl.DataFrame:
     """A Parquet file / folder of Parquet files, or a CSV, with at least the `required` columns,
     which must hold single values, none of them missing."""
@@ -86,10 +66,9 @@ def read_table(path: str | Path, required: tuple[str, ...]) -> pl.DataFrame:
         df = _read_csv(path)
     else:
         df = _read_parquet(path)
-    missing = [c for c in required if c not in df.columns]
-    if missing:
-        raise RecsysError(f"input={path} lacks column(s) {missing}; it has {df.columns}")
-    _check_ids(df, path, required)
+    if tuple(required) != EVENT_COLUMNS:
+        raise ValueError(f"read_table reads {EVENT_COLUMNS} tables, not {required}")
+    events.check_id_columns(df, f"input={path}")
     return df
 
 
@@ -153,7 +132,7 @@ class Shard(Kind):
 
 
 def parse_shard(shard: str, key: str = "shard") -> tuple[int, int]:
-    """"I/N" (ASCII digits) with 0 <= I < N <= 2**32."""
+    """ "I/N" (ASCII digits) with 0 <= I < N <= 2**32."""
     match = _SHARD.fullmatch(shard) if isinstance(shard, str) else None
     index, count = (int(match[1]), int(match[2])) if match else (-1, 0)
     if not 0 <= index < count <= MAX_SHARDS:

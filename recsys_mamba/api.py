@@ -178,7 +178,8 @@ class Recommender:
         """Feed `events` into `state` in time order (the frame's order when it has no timestamp), each
         user's state advanced by the encoder's own `step` (O(1) per event for Mamba); events of items
         the model does not know are skipped and counted in `state.unknown_items` (or refused, with
-        unknown_items="reject"). Returns the same state."""
+        unknown_items="reject"). An update that fails (SASRec: a history past its max_len) changes
+        nothing. Returns the same state."""
         if not isinstance(state, UserStates) or state.encoder is not self.run.model.encoder:
             raise RecsysError("update(state, events): pass a state from this Recommender's new_state()")
         frame = as_polars(events, "events")
@@ -186,7 +187,18 @@ class Recommender:
         frame = event_frame(frame, "events")
         self._known(frame, "events")
         known, unknown = to_model_space(self.run.data, frame)
-        state.consume(known)
+        users = known["user_id"].unique().to_list()
+        before = {u: (state.states.get(u), list(state.seen.get(u, []))) for u in users}
+        try:
+            state.consume(known)
+        except RecsysError:  # e.g. SASRec past its max_len: the state stays as it was
+            for user, (kept, seen) in before.items():
+                if kept is None:
+                    state.states.pop(user, None)
+                    state.seen.pop(user, None)
+                else:
+                    state.states[user], state.seen[user] = kept, seen
+            raise
         state.unknown_items += unknown
         state.id_types = state.id_types or types
         return state

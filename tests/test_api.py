@@ -105,6 +105,29 @@ def test_streaming_one_event_at_a_time_equals_batch(model, events) -> None:
     assert cold["cold"].all() and cold["user_id"].to_list() == [123456789] * K
 
 
+@pytest.mark.parametrize("encoder", ["sasrec", "gru4rec"])
+def test_streaming_through_each_encoders_own_step(encoder, tmp_path_factory) -> None:
+    """SASRec (KV cache, up to its max_len) and GRU4Rec stream through their own `step` too."""
+    trained = train_tiny(tmp_path_factory, f"model={encoder}", "model.d_model=16", "model.max_len=20")
+    rec = Recommender.load(trained["ckpt"])
+    events = pl.read_parquet(trained["events"])
+    lengths = events.group_by("user_id").len()
+    short = lengths.filter(pl.col("len") <= 20)["user_id"].sort().head(6)
+    some = events.filter(pl.col("user_id").is_in(short.implode()))
+    state = rec.new_state()
+    for row in some.iter_slices(1):
+        state = rec.update(state, row)
+    live = rec.recommend(state, k=K)
+    assert_same(live, rec.recommend(some, k=K), ("user_id", "rank"))
+    long = events.filter(pl.col("user_id") == lengths.filter(pl.col("len") > 20)["user_id"][0])
+    if encoder == "sasrec":  # its cache stops at max_len: a clear error, and the state unchanged
+        with pytest.raises(RecsysError, match="max_len 20"):
+            rec.update(state, pl.concat([some.head(1), long]))
+        assert len(state) == 6 and rec.recommend(state, k=K).equals(live)
+    else:
+        assert len(rec.update(state, long)) == 7
+
+
 def test_a_moved_bundle_or_checkpoint_loads_without_environment(model, events, tmp_path, monkeypatch) -> None:
     import os
 

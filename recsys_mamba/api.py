@@ -151,7 +151,7 @@ class Recommender:
         """Scores of (user_id, item_id) `pairs` after each user's `history` (events; None: no history,
         every user cold): the ranking score for next-item models, the click probability for CTR
         models, as `score mode=candidates` gives with `history=`. Rows user_id, item_id, score (null
-        for an item the model does not know), known_item, cold; grouped by user (sorted by user_id)."""
+        for an item the model does not know), known_item, cold; in the order of `pairs`."""
         frame = as_polars(pairs, "pairs")
         types = _id_types(frame)
         frame = pair_frame(frame, "pairs")
@@ -166,6 +166,10 @@ class Recommender:
             for c in _chunks(table)
         ]
         out = pl.concat(parts) if parts else _empty(("user_id", "item_id", "score", "known_item", "cold"))
+        # Back in the order of `pairs`: both hold the same (user_id, item_id) rows, so sorted they align.
+        keys = ["user_id", "item_id"]
+        order = frame.with_row_index("_row").sort(keys, maintain_order=True)["_row"]
+        out = out.sort(keys, maintain_order=True).with_columns(order).sort("_row").drop("_row")
         return _original_ids(out, types)
 
     # ---- streaming -------------------------------------------------------------------------------

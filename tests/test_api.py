@@ -82,6 +82,7 @@ def test_recommend_and_score_equal_the_scoring_job(model, events, tmp_path: Path
     pairs_path = tmp_path / "pairs.parquet"
     pairs.write_parquet(pairs_path)
     scored = rec.score(pairs, history=events)
+    assert scored.select("user_id", "item_id").equals(pairs)  # in the order given, ids of its type
     assert rec.last_unknown_items == 8
     assert scored.filter(~pl.col("known_item"))["score"].null_count() == 8
     want = job(model, tmp_path / "cand", "mode=candidates", f"input={pairs_path}", f"history={path}")

@@ -129,6 +129,31 @@ def test_streaming_through_each_encoders_own_step(encoder, tmp_path_factory) -> 
         assert len(rec.update(state, long)) == 7
 
 
+def test_a_ctr_model_scores_click_probabilities_as_the_job(tmp_path_factory, tmp_path: Path) -> None:
+    trained = train_tiny(tmp_path_factory, "experiment=ctr")
+    rec = Recommender.load(trained["ckpt"], max_len=1000)
+    assert rec.task == "ctr"
+    events = pl.read_parquet(trained["events"])
+    pairs = pl.DataFrame({"user_id": events["user_id"].unique().sort().head(6)}).join(
+        pl.DataFrame({"item_id": rec.item_ids[:4]}), how="cross"
+    )
+    scored = rec.score(pairs, history=events)
+    assert scored["score"].is_between(0, 1).all()
+    events.write_parquet(tmp_path / "events.parquet")
+    pairs.write_parquet(tmp_path / "pairs.parquet")
+    want = job(
+        {"bundle": trained["ckpt"]},
+        tmp_path / "cand",
+        "mode=candidates",
+        f"input={tmp_path / 'pairs.parquet'}",
+        f"history={tmp_path / 'events.parquet'}",
+        "max_len=1000",
+    )
+    assert_same(scored, want, ("user_id", "item_id"))
+    streamed = rec.recommend(rec.update(rec.new_state(), events), k=K)
+    assert_same(streamed, rec.recommend(events, k=K), ("user_id", "rank"))
+
+
 def test_a_moved_bundle_or_checkpoint_loads_without_environment(model, events, tmp_path, monkeypatch) -> None:
     import os
 

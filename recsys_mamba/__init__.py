@@ -1,5 +1,20 @@
-"""recsys-mamba: behaviour logs to event sequences, Mamba and attention encoders for next-click and CTR."""
+"""recsys-mamba: behaviour logs to event sequences, Mamba and attention encoders for next-click and CTR.
+
+`from recsys_mamba import Recommender` (`recsys_mamba.api`): load a trained model and call it. It is
+imported on first use, so the jobs (`python -m recsys_mamba.prepare`, ...) do not load it."""
+
+from __future__ import annotations
+
+from typing import Any
 
 from recsys_mamba.version import __version__
 
-__all__ = ["__version__"]
+__all__ = ["Recommender", "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "Recommender":
+        from recsys_mamba.api import Recommender
+
+        return Recommender
+    raise AttributeError(f"module 'recsys_mamba' has no attribute {name!r}")

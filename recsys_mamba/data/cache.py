@@ -11,7 +11,7 @@ import re
 import shutil
 import socket
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +33,54 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+# (resolved path, size, mtime_ns) -> sha256 of the files this process has hashed
+_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
+def source_sha256(path: Path, known: Iterable[dict[str, Any]] = ()) -> str:
+    """sha256 of a source file, read only when neither this process nor a `known` fingerprint
+    ({path, bytes, mtime_ns, sha256}: a manifest's `sources`) has it for the file's current size and
+    mtime: the same trust a cache hit already puts in size and mtime (`reusable`)."""
+    try:
+        stat = path.stat()
+    except OSError as err:
+        raise RecsysError(
+            f"{path}: cannot read this data source ({err.strerror}); check data.path / data.item_attributes"
+        ) from err
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _DIGESTS:
+        for source in known:
+            same = (source.get("bytes"), source.get("mtime_ns")) == key[1:] and source.get("sha256")
+            if same and str(Path(str(source.get("path"))).resolve()) == key[0]:
+                _DIGESTS[key] = str(source["sha256"])
+                break
+        else:
+            _DIGESTS[key] = sha256_file(path)
+    return _DIGESTS[key]
+
+
+def known_sources(*folders: Path | str | None) -> list[dict[str, Any]]:
+    """The source fingerprints recorded in the manifests of prepared folders directly under (or at)
+    `folders`; unreadable manifests are skipped (they only save reading a source again)."""
+    found: list[dict[str, Any]] = []
+    for folder in folders:
+        if folder is None:
+            continue
+        folder = Path(folder)
+        for manifest in [folder / MANIFEST, *folder.glob(f"*/{MANIFEST}")]:
+            try:
+                sources = json.loads(manifest.read_text()).get("sources")
+            except (OSError, ValueError, AttributeError):
+                continue
+            found += [s for s in sources or [] if isinstance(s, dict)]
+    return found
+
+
 def describe_source(path: Path) -> dict[str, Any]:
     stat = path.stat()
     return {
         "path": str(path),
-        "sha256": sha256_file(path),
+        "sha256": source_sha256(path),
         "bytes": stat.st_size,
         "mtime_ns": stat.st_mtime_ns,
     }

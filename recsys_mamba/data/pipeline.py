@@ -28,8 +28,8 @@ from omegaconf import DictConfig
 from recsys_mamba.data import attributes, buckets, engines, readers, steps, synthetic, tasks, validate
 from recsys_mamba.data import format as fmt
 from recsys_mamba.data.buckets import DEFAULT_BUCKET_EVENTS
-from recsys_mamba.data.cache import atomic_folder, describe_source, reusable
-from recsys_mamba.data.spec import config_hash, normalize
+from recsys_mamba.data.cache import atomic_folder, describe_source, known_sources, reusable
+from recsys_mamba.data.spec import check_source, config_hash, normalize
 from recsys_mamba.errors import RecsysError
 from recsys_mamba.schema import Choice, Int, Rule, Schema
 from recsys_mamba.version import __version__
@@ -508,11 +508,13 @@ def check_scale(engine: Any, n_buckets: Any, bucket_events: Any) -> None:
     SCALE.validate({"engine": engine, "buckets": n_buckets, "bucket_events": bucket_events})
 
 
-def target_folder(spec: dict[str, Any], out_dir: Path | str | None, cache_dir: Path | str) -> Path:
+def target_folder(
+    spec: dict[str, Any], out_dir: Path | str | None, cache_dir: Path | str, cfg_hash: str | None = None
+) -> Path:
     """`out_dir`, or the cache folder `<cache_dir>/<name>-<config hash>`."""
     if out_dir is not None:
         return Path(out_dir)
-    return Path(cache_dir) / f"{spec['name']}-{config_hash(spec)}"
+    return Path(cache_dir) / f"{spec['name']}-{cfg_hash or config_hash(spec, known_sources(cache_dir))}"
 
 
 def prepare(
@@ -538,8 +540,10 @@ def prepare(
     """
     check_scale(engine, buckets, bucket_events)
     spec = normalize(cfg_data)
-    cfg_hash = config_hash(spec)
-    target = target_folder(spec, out_dir, cache_dir)
+    check_source(spec)  # before hashing them: a missing file is named as the config key that gives it
+    # the sources' sha256 recorded by earlier runs: a cache hit hashes without reading the log
+    cfg_hash = config_hash(spec, known_sources(cache_dir, out_dir))
+    target = target_folder(spec, out_dir, cache_dir, cfg_hash)
     if not overwrite and reusable(target, cfg_hash):
         return target
     with atomic_folder(target) as work:

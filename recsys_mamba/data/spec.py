@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from recsys_mamba import checks
 from recsys_mamba.data import attributes
-from recsys_mamba.data.cache import content_hash
+from recsys_mamba.data.cache import content_hash, source_sha256
 from recsys_mamba.data.synthetic import DEFAULTS as SYNTHETIC
 from recsys_mamba.errors import RecsysError
 from recsys_mamba.schema import Bool, Check, Int, Kind, Num, Relation, Rule, Schema, Seed
@@ -49,6 +50,8 @@ DEFAULTS: dict[str, Any] = {
 
 # keys added to DEFAULTS after the first release; config_hash leaves them out while they are null
 _ADDED_KEYS = ("item_attributes",)
+# keys naming an input file: the hash takes the file's content, not its path
+SOURCE_KEYS = ("path", "item_attributes")
 
 CTR_DEFAULTS: dict[str, Any] = {
     "label_from": "rating",
@@ -312,9 +315,18 @@ def check_source(spec: dict[str, Any]) -> None:
         attributes.check_file(extra)
 
 
-def config_hash(spec: dict[str, Any]) -> str:
-    """Short, stable hash of a normalized data config (and the output format version).
+def config_hash(spec: dict[str, Any], known: Iterable[dict[str, Any]] = ()) -> str:
+    """Short, stable hash of a normalized data config (and the output format version), from content:
+    each source file (data.path, data.item_attributes) counts by its sha256, never by where it lies,
+    so the same files prepared on another machine or under another folder hash the same (and a
+    checkpoint's `data_config_hash` matches there). `known`: source fingerprints already taken
+    ({path, bytes, mtime_ns, sha256}, e.g. the manifests' `sources`), reused while the file's size and
+    mtime are unchanged, so a cache hit does not read the log again.
 
-    Keys added later are left out while they hold their off value, so the hash of a config that
-    does not use them (and with it the cache folder and checkpoints' `data_config_hash`) stays as it was."""
-    return content_hash({k: v for k, v in spec.items() if not (k in _ADDED_KEYS and v is None)})
+    Keys added later are left out while they hold their off value, so adding one does not change the
+    hash of a config that does not use it."""
+    content = {k: v for k, v in spec.items() if not (k in _ADDED_KEYS and v is None)}
+    for key in SOURCE_KEYS:
+        if content.get(key) not in (None, ""):
+            content[key] = {"sha256": source_sha256(Path(content[key]).expanduser(), known)}
+    return content_hash(content)

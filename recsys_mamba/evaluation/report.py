@@ -44,7 +44,7 @@ def _required(cfg: DictConfig) -> None:
         )
 
 
-_CHECKPOINT = PathTo("file", what="a .ckpt file from a training run")
+_CHECKPOINT = PathTo("exists", what="a .ckpt file from a training run, or an exported bundle folder")
 
 # Every value of conf/evaluate.yaml, checked before any checkpoint is loaded or scored.
 EVALUATE = Schema(
@@ -52,6 +52,7 @@ EVALUATE = Schema(
     Rule("out_dir", PathTo("out_dir")),
     Rule("ckpt_path", _CHECKPOINT),
     Rule("compare", PathList(_CHECKPOINT, example="[a.ckpt,b.ckpt]")),
+    Rule("prepared", PathTo("prepared", optional=True)),
     Rule("seed", Seed()),
     Rule("n_bootstrap", Int(1, 10**6, example=200)),
     Rule("n_bins", Int(1, 10**4, example=10)),
@@ -221,7 +222,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     for p in paths:
         if not p.is_file():
             raise RecsysError(f"checkpoint {p} does not exist; pass .ckpt files from training runs")
-    models = [score(p) for p in paths]
+    prepared = cfg.get("prepared")
+    models = [score(p, Path(str(prepared)) if prepared else None) for p in paths]
     check_comparable(models)
     n_bins, n_boot, seed = int(cfg.n_bins), int(cfg.n_bootstrap), int(cfg.seed)
     summary = summarise(models, n_boot, seed, n_bins)

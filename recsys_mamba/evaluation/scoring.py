@@ -49,10 +49,12 @@ def test_batches(dataset: Any, batch_size: int, limit: int | float | None = None
         yield dataset.__getitems__(list(range(start, min(start + batch_size, len(dataset)))))
 
 
-def score(ckpt_path: Path) -> Scored:
-    """The checkpoint's test metrics and per-sample outputs, as its training run's test computed them."""
-    run = load_run(ckpt_path)
-    test = run.task.datasets(run.data, run.data_settings())["test"]
+def score(ckpt_path: Path, prepared: Path | None = None) -> Scored:
+    """The checkpoint's (or bundle's) test metrics and per-sample outputs, as its training run's test
+    computed them; `prepared`: the data to test on (null: the run's own prepared folder)."""
+    run = load_run(ckpt_path, prepared)
+    data = run.prepared_data()
+    test = run.task.datasets(data, run.data_settings())["test"]
     batch_size = int(OmegaConf.select(run.config, "datamodule.eval_batch_size", default=512))
     limit = OmegaConf.select(run.config, "trainer.limit_test_batches", default=None)
     outputs = run.task.evaluate(run.model, test_batches(test, batch_size, limit))
@@ -66,9 +68,9 @@ def score(ckpt_path: Path) -> Scored:
         ckpt_path=ckpt_path,
         task=run.task,
         config=run.config,
-        manifest=run.data.manifest,
+        manifest=data.manifest,
         metrics=outputs.metrics,
         arrays=arrays,
-        item_counts=run.data.items.counts,
+        item_counts=data.items.counts,
         training_metrics=training,
     )

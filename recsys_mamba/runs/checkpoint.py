@@ -22,11 +22,16 @@ from torch import Tensor, nn
 
 from recsys_mamba.errors import RecsysError
 from recsys_mamba.files import write_bytes_atomic
+from recsys_mamba.sequences.vocabulary import payload_digest
 from recsys_mamba.version import __version__
 
 # Bump when a checkpoint written by this code can no longer be read by older code.
 FORMAT_VERSION = 1
 METADATA_KEY = "recsys_mamba"
+# The item table (original ids, categories, counts) and event type names, so a checkpoint alone scores.
+VOCABULARY_KEY = "recsys_mamba_vocabulary"
+# How `data_config_hash` was computed: from the sources' content (checkpoints without it: from paths).
+DATA_HASH = "content"
 _OTHER_DATA = (
     "it belongs to another data set; pass prepared=<the folder it was trained on> "
     "(or the data=/datamodule.prepared_dir= it was trained with)"
@@ -89,6 +94,7 @@ def run_metadata(
         "n_categories": int(sizes.get("n_categories") or 0),
         "data_name": manifest.get("name"),
         "data_config_hash": manifest.get("config_hash"),
+        "data_hash": DATA_HASH,
         "config": _plain(cfg, skip=("hydra",)),
     }
 
@@ -175,8 +181,21 @@ def _check_metadata(path: Any, saved: Any, expect: dict[str, Any] | None) -> dic
             f"checkpoint {path}: its weights do not match the digest recorded when it was saved, so "
             "the file is corrupted or was tampered with; it was NOT used: use another checkpoint or retrain"
         )
+    vocabulary = saved.get(VOCABULARY_KEY)
+    if vocabulary is not None and meta.get("vocabulary_sha256") != _vocabulary_digest(path, vocabulary):
+        raise RecsysError(
+            f"checkpoint {path}: its item table does not match the digest recorded when it was saved, so "
+            "the file is corrupted or was tampered with; it was NOT used: use another checkpoint or retrain"
+        )
     check_expected(path, meta, expect)
     return meta
+
+
+def _vocabulary_digest(path: Any, payload: Any) -> str | None:
+    try:
+        return payload_digest(payload)
+    except (KeyError, TypeError, AttributeError, ValueError):
+        return None
 
 
 def check_expected(path: Any, metadata: dict[str, Any], expect: dict[str, Any] | None) -> None:
@@ -235,10 +254,17 @@ def load_checkpoint(
 # ---- writing ----------------------------------------------------------------------------------------
 
 
-def stamp(checkpoint: dict[str, Any], metadata: dict[str, Any]) -> dict[str, Any]:
-    """`checkpoint` with `metadata` (and the digest of its weights) embedded as JSON."""
+def stamp(
+    checkpoint: dict[str, Any], metadata: dict[str, Any], vocabulary: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """`checkpoint` with `metadata` (and the digest of its weights) embedded as JSON, and the data's
+    `Vocabulary.payload()` (with its digest) when given."""
     meta = {**metadata, "state_dict_sha256": state_digest(checkpoint["state_dict"])}
-    return {**checkpoint, METADATA_KEY: json.dumps(meta, default=str)}
+    extra: dict[str, Any] = {}
+    if vocabulary is not None:
+        meta["vocabulary_sha256"] = payload_digest(vocabulary)
+        extra[VOCABULARY_KEY] = vocabulary
+    return {**checkpoint, **extra, METADATA_KEY: json.dumps(meta, default=str)}
 
 
 def save_checkpoint(checkpoint: dict[str, Any], path: Path | str) -> None:

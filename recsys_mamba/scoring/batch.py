@@ -1,148 +1,23 @@
-"""Scoring chunks of users: encode the most recent `max_len` events once, then rank or score pairs."""
+"""Scoring chunks of users: the shared inference path (`runs.inference`), under the names the job uses."""
 
-from __future__ import annotations
+from recsys_mamba.runs.inference import (
+    candidate_chunk,
+    encode,
+    next_item_scores,
+    popularity_scores,
+    rank_rows,
+    topk_chunk,
+    user_scores,
+    whole_history,
+)
 
-import numpy as np
-import polars as pl
-import torch
-from torch import Tensor
-
-from recsys_mamba.models.score_terms import History
-from recsys_mamba.runs import Run
-from recsys_mamba.sequences import gather_last, pad_right
-from recsys_mamba.sequences.store import SIDE_INPUTS
-
-
-def encode(run: Run, users: pl.DataFrame) -> tuple[Tensor, Tensor]:
-    """Hidden states (B, L, d) of users with at least one event, and the encoded items (B, L)."""
-    width = max(1, min(run.max_len, int(users["items"].list.len().max() or 1)))
-    batch = {name: pad_right(users[name], width) for name in ("items", *SIDE_INPUTS)}
-    with torch.no_grad():
-        hidden = run.model.encoder.encode(batch)
-    return hidden, batch["items"]
-
-
-def whole_history(run: Run, histories: pl.Series) -> History | None:
-    """What each user of `histories` (lists of item indices) has had, when the head's scores depend on
-    it: every distinct item (the whole history, not only the encoded window) and the last one."""
-    if not run.model.head.uses_history:
-        return None
-    distinct = histories.list.unique()
-    lengths = torch.from_numpy(distinct.list.len().to_numpy().astype(np.int64))
-    items = pad_right(distinct, max(1, int(lengths.max()) if len(lengths) else 1))
-    last = torch.from_numpy(histories.list.last().fill_null(0).to_numpy().astype(np.int64))
-    rows = torch.arange(len(lengths))
-    return History(items, rows, (lengths - 1).clamp(min=0), last)
-
-
-def next_item_scores(run: Run, hidden: Tensor, histories: pl.Series) -> Tensor:
-    """Scores of every item (B, n_items + 1) from last hidden states (B, d) of the users of
-    `histories`: the head's ranking scores, so a learned seen-item bias counts every item the user
-    has had, and a transition prior starts from the last one, as in evaluation."""
-    with torch.no_grad():
-        return run.model.head.rank_scores(run.model.encoder, hidden, whole_history(run, histories))
-
-
-def popularity_scores(run: Run) -> Tensor:
-    """Log of smoothed training popularity: the score cold users and cold rows get."""
-    counts = torch.as_tensor(run.data.items.counts, dtype=torch.float32) + 1.0
-    scores = (counts / counts[1:].sum()).log()
-    scores[0] = float("-inf")
-    return scores
-
-
-def rank_rows(run: Run, scores: Tensor, users: pl.DataFrame, top_k: int, exclude_seen: bool) -> pl.DataFrame:
-    """Top-k (user_id, rank, item_id, score, cold) rows from a (B, n_items + 1) score matrix."""
-    if exclude_seen:
-        for i, seen in enumerate(users["items"].to_list()):
-            if seen:
-                scores[i, torch.as_tensor(seen)] = float("-inf")
-    k = min(top_k, run.data.items.n_items)
-    values, index = scores.topk(k, dim=1)
-    keep = torch.isfinite(values).numpy().reshape(-1)
-    cold = (users["items"].list.len() == 0).to_numpy()
-    return pl.DataFrame(
-        {
-            "user_id": np.repeat(users["user_id"].to_numpy(), k)[keep],
-            "rank": np.tile(np.arange(1, k + 1, dtype=np.int32), len(users))[keep],
-            "item_id": run.data.items.ids[index.numpy().reshape(-1)][keep],
-            "score": values.numpy().reshape(-1)[keep].astype(np.float32),
-            "cold": np.repeat(cold, k)[keep],
-        },
-        schema={
-            "user_id": pl.String,
-            "rank": pl.Int32,
-            "item_id": pl.String,
-            "score": pl.Float32,
-            "cold": pl.Boolean,
-        },
-    )
-
-
-def user_scores(run: Run, users: pl.DataFrame) -> Tensor:
-    """Scores of every item (B, n_items + 1): the model's for users with history, popularity otherwise."""
-    scores = popularity_scores(run).expand(len(users), -1).clone()
-    warm = (users["items"].list.len() > 0).to_numpy()
-    if warm.any():
-        warm_users = users.filter(pl.Series(warm))
-        hidden, items = encode(run, warm_users)
-        last = gather_last(hidden, (items != 0).sum(1))
-        scores[torch.from_numpy(warm)] = next_item_scores(run, last, warm_users["items"])
-    return scores
-
-
-def topk_chunk(run: Run, users: pl.DataFrame, top_k: int, exclude_seen: bool) -> pl.DataFrame:
-    return rank_rows(run, user_scores(run, users), users, top_k, exclude_seen)
-
-
-def pair_users(run: Run, user_ids: pl.Series, rows: np.ndarray) -> Tensor | None:
-    """The user_idx of pairs `rows` (0 for users the training data did not have), for a head with user
-    embeddings; None for the others."""
-    if not getattr(run.model.head, "n_users", 0):
-        return None
-    return torch.from_numpy(run.data.user_index(user_ids.gather(rows)))
-
-
-def candidate_chunk(run: Run, users: pl.DataFrame, pairs: pl.DataFrame) -> pl.DataFrame:
-    """Scores of (user_id, item_id) pairs for `users` (a chunk of histories, pairs joined on user_id):
-    what the task scores a pair with (next_item: the ranking score; ctr: the click probability).
-    Cold users and unknown items are flagged; unknown items get a null score, cold users the item's
-    popularity."""
-    items_table = run.data.items
-    pairs = pairs.join(users.with_row_index("row").select("user_id", "row"), on="user_id", how="left")
-    idx = pairs["item_id"].replace_strict(items_table.index, default=0, return_dtype=pl.Int64).to_numpy()
-    rows = pairs["row"].to_numpy().astype(np.int64)
-    cold = (users["items"].list.len() == 0).to_numpy()[rows]
-    score = popularity_scores(run).numpy()[idx].astype(np.float32)
-    warm_rows = np.flatnonzero(~cold & (idx > 0))
-    if warm_rows.size:
-        hidden, history = encode(run, users)
-        lengths = (history != 0).sum(1)
-        with torch.no_grad():
-            value = run.task.score_pairs(
-                run.model,
-                hidden,
-                lengths,
-                whole_history(run, users["items"]),
-                torch.from_numpy(rows[warm_rows]),
-                torch.from_numpy(idx[warm_rows]),
-                torch.from_numpy(items_table.categories[idx[warm_rows]]),
-                pair_users(run, pairs["user_id"], warm_rows),
-            )
-        score[warm_rows] = value.float().numpy()
-    return pl.DataFrame(
-        {
-            "user_id": pairs["user_id"],
-            "item_id": pairs["item_id"],
-            "score": pl.Series(score).scatter(np.flatnonzero(idx == 0), None) if (idx == 0).any() else score,
-            "known_item": idx > 0,
-            "cold": cold,
-        },
-        schema={
-            "user_id": pl.String,
-            "item_id": pl.String,
-            "score": pl.Float32,
-            "known_item": pl.Boolean,
-            "cold": pl.Boolean,
-        },
-    )
+__all__ = [
+    "candidate_chunk",
+    "encode",
+    "next_item_scores",
+    "popularity_scores",
+    "rank_rows",
+    "topk_chunk",
+    "user_scores",
+    "whole_history",
+]

@@ -11,6 +11,8 @@ from omegaconf import DictConfig
 from recsys_mamba import checks
 from recsys_mamba.errors import RecsysError
 from recsys_mamba.runs import Run, load_run
+from recsys_mamba.runs.events import pair_frame, with_users
+from recsys_mamba.runs.inference import topk_from_states
 from recsys_mamba.schema import Bool, Check, Choice, Int, Num, PathTo, Rule, Schema
 from recsys_mamba.scoring import batch, inputs, parts
 from recsys_mamba.scoring.stream import StateStore
@@ -42,18 +44,10 @@ def _topk(run: Run, cfg: DictConfig, out: Path, prefix: str) -> tuple[list, dict
 
 
 def _candidates(run: Run, cfg: DictConfig, out: Path, prefix: str) -> tuple[list, dict[str, Any]]:
-    pairs = inputs.read_table(cfg.input, inputs.EVENT_COLUMNS).select(
-        pl.col("user_id").cast(pl.String), pl.col("item_id").cast(pl.String)
-    )
+    pairs = pair_frame(inputs.read_table(cfg.input, inputs.EVENT_COLUMNS), f"input={cfg.input}")
     pairs = pairs.filter(inputs.shard_mask(pairs["user_id"], cfg.shard))
-    users, unknown = _histories(run, cfg.history or str(run.data.folder), cfg.shard)
-    missing = pairs.select("user_id").unique().join(users, on="user_id", how="anti")
-    empty = pl.lit([], dtype=pl.List(pl.Int64))
-    users = (
-        pl.concat([users, missing.with_columns(**{c: empty for c in ("items", "categories", "event_types")})])
-        .join(pairs.select("user_id").unique(), on="user_id", how="semi")
-        .sort("user_id")
-    )
+    users, unknown = _histories(run, cfg.history or str(run.prepared_data().folder), cfg.shard)
+    users = with_users(users, pairs["user_id"])
 
     def score(chunk: pl.DataFrame) -> pl.DataFrame:
         return batch.candidate_chunk(
@@ -84,10 +78,8 @@ def _stream(run: Run, cfg: DictConfig, out: Path, prefix: str) -> tuple[list, di
     users = store.table()
 
     def score(chunk: pl.DataFrame) -> pl.DataFrame:
-        # The state holds the whole stream, so a seen-item bias counts every item the user has had.
         hidden = store.hidden(chunk["user_id"].to_list())
-        scores = batch.next_item_scores(run, hidden, chunk["items"]).detach()
-        return batch.rank_rows(run, scores, chunk, cfg.top_k, cfg.exclude_seen)
+        return topk_from_states(run, hidden, chunk, cfg.top_k, cfg.exclude_seen)
 
     parts_ = parts.run_parts(out, prefix, chunked(users, cfg.chunk_size), score, cfg.progress, cfg.pause_s)
     info = {"users": len(users), "events": len(known), "unknown_items": unknown, "state": str(state_out)}
@@ -104,7 +96,7 @@ def _required(cfg: DictConfig) -> None:
 SCORE = Schema(
     Rule("mode", Choice(MODES)),
     Check(_required),
-    Rule("ckpt_path", PathTo("file", what="a .ckpt file from a train run")),
+    Rule("ckpt_path", PathTo("exists", what="a .ckpt file from a train run, or an exported bundle folder")),
     Rule("input", PathTo("exists", what="an event log, pairs file or prepared folder")),
     Rule("output", PathTo("out_dir")),
     Rule("prepared", PathTo("prepared", optional=True)),

@@ -5,69 +5,19 @@ from __future__ import annotations
 from pathlib import Path
 
 import polars as pl
-import torch
 from tqdm import tqdm
 
 from recsys_mamba.errors import RecsysError
 from recsys_mamba.files import write_atomic
-from recsys_mamba.models.base import SequenceEncoder
+from recsys_mamba.runs.inference import StreamStates
 from recsys_mamba.scoring.parts import RERUN_HINT
 
-HIDDEN = "_hidden"  # the last output is kept in the state dict, so scores need no re-encoding
 
+class StateStore(StreamStates):
+    """`runs.inference.StreamStates` saved as Parquet of bytes (user_id, state, seen)."""
 
-class StateStore:
-    """Per-user encoder state (plus last hidden output) and seen items; saved as Parquet of bytes."""
-
-    def __init__(self, encoder: SequenceEncoder) -> None:
-        self.encoder = encoder
-        self.states: dict[str, dict[str, torch.Tensor]] = {}
-        self.seen: dict[str, list[int]] = {}
-
-    def _fresh(self) -> dict[str, torch.Tensor]:
-        state = self.encoder.init_state(1)
-        state[HIDDEN] = torch.zeros(1, self.encoder.d_model)
-        return state
-
-    def update(self, users: list[str], items: torch.Tensor, cats: torch.Tensor, types: torch.Tensor) -> None:
-        """One event for each of `users` (all distinct)."""
-        encoder = self.encoder
-        merged = encoder.merge_states([self.states.get(u) or self._fresh() for u in users])
-        merged.pop(HIDDEN)
-        with torch.no_grad():
-            hidden, new = encoder.step(items, merged, cats, types)
-        new[HIDDEN] = hidden
-        for user, state, item in zip(users, encoder.split_state(new), items.tolist(), strict=True):
-            self.states[user] = state
-            self.seen.setdefault(user, []).append(item)
-
-    def consume(self, events: pl.DataFrame, chunk_events: int, progress: bool) -> None:
-        """Apply `events` (model space, any order) in time order; a user's events stay in sequence."""
-        events = events.sort("timestamp", maintain_order=True)
-        for start in tqdm(range(0, len(events), chunk_events), desc="stream", disable=not progress):
-            chunk = events.slice(start, chunk_events).with_columns(
-                pl.int_range(pl.len()).over("user_id").alias("round")
-            )
-            # Within a chunk, a user's k-th event goes in round k, so one step batch holds a user once.
-            for _, part in chunk.group_by("round", maintain_order=True):
-                self.update(
-                    part["user_id"].to_list(),
-                    *(
-                        torch.from_numpy(part[c].to_numpy().astype("int64"))
-                        for c in ("item_idx", "category_idx", "event_type_idx")
-                    ),
-                )
-
-    def table(self) -> pl.DataFrame:
-        """user_id, items (seen, model space) and hidden (last output): the input of ranking."""
-        users = sorted(self.states)
-        return pl.DataFrame(
-            {"user_id": users, "items": [self.seen[u] for u in users]},
-            schema={"user_id": pl.String, "items": pl.List(pl.Int64)},
-        )
-
-    def hidden(self, users: list[str]) -> torch.Tensor:
-        return torch.cat([self.states[u][HIDDEN] for u in users])
+    def consume(self, events: pl.DataFrame, chunk_events: int, progress: bool) -> None:  # type: ignore[override]
+        super().consume(events, chunk_events, lambda it: tqdm(it, desc="stream", disable=not progress))
 
     def save(self, path: Path) -> None:
         users = sorted(self.states)

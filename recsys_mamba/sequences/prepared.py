@@ -22,36 +22,7 @@ from recsys_mamba.data.format import (
 from recsys_mamba.errors import RecsysError
 from recsys_mamba.sequences.mapped import open_store
 from recsys_mamba.sequences.store import SequenceStore
-
-
-@dataclass(frozen=True)
-class ItemTable:
-    """Per item_idx (0 = padding): original id (str), category_idx and training interaction count."""
-
-    ids: np.ndarray
-    categories: np.ndarray
-    counts: np.ndarray
-
-    @classmethod
-    def from_frame(cls, items: pl.DataFrame, n_items: int) -> ItemTable:
-        """From item_map.parquet's columns item_idx, item_id, category_idx, count."""
-        idx = items["item_idx"].to_numpy()
-        ids = np.full(n_items + 1, "", dtype=object)
-        ids[idx] = items["item_id"].cast(pl.String).to_numpy()
-        categories = np.zeros(n_items + 1, dtype=np.int64)
-        categories[idx] = items["category_idx"].fill_null(0).to_numpy()
-        counts = np.zeros(n_items + 1, dtype=np.float64)
-        counts[idx] = items["count"].to_numpy()
-        return cls(ids, categories, counts)
-
-    @property
-    def n_items(self) -> int:
-        return len(self.ids) - 1
-
-    @functools.cached_property
-    def index(self) -> dict[str, int]:
-        """Original id (as text) -> item_idx."""
-        return {str(v): i for i, v in enumerate(self.ids) if i > 0}
+from recsys_mamba.sequences.vocabulary import ItemTable, Vocabulary
 
 
 @dataclass(frozen=True)
@@ -108,6 +79,14 @@ class PreparedData:
         if self.item_attributes is None:
             return dict(self.sizes)
         return {**self.sizes, "item_attributes": torch.from_numpy(self.item_attributes)}
+
+    def vocabulary(self) -> Vocabulary:
+        """What a model trained on this folder needs of it to score (no sequences)."""
+        manifest = {k: self.manifest.get(k) for k in ("name", "config_hash")}
+        return Vocabulary(
+            self.items, self.event_type_names, self.sizes["n_categories"], self.item_attributes, manifest,
+            self.folder,
+        )
 
     def ctr_samples(self) -> pl.DataFrame:
         if not self.manifest.get("ctr"):

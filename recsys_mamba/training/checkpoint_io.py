@@ -3,6 +3,7 @@ metadata, weights-only reads checked against it."""
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from lightning.pytorch.plugins.io import TorchCheckpointIO
@@ -18,16 +19,26 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     what every checkpoint loaded must match. Stamping here rather than in a callback also covers
     weights-only saves, for which Lightning calls no callback hooks."""
 
-    def __init__(self, metadata: dict[str, Any] | None = None, expect: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        metadata: dict[str, Any] | None = None,
+        expect: dict[str, Any] | None = None,
+        vocabulary: PreparedData | None = None,
+    ) -> None:
         super().__init__()
         self.metadata = metadata
         self.expect = expect
+        self.data = vocabulary  # its item table goes into every checkpoint: a checkpoint alone scores
+
+    @functools.cached_property
+    def vocabulary(self) -> dict[str, Any] | None:
+        return None if self.data is None else self.data.vocabulary().payload()
 
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
     ) -> None:
         if self.metadata is not None:
-            checkpoint = stamp(checkpoint, self.metadata)
+            checkpoint = stamp(checkpoint, self.metadata, self.vocabulary)
         if storage_options is not None or "://" in str(path):  # remote storage: Lightning's own writer
             super().save_checkpoint(checkpoint, path, storage_options)
             return
@@ -45,4 +56,4 @@ def run_checkpoint_io(
 ) -> AtomicCheckpointIO:
     """The checkpoint IO of a run: stamps this run's metadata, accepts only checkpoints that match it."""
     meta = run_metadata(cfg, data.sizes, dict(data.manifest), encoder, head)
-    return AtomicCheckpointIO(metadata=meta, expect=expected(meta))
+    return AtomicCheckpointIO(metadata=meta, expect=expected(meta), vocabulary=data)

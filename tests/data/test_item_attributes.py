@@ -161,19 +161,22 @@ def test_changed_attributes_file_rebuilds(tmp_path):
     assert _prepare(tmp_path, attrs) == out and (out / fmt.MANIFEST).stat().st_mtime_ns == stamp
     with attrs.open("a") as f:
         f.write("104,green\n")
-    assert _prepare(tmp_path, attrs) == out  # same config, so the same folder, rebuilt
-    assert (out / fmt.MANIFEST).stat().st_mtime_ns != stamp
-    assert load_manifest(out)["n_attributes"] == 4 and load_item_attributes(out)[5].tolist() == [4, 0, 0]
+    changed = _prepare(tmp_path, attrs)  # the hash takes the file's content: a new folder
+    assert changed != out and (out / fmt.MANIFEST).stat().st_mtime_ns == stamp
+    assert load_manifest(changed)["n_attributes"] == 4
+    assert load_item_attributes(changed)[5].tolist() == [4, 0, 0]
 
 
-def test_config_hash_without_attributes_is_unchanged():
+def test_config_hash_without_attributes_is_unchanged(tmp_path):
     spec = make_spec()
     assert spec["item_attributes"] is None  # configs without the key still normalize
     # the hash of a config that does not set the key is the one it had before the key existed
     legacy = {k: v for k, v in spec.items() if k != "item_attributes"}
+    legacy["path"] = {"sha256": hashlib.sha256(Path(spec["path"]).read_bytes()).hexdigest()}
     text = json.dumps({"format_version": fmt.FORMAT_VERSION, "data": legacy}, sort_keys=True, default=str)
     assert config_hash(spec) == hashlib.sha256(text.encode()).hexdigest()[:12]
-    assert config_hash(make_spec(item_attributes="a.json")) != config_hash(spec)
+    attrs = _write(tmp_path, ".json")
+    assert config_hash(make_spec(item_attributes=str(attrs))) != config_hash(spec)
 
 
 # ---- bad input ----------------------------------------------------------------------------------------

@@ -124,10 +124,47 @@ def test_changed_source_or_config_rebuilds(tmp_path):
     assert load_manifest(out)["n_interactions"] == 10
     with src.open("a") as f:
         f.write("40,100,3,pv,1.0,0,a\n")
-    assert _prepare(tmp_path, path=str(src)) == out
-    assert load_manifest(out)["n_interactions"] == 11
+    # other content, other hash: a new cache folder; the old one is left as it was
+    changed = _prepare(tmp_path, path=str(src))
+    assert changed != out and load_manifest(changed)["n_interactions"] == 11
+    assert load_manifest(out)["n_interactions"] == 10
+    assert config_hash(make_spec(path=str(src))) in changed.name
     other = _prepare(tmp_path, path=str(src), duplicates="first")
-    assert other != out and config_hash(make_spec(path=str(src))) in out.name
+    assert other not in (out, changed)
+    # an explicit out_dir is rebuilt in place when its source changed
+    here = prepare({"name": "t", "path": str(src)}, tmp_path / "here", tmp_path / "cache")
+    with src.open("a") as f:
+        f.write("41,100,3,pv,1.0,0,a\n")
+    assert prepare({"name": "t", "path": str(src)}, here, tmp_path / "cache") == here
+    assert load_manifest(here)["n_interactions"] == 12
+
+
+def test_hash_is_of_content_not_of_paths(tmp_path):
+    """The same file under another folder (another machine, another RECSYS_SHARED_DATA_DIR) prepares
+    into a folder of the same hash, which checkpoints carry as data_config_hash."""
+    a, b = tmp_path / "a" / "log.csv", tmp_path / "elsewhere" / "other name.csv"
+    for path in (a, b):
+        path.parent.mkdir()
+        path.write_bytes((FIXTURES / "events.csv").read_bytes())
+    out_a = prepare({"name": "t", "path": str(a)}, None, tmp_path / "cache1")
+    out_b = prepare({"name": "t", "path": str(b)}, None, tmp_path / "cache2")
+    assert out_a.name == out_b.name
+    assert load_manifest(out_a)["config_hash"] == load_manifest(out_b)["config_hash"]
+    assert config_hash(make_spec(path=str(a))) == config_hash(make_spec(path=str(b)))
+    assert config_hash(make_spec(path=str(a))) != config_hash(make_spec(path=str(a), duplicates="first"))
+
+
+def test_cache_hit_hashes_from_the_manifest_without_reading_the_source(tmp_path, monkeypatch):
+    from recsys_mamba.data import cache
+
+    out = _prepare(tmp_path)
+    monkeypatch.setattr(cache, "_DIGESTS", {})  # a new process: nothing hashed yet
+
+    def boom(*args, **kwargs):
+        raise AssertionError("a cache hit must take the source's sha256 from the manifest")
+
+    monkeypatch.setattr(cache, "sha256_file", boom)
+    assert _prepare(tmp_path) == out
 
 
 def test_explicit_out_dir_and_overwrite(tmp_path):

@@ -96,6 +96,14 @@ def scoring_load(ckpt: Path) -> None:
     load_run(ckpt)
 
 
+def scoring_with_data(ckpt: Path) -> None:
+    """load_run with the prepared folder the run trained on given as prepared=."""
+    from recsys_mamba.runs import load_run
+    from recsys_mamba.runs.load import prepared_folder, run_config
+
+    load_run(ckpt, prepared=prepared_folder(run_config(ckpt)))
+
+
 # ---- what a checkpoint holds ----------------------------------------------------------------------
 
 
@@ -238,7 +246,9 @@ def test_evaluating_a_checkpoint_of_another_model_or_data_is_refused(run, tmp_pa
     }
     for name, (edit, fix) in cases.items():
         ckpt = doctored(run, tmp_path / name, edit)
-        for attempt in (evaluate_score, scoring_load):
+        # A checkpoint scores with the item table it carries; checked against data where data is used.
+        attempts = (evaluate_score, scoring_load) if name == "model" else (evaluate_score, scoring_with_data)
+        for attempt in attempts:
             with pytest.raises(RecsysError, match=fix.replace(".", r"\.").replace("<", ".")):
                 attempt(ckpt)
             reliability.fault("checkpoint/other-run", survived=True)

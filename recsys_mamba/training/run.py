@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -143,6 +144,51 @@ def optimized_value(result: dict[str, Any], name: str) -> float:
     return float("nan") if value is None else float(value)
 
 
+def _choices(cfg: DictConfig) -> dict[str, str]:
+    """The config group options this run composed (model=mamba, experiment=ctr, ...)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    choices = OmegaConf.select(cfg, "hydra.runtime.choices", default=None)
+    if choices is None and HydraConfig.initialized():
+        choices = HydraConfig.get().runtime.choices
+    return {str(k): str(v) for k, v in (choices or {}).items() if not str(k).startswith("hydra")}
+
+
+def tracking_params(cfg: DictConfig) -> dict[str, Any]:
+    """What trackers record as the run's parameters: every key of the resolved config (dotted), and
+    the groups chosen as choice/<group>, so runs can be filtered by model or experiment."""
+    # Key by key, without `hydra` (outside a sweep its sweep keys are missing and do not resolve).
+    resolved = {
+        str(key): OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+        for key, node in ((k, cfg[k]) for k in cfg if k != "hydra")
+    }
+    flat: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(value, f"{prefix}{key}.")
+        else:
+            flat[prefix[:-1]] = (
+                node if isinstance(node, int | float | str | bool) or node is None else str(node)
+            )
+
+    walk(resolved, "")
+    return flat | {f"choice/{k}": v for k, v in _choices(cfg).items()}
+
+
+def allow_local_mlflow_store(cfg: DictConfig) -> None:
+    """MLflow 3 refuses a `file:` tracking store (its maintenance-mode backend) unless
+    MLFLOW_ALLOW_FILE_STORE is set. conf/logger/mlflow.yaml's default is such a local store on purpose
+    (no server, no database), so a run whose MLflow logger names one allows it for this process."""
+    for tracker in (cfg.get("logger") or {}).values():
+        if not isinstance(tracker, DictConfig) or "MLFlowLogger" not in str(tracker.get("_target_", "")):
+            continue
+        uri = str(tracker.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI", ""))
+        if uri.startswith("file:") or "://" not in uri:  # no scheme: MLflow reads a folder path too
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+
+
 def _model_name(cfg: DictConfig, encoder: torch.nn.Module) -> str:
     """The `model=` choice (from the composed config in tests, from Hydra in a CLI run), else the class."""
     from hydra.core.hydra_config import HydraConfig
@@ -174,6 +220,7 @@ def train(cfg: DictConfig, extra_callbacks: list[Callback] | None = None) -> dic
         for cb in callbacks:
             if isinstance(cb, ModelCheckpoint):
                 cb.dirpath = str(Path(cfg.ckpt_path).resolve().parent)
+    allow_local_mlflow_store(cfg)
     loggers = _instantiate_all(cfg.get("logger"))
     if not loggers:  # LearningRateMonitor refuses to run without a logger
         callbacks = [cb for cb in callbacks if not isinstance(cb, LearningRateMonitor)]
@@ -182,6 +229,8 @@ def train(cfg: DictConfig, extra_callbacks: list[Callback] | None = None) -> dic
     stats = RunStats(cfg.task.monitor, cfg.task.mode)
     callbacks.append(stats)
     callbacks += extra_callbacks or []
+    for tracker in loggers:
+        tracker.log_hyperparams(tracking_params(cfg))
     # The checkpoint IO writes atomically, stamps this run's metadata and loads only matching checkpoints.
     trainer: L.Trainer = instantiate(
         cfg.trainer,
@@ -202,6 +251,10 @@ def train(cfg: DictConfig, extra_callbacks: list[Callback] | None = None) -> dic
     early = next((cb for cb in callbacks if isinstance(cb, EarlyStopping)), None)
     stopped_early = bool(early is not None and early.stopped_epoch > 0)
 
+    # Before testing: the loggers are finalised (closed) when the test ends.
+    baseline = dm.task.baselines(dm.prepared, dm.datasets, module)
+    for tracker in trainer.loggers:
+        tracker.log_metrics({f"baseline/{k.removeprefix('baseline_')}": v for k, v in baseline.items()})
     test_metrics: dict[str, float] = {}
     if cfg.get("test", True):
         # The best-epoch checkpoint (the one with a monitor), not last_checkpoint's latest epoch
@@ -215,7 +268,6 @@ def train(cfg: DictConfig, extra_callbacks: list[Callback] | None = None) -> dic
         trainer.test(module, datamodule=dm, ckpt_path=weights or None, weights_only=True, verbose=False)
         test_metrics = dict(module.last_metrics.get("test", {}))
 
-    baseline = dm.task.baselines(dm.prepared, dm.datasets, module)
     model_name = _model_name(cfg, module.encoder)
     result: dict[str, Any] = {
         **test_metrics,

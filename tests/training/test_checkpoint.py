@@ -269,7 +269,7 @@ def test_every_shipped_config_passes_the_target_check() -> None:
     options = {
         "model": ["mamba", "sasrec", "gru4rec"],
         "trainer": ["cpu", "gpu", "ddp", "ddp_cpu"],
-        "logger": ["csv", "tensorboard", "many_loggers"],
+        "logger": ["csv", "tensorboard", "mlflow", "wandb", "many_loggers"],
         "experiment": ["ctr", "next_item"],
     }
     for group, names in options.items():

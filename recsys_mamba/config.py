@@ -85,12 +85,14 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("rs.optuna_direction", optuna_direction)
 
 
-def optuna_direction(mode: str) -> str:
-    """A task's `mode` (max | min, what its monitor's best is) as Optuna's study direction."""
-    try:
-        return {"max": "maximize", "min": "minimize"}[str(mode)]
-    except KeyError:
-        raise RecsysError(f"task.mode={mode!r} must be max or min") from None
+# Metrics (by their name without val/ or test/) a search minimises; every other metric is maximised.
+LOWER_IS_BETTER = ("logloss", "loss", "ece")
+
+
+def optuna_direction(metric: str) -> str:
+    """Optuna's study direction for `optimized_metric`: minimize a loss, maximize any other metric."""
+    name = str(metric).split("/")[-1]
+    return "minimize" if name in LOWER_IS_BETTER else "maximize"
 
 
 def hydra_entry(config_name: str) -> Callable[[Callable[[DictConfig], Any]], Callable[[], Any]]:

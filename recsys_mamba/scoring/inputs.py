@@ -112,6 +112,42 @@ def as_ids(df: pl.DataFrame, col: str, path: Path | str) -> pl.Series:
         raise RecsysError(f"input={path}: column {col!r} does not hold ids ({_first_line(err)})") from None
 
 
+# A CSV has no types: an id column comes back as integers when every value is written as one ("7",
+# "-3"; not "007" or "+7", which would not read back the same), else as text.
+_CANONICAL_INT = r"^-?(0|[1-9][0-9]{0,18})$"
+
+
+def id_type(raw: pl.Series, text_file: bool = False) -> pl.DataType:
+    """The type an input id column comes back as in the scores: an integer column keeps its type,
+    whole floats (all `as_ids` accepts) come back as Int64, text as text; `text_file` (a CSV, read as
+    text) infers integers as `_CANONICAL_INT` says."""
+    dtype = raw.dtype
+    if dtype.is_integer():
+        return dtype
+    if dtype.is_float():
+        return pl.Int64
+    if text_file and dtype == pl.String and len(raw) and raw.str.contains(_CANONICAL_INT).all():
+        if raw.cast(pl.Int64, strict=False).null_count() == 0:
+            return pl.Int64
+    return pl.String
+
+
+def output_type(ids: pl.Series | list[str], dtype: pl.DataType) -> pl.DataType:
+    """`dtype` (the input's id type) when every id of `ids` (the text the job matches ids by)
+    converts to it exactly, else text: one type for every part of a job."""
+    ids = pl.Series(ids, dtype=pl.String)
+    if dtype == pl.String:
+        return dtype
+    back = ids.cast(dtype, strict=False)
+    exact = back.null_count() == ids.null_count() and (back.cast(pl.String) == ids).all()
+    return dtype if exact else pl.String
+
+
+def with_id_types(frame: pl.DataFrame, types: dict[str, pl.DataType]) -> pl.DataFrame:
+    """`frame`'s id columns (text inside the job) as `types` says."""
+    return frame.with_columns(pl.col(c).cast(t) for c, t in types.items() if c in frame.columns)
+
+
 def _timestamps(df: pl.DataFrame, path: Path) -> pl.Series:
     """`timestamp` as int64 (the file order when absent); a value that is not a whole number within
     int64 (text, a fraction, NaN, inf, empty) is an error naming the rows: a guessed time would
@@ -175,10 +211,20 @@ def prepared_events(folder: Path) -> pl.DataFrame:
 
 def read_events(path: str | Path) -> pl.DataFrame:
     """user_id, item_id (strings), timestamp, event_type; a file's own order breaks timestamp ties."""
+    return read_events_typed(path)[0]
+
+
+def read_events_typed(path: str | Path) -> tuple[pl.DataFrame, dict[str, pl.DataType]]:
+    """`read_events`, and the type each id column had in the input (`id_type`): what the scores
+    give ids back as (a prepared folder stores them as text)."""
     path = Path(path)
     if path.is_dir() and (path / MANIFEST).is_file():
-        return prepared_events(path)
+        return prepared_events(path), {c: pl.String for c in EVENT_COLUMNS}
     df = read_table(path, EVENT_COLUMNS)
+    return _events(df, path), {c: id_type(df[c], path.suffix == ".csv") for c in EVENT_COLUMNS}
+
+
+def _events(df: pl.DataFrame, path: Path) -> pl.DataFrame:
     if "event_type" in df.columns:
         event_type = as_ids(df, "event_type", path)
     else:
@@ -258,7 +304,7 @@ class Shard(Kind):
 
 
 def parse_shard(shard: str, key: str = "shard") -> tuple[int, int]:
-    """"I/N" (ASCII digits) with 0 <= I < N <= 2**32."""
+    """ "I/N" (ASCII digits) with 0 <= I < N <= 2**32."""
     match = _SHARD.fullmatch(shard) if isinstance(shard, str) else None
     index, count = (int(match[1]), int(match[2])) if match else (-1, 0)
     if not 0 <= index < count <= MAX_SHARDS:

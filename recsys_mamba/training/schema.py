@@ -81,22 +81,23 @@ def _optimized_metric(cfg: DictConfig) -> None:
         )
 
 
-# logger _target_ fragment -> (modules of which it needs one, pip requirement)
+# logger _target_ fragment -> (modules of which it needs one, pip requirement, the extra that has it)
 LOGGER_PACKAGES = {
-    "TensorBoard": (("tensorboard", "tensorboardX"), "tensorboard"),
-    "MLFlow": (("mlflow",), "mlflow-skinny"),
-    "Wandb": (("wandb",), "wandb"),
+    "TensorBoard": (("tensorboard", "tensorboardX"), "tensorboard", "tracking"),
+    "MLFlow": (("mlflow",), "mlflow-skinny", "tracking"),
+    "Wandb": (("wandb",), "wandb", None),
 }
 
 
 def _loggers(cfg: DictConfig) -> None:
     for name, lg in (cfg.get("logger") or {}).items():
         target = str(lg.get("_target_", "")) if isinstance(lg, DictConfig) else ""
-        for fragment, (modules, requirement) in LOGGER_PACKAGES.items():
+        for fragment, (modules, requirement, extra) in LOGGER_PACKAGES.items():
             if fragment in target and all(importlib.util.find_spec(m) is None for m in modules):
+                how = f"pip install 'recsys-mamba[{extra}]' (or pip install {requirement})"
                 raise RecsysError(
-                    f"logger.{name} needs the {requirement} package: pip install 'recsys-mamba[tracking]' "
-                    f"(or pip install {requirement}), or choose logger=csv"
+                    f"logger.{name} needs the {requirement} package: "
+                    f"{how if extra else f'pip install {requirement}'}, or choose logger=csv"
                 )
 
 

@@ -73,7 +73,7 @@ def test_wandb_config_is_offline_and_inside_the_run_folder(tiny, tmp_path):
 
 @pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, reason="wandb is installed")
 def test_wandb_missing_says_what_to_install(tiny, tmp_path):
-    with pytest.raises(RecsysError, match="pip install"):
+    with pytest.raises(RecsysError, match="needs the wandb package: pip install wandb, or choose logger=csv"):
         train(tiny(tmp_path / "run", ["logger=wandb"]))
 
 
@@ -82,6 +82,20 @@ def test_wandb_offline_run(tiny, tmp_path, cache_dir, monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
     _, out = _run(tiny, tmp_path, cache_dir, "wandb")
     assert list((out / "wandb").glob("offline-run-*")), "an offline run folder, to upload with wandb sync"
+
+
+@pytest.mark.parametrize(("logger", "package"), [("tensorboard", "tensorboard"), ("mlflow", "mlflow-skinny")])
+def test_missing_tracker_package_names_the_extra(tiny, tmp_path, monkeypatch, logger, package):
+    from recsys_mamba.training import schema
+
+    real = importlib.util.find_spec
+    hidden = {"tensorboard", "tensorboardX", "mlflow"}
+    monkeypatch.setattr(
+        schema.importlib.util, "find_spec", lambda m, *a: None if m in hidden else real(m, *a)
+    )
+    message = f"needs the {package} package: pip install 'recsys-mamba\\[tracking\\]'"
+    with pytest.raises(RecsysError, match=message):
+        schema.validate_config(tiny(tmp_path / "run", [f"logger={logger}"]))
 
 
 def test_many_loggers_compose(tiny, tmp_path):

@@ -51,6 +51,7 @@ def test_two_trial_search_on_tiny_data(tmp_path, cache_dir):
     env = os.environ | {"OMP_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert "setup plugin" not in proc.stdout, "optuna's alembic announces its plugins at INFO: quieted"
 
     (sweep,) = (logs / "train" / "multiruns").iterdir()
     trials = sorted(p for p in sweep.iterdir() if p.is_dir())

@@ -31,9 +31,12 @@ from recsys_mamba.runs.events import (
     as_polars,
     event_frame,
     histories,
+    id_type,
+    output_type,
     pair_frame,
     to_model_space,
     unknown_items,
+    with_id_types,
     with_users,
 )
 from recsys_mamba.runs.inference import StreamStates, candidate_chunk, topk_chunk, topk_from_states
@@ -213,19 +216,13 @@ def _chunks(users: pl.DataFrame) -> list[pl.DataFrame]:
 
 
 def _id_types(frame: pl.DataFrame) -> dict[str, pl.DataType]:
-    return {c: frame.schema[c] for c in EVENT_COLUMNS if c in frame.columns}
+    return {c: id_type(frame[c]) for c in EVENT_COLUMNS if c in frame.columns}
 
 
 def _original_ids(out: pl.DataFrame, types: dict[str, pl.DataType]) -> pl.DataFrame:
-    """`out` with its id columns (strings) back in the input's types, where every id converts."""
-    for col, dtype in types.items():
-        if dtype == pl.String or col not in out.columns:
-            continue
-        try:
-            out = out.with_columns(out[col].cast(dtype))
-        except pl.exceptions.PolarsError:
-            pass  # an id of the model's item table that is not of the input's type: keep the text
-    return out
+    """`out` with its id columns (strings) back in the input's types, where every id converts (an id of
+    the model's item table that is not of the input's type keeps every id of that column as text)."""
+    return with_id_types(out, {c: output_type(out[c], t) for c, t in types.items() if c in out.columns})
 
 
 def _empty(columns: tuple[str, ...]) -> pl.DataFrame:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -12,6 +13,8 @@ from recsys_mamba.data import load_manifest, prepare
 from recsys_mamba.data.pipeline import SCALE
 from recsys_mamba.data.spec import check_source, normalize
 from recsys_mamba.schema import Bool, Check, PathTo, Rule, Schema
+
+log = logging.getLogger(__name__)
 
 
 def summary(folder: Path) -> str:
@@ -51,7 +54,7 @@ def main(cfg: DictConfig) -> Path:
         buckets=cfg.buckets,
         bucket_events=cfg.bucket_events,
     )
-    print(summary(folder))
+    log.info(summary(folder))
     return folder
 
 

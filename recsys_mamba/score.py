@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from omegaconf import DictConfig
 
 from recsys_mamba.config import hydra_entry
+
+log = logging.getLogger(__name__)
 
 
 @hydra_entry("score")
@@ -14,7 +17,7 @@ def main(cfg: DictConfig) -> Path:
     from recsys_mamba.scoring.job import score
 
     manifest = score(cfg)
-    print(f"scored -> {manifest}")
+    log.info("scored -> %s", manifest)
     return manifest
 
 

@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from omegaconf import DictConfig
 
 from recsys_mamba.config import hydra_entry
 
 
 @hydra_entry("train")
-def main(cfg: DictConfig) -> dict[str, Any]:
-    from recsys_mamba.training.run import train
+def main(cfg: DictConfig) -> float:
+    """Train and test; returns the value of `optimized_metric` (what a Hydra sweeper such as
+    `hparams_search=optuna` optimises). Everything else is in the run folder's metrics.json."""
+    from recsys_mamba.training.run import optimized_value, train
 
-    return train(cfg)
+    result = train(cfg)
+    return optimized_value(result, str(result["optimized_metric"]))
 
 
 if __name__ == "__main__":

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -13,13 +13,16 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from recsys_mamba import checks
-from recsys_mamba.config import project_root
 from recsys_mamba.errors import RecsysError
+from recsys_mamba.evaluation import curves
 from recsys_mamba.evaluation.render import Section, html_page, markdown
 from recsys_mamba.evaluation.scoring import Scored, score
-from recsys_mamba.evaluation.stats import bootstrap, paired_p_value, percentile_ci, user_draws
+from recsys_mamba.evaluation.stats import bootstrap, p_text, paired_permutation, percentile_ci, user_draws
 from recsys_mamba.files import json_safe, write_texts_atomic
 from recsys_mamba.schema import Check, Int, PathList, PathTo, Rule, Schema, Seed
+from recsys_mamba.version import git_commit, git_dirty, package_version
+
+log = logging.getLogger(__name__)
 
 LOWER_IS_BETTER = ("logloss", "ece")
 MANIFEST_KEYS = ("name", "config_hash", "n_users", "n_items", "n_interactions", "created_at")
@@ -55,6 +58,7 @@ EVALUATE = Schema(
     Rule("prepared", PathTo("prepared", optional=True)),
     Rule("seed", Seed()),
     Rule("n_bootstrap", Int(1, 10**6, example=200)),
+    Rule("n_permutations", Int(1, 10**6, example=1000)),
     Rule("n_bins", Int(1, 10**4, example=10)),
 )
 
@@ -80,27 +84,6 @@ def check_comparable(models: list[Scored]) -> None:
             )
 
 
-def git_commit() -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=project_root(), capture_output=True, text=True, timeout=10
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
-
-
-def package_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("recsys-mamba")
-    except PackageNotFoundError:
-        from recsys_mamba.version import __version__
-
-        return __version__
-
-
 def verdict(models: list[dict[str, Any]], primary: str) -> str:
     base = models[0]
     value, (lo, hi) = base["metrics"][primary], base["ci"][primary]
@@ -109,19 +92,38 @@ def verdict(models: list[dict[str, Any]], primary: str) -> str:
     for m in models[1:]:
         test = m["vs_first"][primary]
         diff, p = test["diff"], test["p_value"]
+        shown = p_text(p, test["permutations_as_extreme"], test["permutations"])
+        how = f"paired permutation test over users, {test['permutations']:,} permutations"
         if not math.isnan(p) and p < 0.05:
             better = (diff < 0) if lower else (diff > 0)
             word = "better" if better else "worse"
             lines.append(
                 f"{m['name']} is {word} than {base['name']} on {primary} "
-                f"(difference {diff:+.4f}, p = {p:.3f}, paired bootstrap over users)."
+                f"(difference {diff:+.4f}, {shown}, {how})."
             )
         else:
             lines.append(
                 f"{m['name']} and {base['name']} do not differ significantly on {primary} "
-                f"(difference {diff:+.4f}, p = {p:.3f})."
+                f"(difference {diff:+.4f}, {shown}, {how})."
             )
     return " ".join(lines)
+
+
+def display_names(models: list[Scored]) -> list[str]:
+    """Each model's name in tables and legends: the run's `name=` (else its model); runs that share one
+    are told apart by their run folders (relative to the folder they have in common)."""
+    names = [m.name for m in models]
+    folders = [m.run_folder or m.ckpt_path.parent for m in models]
+    common = Path(os.path.commonpath([str(f) for f in folders])) if len(folders) > 1 else None
+    out = []
+    for i, (name, folder) in enumerate(zip(names, folders, strict=True)):
+        if names.count(name) == 1:
+            out.append(name)
+            continue
+        where = str(folder.relative_to(common)) if common is not None and folder != common else folder.name
+        label = f"{name} ({where})"
+        out.append(label if label not in out else f"{label} #{i + 1}")  # the same run given twice
+    return out
 
 
 def full_metrics(m: Scored, n_bins: int) -> dict[str, float]:
@@ -132,15 +134,22 @@ def full_metrics(m: Scored, n_bins: int) -> dict[str, float]:
     return {**extended, **m.metrics}
 
 
-def summarise(models: list[Scored], n_boot: int, seed: int, n_bins: int) -> list[dict[str, Any]]:
+def summarise(models: list[Scored], n_boot: int, seed: int, n_bins: int, n_perm: int) -> list[dict[str, Any]]:
     draws = user_draws(models[0].arrays["users"], n_boot, seed)
+    every = np.arange(len(models[0].arrays["index"]))
+    task = models[0].task
+
+    def metrics_of(arrays: dict[str, np.ndarray]) -> dict[str, float]:
+        return task.report_metrics(arrays, n_bins)(every)
+
     out, first_boot = [], None
-    for i, m in enumerate(models):
+    for m, name in zip(models, display_names(models), strict=True):
         metrics = full_metrics(m, n_bins)
         boot = bootstrap(m.task.report_metrics(m.arrays, n_bins), draws)
         entry: dict[str, Any] = {
-            "name": m.name if all(o.name != m.name for o in models[:i]) else f"{m.name}#{i + 1}",
+            "name": name,
             "ckpt_path": str(m.ckpt_path),
+            "run_folder": str(m.run_folder) if m.run_folder else None,
             "metrics": metrics,
             "ci": {k: percentile_ci(v) for k, v in boot.items()},
         }
@@ -148,11 +157,16 @@ def summarise(models: list[Scored], n_boot: int, seed: int, n_bins: int) -> list
             first_boot = boot
         else:
             base = out[0]["metrics"]
+            tests = paired_permutation(
+                metrics_of, models[0].arrays, m.arrays, models[0].arrays["users"], n_perm, seed
+            )
             entry["vs_first"] = {
                 k: {
                     "diff": metrics[k] - base[k],
                     "ci": percentile_ci(v - first_boot[k]),
-                    "p_value": paired_p_value(v - first_boot[k]),
+                    "p_value": tests[k].p_value,
+                    "permutations_as_extreme": tests[k].extreme,
+                    "permutations": tests[k].n,
                 }
                 for k, v in boot.items()
             }
@@ -160,6 +174,7 @@ def summarise(models: list[Scored], n_boot: int, seed: int, n_bins: int) -> list
         if tables:
             entry["buckets"] = tables
         entry["training_metrics"] = m.training_metrics
+        entry["curves"] = curves.read(m.run_folder, m.training_metrics) if m.run_folder else []
         out.append(entry)
     return out
 
@@ -170,10 +185,18 @@ def sections(payload: dict[str, Any], images: dict[str, str], config_yaml: str) 
     for i, m in enumerate(models):
         for key, value in m["metrics"].items():
             lo, hi = m["ci"].get(key, (None, None))
-            test = m.get("vs_first", {}).get(key, {})
+            test = m.get("vs_first", {}).get(key)
+            # "0.034", or "< 0.001" when no permutation was as extreme (p below 1/permutations)
+            p = (
+                p_text(test["p_value"], test["permutations_as_extreme"], test["permutations"])
+                .removeprefix("p = ")
+                .removeprefix("p ")
+                if test
+                else None
+            )
             rows.append(
-                [m["name"], key, value, lo, hi, test.get("diff"), test.get("p_value")]
-                if i
+                [m["name"], key, value, lo, hi, test["diff"], p]
+                if i and test
                 else [m["name"], key, value, lo, hi, None, None]
             )
     out = [
@@ -184,11 +207,42 @@ def sections(payload: dict[str, Any], images: dict[str, str], config_yaml: str) 
         Section(
             "Metrics",
             text=f"95% bootstrap confidence intervals over {payload['bootstrap']['n']} resamples of the "
-            "test users; difference and paired-bootstrap p-value against the first model.",
+            "test users; difference against the first model, and the two-sided p-value of a paired "
+            f"permutation test over users ({payload['permutation_test']['n']:,} permutations: each swaps "
+            "the two models' outputs for a random half of the users; '< x' when none of them gave a "
+            "difference as large, so p is below 1/permutations).",
             headers=["model", "metric", "value", "CI low", "CI high", "diff vs first", "p-value"],
             rows=rows,
         ),
     ]
+    baselines = payload["baselines"]
+    if baselines:
+        names = list(baselines)
+        metrics = [k for k in models[0]["metrics"] if any(k in b for b in baselines.values())]
+        out.append(
+            Section(
+                "Baselines",
+                text="Non-sequential baselines on the same test samples, beside every model (from the "
+                "first model's training run).",
+                headers=["metric", *[m["name"] for m in models], *names],
+                rows=[
+                    [k, *[m["metrics"].get(k) for m in models], *[baselines[b].get(k) for b in names]]
+                    for k in metrics
+                ],
+            )
+        )
+    if any(m.get("curves") for m in models):
+        monitor = payload["monitor"]
+        headers, curve_rows = curves.table([(m["name"], m["curves"]) for m in models], monitor)
+        out.append(
+            Section(
+                "Training curves",
+                text="Mean training loss and the monitored validation metric of every epoch, from each "
+                "run's metrics.json (or its CSV log).",
+                headers=headers,
+                rows=curve_rows,
+            )
+        )
     for m in models:
         for kind, bucket_rows in m.get("buckets", {}).items():
             headers = list(bucket_rows[0]) if bucket_rows else []
@@ -204,6 +258,13 @@ def sections(payload: dict[str, Any], images: dict[str, str], config_yaml: str) 
     meta = payload["meta"]
     meta_rows = [[f"data.{k}", v] for k, v in meta["data"].items()]
     meta_rows += [["package_version", meta["package_version"]], ["git_commit", meta["git_commit"] or "n/a"]]
+    meta_rows += [
+        [f"{m['name']}: seed", (m.get("training_metrics") or {}).get("seed", "n/a")] for m in models
+    ]
+    meta_rows += [
+        [f"{m['name']}: git_commit", (m.get("training_metrics") or {}).get("git_commit") or "n/a"]
+        for m in models
+    ]
     out.append(Section("Run metadata", headers=["key", "value"], rows=meta_rows))
     out.append(Section("Config of the first model", code=config_yaml))
     return out
@@ -226,8 +287,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     models = [score(p, Path(str(prepared)) if prepared else None) for p in paths]
     check_comparable(models)
     n_bins, n_boot, seed = int(cfg.n_bins), int(cfg.n_bootstrap), int(cfg.seed)
-    summary = summarise(models, n_boot, seed, n_bins)
-    primary = str(models[0].config.task.monitor).removeprefix("val/")
+    n_perm = int(cfg.get("n_permutations", 1000))
+    summary = summarise(models, n_boot, seed, n_bins, n_perm)
+    monitor = str(models[0].config.task.monitor)
+    primary = monitor.removeprefix("val/")
     manifest = models[0].manifest
     config = OmegaConf.to_container(models[0].config, resolve=False)
     payload = json_safe(
@@ -236,19 +299,24 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             "primary_metric": primary,
             "verdict": verdict(summary, primary),
             "bootstrap": {"n": n_boot, "seed": seed, "unit": "user", "level": 0.95},
+            "permutation_test": {"n": n_perm, "seed": seed, "unit": "user", "sides": 2},
+            "monitor": monitor,
+            "baselines": models[0].task.report_baselines(models[0].baselines),
             "models": summary,
             "meta": {
                 "data": {k: manifest.get(k) for k in MANIFEST_KEYS}
                 | {"split": (manifest.get("split") or {}).get("kind")},
                 "package_version": package_version(),
                 "git_commit": git_commit(),
+                "git_dirty": git_dirty(),
                 "config": config,
             },
         }
     )
     title = f"Evaluation report: {payload['task']} on {manifest.get('name', 'data')}"
-    named = [(m.name, m.arrays) for m in models]
+    named = [(s["name"], m.arrays) for s, m in zip(summary, models, strict=True)]
     images = models[0].task.report_plots(named, [s["metrics"] for s in summary], n_bins)
+    images |= curves.plots([(s["name"], s["curves"]) for s in summary], monitor)
     report = sections(payload, images, OmegaConf.to_yaml(config))
     write_texts_atomic(
         {
@@ -259,5 +327,5 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         hint=f"free disk space or pass a writable out_dir=; the previous report in {out_dir}, if any, "
         "is unchanged",
     )
-    print(f"{payload['verdict']}\nreport: {out_dir / 'report.html'}")
+    log.info("%s\nreport: %s", payload["verdict"], out_dir / "report.html")
     return payload

@@ -4,7 +4,7 @@ training module's test step uses as well), on the batches the run's test loader 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +29,26 @@ class Scored:
     arrays: dict[str, np.ndarray]  # index, users, the task's outputs and its per-sample details
     item_counts: np.ndarray
     training_metrics: dict[str, Any] | None = None
+    run_folder: Path | None = None  # the train run's folder (the checkpoint's)
+    baselines: dict[str, float] = field(default_factory=dict)  # baseline_<name>_<metric>, same test samples
 
 
 def _model_name(cfg: DictConfig, training: dict[str, Any] | None) -> str:
-    if training and training.get("model"):
-        return str(training["model"])
+    """The run's `name=` (metrics.json), else its model choice, else the encoder's class."""
+    for key in ("name", "model"):
+        if training and training.get(key):
+            return str(training[key])
     return str(OmegaConf.select(cfg, "model._target_", default="model")).rsplit(".", 1)[-1]
+
+
+def _baselines(run: Any, training: dict[str, Any] | None) -> dict[str, float]:
+    """The run's baselines as its metrics.json recorded them (computed on these same test samples),
+    else computed now (a run folder without metrics.json, e.g. a killed run's last.ckpt)."""
+    recorded = {k: v for k, v in (training or {}).items() if k.startswith("baseline_")}
+    if recorded:
+        return recorded
+    datasets = run.task.datasets(run.data, run.data_settings())
+    return run.task.baselines(run.data, datasets, run.model)
 
 
 def test_batches(dataset: Any, batch_size: int, limit: int | float | None = None) -> Any:
@@ -61,7 +75,8 @@ def score(ckpt_path: Path, prepared: Path | None = None) -> Scored:
     if not outputs.arrays:
         raise RecsysError(f"the test split of {ckpt_path} produced no samples; nothing to evaluate")
     arrays = {**outputs.arrays, **run.task.sample_details(test, outputs.arrays["index"])}
-    metrics_file = run_folder(ckpt_path) / "metrics.json"
+    folder = run_folder(ckpt_path)
+    metrics_file = folder / "metrics.json"
     training = json.loads(metrics_file.read_text()) if metrics_file.is_file() else None
     return Scored(
         name=_model_name(run.config, training),
@@ -73,4 +88,6 @@ def score(ckpt_path: Path, prepared: Path | None = None) -> Scored:
         arrays=arrays,
         item_counts=data.items.counts,
         training_metrics=training,
+        run_folder=folder,
+        baselines=_baselines(run, training),
     )

@@ -44,6 +44,42 @@ def as_ids(df: pl.DataFrame, col: str, source: Path | str) -> pl.Series:
         raise RecsysError(f"{source}: column {col!r} does not hold ids ({_first_line(err)})") from None
 
 
+# A CSV has no types: an id column comes back as integers when every value is written as one ("7",
+# "-3"; not "007" or "+7", which would not read back the same), else as text.
+_CANONICAL_INT = r"^-?(0|[1-9][0-9]{0,18})$"
+
+
+def id_type(raw: pl.Series, text_file: bool = False) -> pl.DataType:
+    """The type an input id column comes back as in the scores: an integer column keeps its type,
+    whole floats (all `as_ids` accepts) come back as Int64, text as text; `text_file` (a CSV, read as
+    text) infers integers as `_CANONICAL_INT` says."""
+    dtype = raw.dtype
+    if dtype.is_integer():
+        return dtype
+    if dtype.is_float():
+        return pl.Int64
+    if text_file and dtype == pl.String and len(raw) and raw.str.contains(_CANONICAL_INT).all():
+        if raw.cast(pl.Int64, strict=False).null_count() == 0:
+            return pl.Int64
+    return pl.String
+
+
+def output_type(ids: pl.Series | list[str], dtype: pl.DataType) -> pl.DataType:
+    """`dtype` (the input's id type) when every id of `ids` (the text ids are matched by) converts to
+    it exactly, else text: one type for every row of an answer (every part of a job)."""
+    ids = pl.Series(ids, dtype=pl.String)
+    if dtype == pl.String:
+        return dtype
+    back = ids.cast(dtype, strict=False)
+    exact = back.null_count() == ids.null_count() and (back.cast(pl.String) == ids).all()
+    return dtype if exact else pl.String
+
+
+def with_id_types(frame: pl.DataFrame, types: dict[str, pl.DataType]) -> pl.DataFrame:
+    """`frame`'s id columns (text inside the inference path) as `types` says."""
+    return frame.with_columns(pl.col(c).cast(t) for c, t in types.items() if c in frame.columns)
+
+
 def timestamps(df: pl.DataFrame, source: Path | str) -> pl.Series:
     """`timestamp` as int64 (the file order when absent); a value that is not a whole number within
     int64 (text, a fraction, NaN, inf, empty) is an error naming the rows: a guessed time would

@@ -14,7 +14,13 @@ from recsys_mamba.data.readers import Layout
 from recsys_mamba.data.validate import READ_ERRORS, text_problem
 from recsys_mamba.errors import RecsysError
 from recsys_mamba.runs import events
-from recsys_mamba.runs.events import histories, to_model_space  # noqa: F401 (the job's names for them)
+from recsys_mamba.runs.events import (  # noqa: F401 (the job's names for them)
+    histories,
+    id_type,
+    output_type,
+    to_model_space,
+    with_id_types,
+)
 from recsys_mamba.schema import Kind
 
 EVENT_COLUMNS = ("user_id", "item_id")
@@ -109,10 +115,18 @@ def prepared_events(folder: Path) -> pl.DataFrame:
 
 def read_events(path: str | Path) -> pl.DataFrame:
     """user_id, item_id (strings), timestamp, event_type; a file's own order breaks timestamp ties."""
+    return read_events_typed(path)[0]
+
+
+def read_events_typed(path: str | Path) -> tuple[pl.DataFrame, dict[str, pl.DataType]]:
+    """`read_events`, and the type each id column had in the input (`id_type`): what the scores
+    give ids back as (a prepared folder stores them as text)."""
     path = Path(path)
     if path.is_dir() and (path / MANIFEST).is_file():
-        return prepared_events(path)
-    return events.event_frame(read_table(path, EVENT_COLUMNS), f"input={path}")
+        return prepared_events(path), {c: pl.String for c in EVENT_COLUMNS}
+    df = read_table(path, EVENT_COLUMNS)
+    types = {c: events.id_type(df[c], path.suffix == ".csv") for c in EVENT_COLUMNS}
+    return events.event_frame(df, f"input={path}"), types
 
 
 def shard_mask(user_ids: pl.Series, shard: str) -> np.ndarray:

@@ -24,18 +24,30 @@ def chunked(frame: pl.DataFrame, size: int) -> list[pl.DataFrame]:
     return [frame.slice(i, size) for i in range(0, len(frame), size)] or []
 
 
-def _histories(run: Run, source: str, shard: str) -> tuple[pl.DataFrame, int]:
-    users, unknown = inputs.histories(run.data, inputs.read_events(source))
-    return users.filter(inputs.shard_mask(users["user_id"], shard)), unknown
+def _histories(run: Run, source: str, shard: str) -> tuple[pl.DataFrame, int, dict[str, pl.DataType]]:
+    """Per-user histories of `source`'s users in `shard`, unknown events, and `source`'s id types."""
+    events, types = inputs.read_events_typed(source)
+    users, unknown = inputs.histories(run.data, events)
+    return users.filter(inputs.shard_mask(users["user_id"], shard)), unknown, types
+
+
+def _ranked_id_types(run: Run, users: pl.Series, types: dict[str, pl.DataType]) -> dict[str, pl.DataType]:
+    """Ids of ranked rows as the input had them: its users, and the model's items (known by their
+    text) as the input's items were, when every one of them converts."""
+    return {
+        "user_id": inputs.output_type(users, types["user_id"]),
+        "item_id": inputs.output_type(list(run.data.items.ids[1:]), types["item_id"]),
+    }
 
 
 def _topk(run: Run, cfg: DictConfig, out: Path, prefix: str) -> tuple[list, dict[str, Any]]:
-    users, unknown = _histories(run, cfg.input, cfg.shard)
+    users, unknown, types = _histories(run, cfg.input, cfg.shard)
+    types = _ranked_id_types(run, users["user_id"], types)
     parts_ = parts.run_parts(
         out,
         prefix,
         chunked(users, cfg.chunk_size),
-        lambda u: batch.topk_chunk(run, u, cfg.top_k, cfg.exclude_seen),
+        lambda u: inputs.with_id_types(batch.topk_chunk(run, u, cfg.top_k, cfg.exclude_seen), types),
         cfg.progress,
         cfg.pause_s,
     )
@@ -44,15 +56,19 @@ def _topk(run: Run, cfg: DictConfig, out: Path, prefix: str) -> tuple[list, dict
 
 
 def _candidates(run: Run, cfg: DictConfig, out: Path, prefix: str) -> tuple[list, dict[str, Any]]:
-    pairs = pair_frame(inputs.read_table(cfg.input, inputs.EVENT_COLUMNS), f"input={cfg.input}")
+    raw = inputs.read_table(cfg.input, inputs.EVENT_COLUMNS)
+    text_file = Path(cfg.input).suffix == ".csv"
+    types = {c: inputs.id_type(raw[c], text_file) for c in inputs.EVENT_COLUMNS}
+    pairs = pair_frame(raw, f"input={cfg.input}")
     pairs = pairs.filter(inputs.shard_mask(pairs["user_id"], cfg.shard))
-    users, unknown = _histories(run, cfg.history or str(run.prepared_data().folder), cfg.shard)
+    users, unknown, _ = _histories(run, cfg.history or str(run.prepared_data().folder), cfg.shard)
     users = with_users(users, pairs["user_id"])
 
     def score(chunk: pl.DataFrame) -> pl.DataFrame:
-        return batch.candidate_chunk(
+        scored = batch.candidate_chunk(
             run, chunk, pairs.join(chunk.select("user_id"), on="user_id", how="semi")
         )
+        return inputs.with_id_types(scored, types)  # the pairs' ids, as the input had them
 
     parts_ = parts.run_parts(out, prefix, chunked(users, cfg.chunk_size), score, cfg.progress, cfg.pause_s)
     known = set(run.data.items.index)
@@ -69,17 +85,18 @@ def _stream(run: Run, cfg: DictConfig, out: Path, prefix: str) -> tuple[list, di
     store = StateStore(run.model.encoder)
     if cfg.state_in:
         store.load(Path(cfg.state_in))
-    events = inputs.read_events(cfg.input)
+    events, types = inputs.read_events_typed(cfg.input)
     events = events.filter(inputs.shard_mask(events["user_id"], cfg.shard))
     known, unknown = inputs.to_model_space(run.data, events)
     store.consume(known, cfg.chunk_size * 64, cfg.progress)
     state_out = Path(cfg.state_out) if cfg.state_out else out / f"state-{prefix}.parquet"
     store.save(state_out)
     users = store.table()
+    types = _ranked_id_types(run, users["user_id"], types)
 
     def score(chunk: pl.DataFrame) -> pl.DataFrame:
         hidden = store.hidden(chunk["user_id"].to_list())
-        return topk_from_states(run, hidden, chunk, cfg.top_k, cfg.exclude_seen)
+        return inputs.with_id_types(topk_from_states(run, hidden, chunk, cfg.top_k, cfg.exclude_seen), types)
 
     parts_ = parts.run_parts(out, prefix, chunked(users, cfg.chunk_size), score, cfg.progress, cfg.pause_s)
     info = {"users": len(users), "events": len(known), "unknown_items": unknown, "state": str(state_out)}

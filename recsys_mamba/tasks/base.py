@@ -75,6 +75,7 @@ class Task(ABC):
     headline_metrics: tuple[str, ...]  # the few every table of runs shows
     monitor: str  # the validation metric checkpointing and early stopping follow by default
     baseline_names: tuple[str, ...]  # the baselines metrics.json reports beside the model
+    baseline_descriptions: dict[str, str] = {}  # noqa: RUF012  (name -> what it is, for reports; read-only)
     selection_metric: str  # higher is better: picks a model's best group in a table of runs
     compared_metrics: tuple[str, ...]  # where a table of runs checks mamba >= sasrec
     beats_baselines_on: tuple[str, ...] = ()  # where a table of runs checks model > each baseline
@@ -163,6 +164,21 @@ class Task(ABC):
         names = [*self.headline_metrics, *self.table_columns(False), *self.table_columns(True)]
         names += [f"baseline_{b}_{m}" for b in self.baseline_names for m in self.headline_metrics]
         return list(dict.fromkeys(names))
+
+    def report_baselines(self, baselines: dict[str, Any]) -> dict[str, dict[str, float]]:
+        """The report's baseline columns: "<name>: <what it is>" -> {test metric: value}, from the
+        `baseline_<name>_<metric>` keys of a run's metrics.json (metrics a baseline has no value for,
+        such as a ranking's LogLoss, are left out)."""
+        out = {}
+        for name in self.baseline_names:
+            values = {
+                m: baselines[f"baseline_{name}_{m}"]
+                for m in self.metric_names
+                if f"baseline_{name}_{m}" in baselines
+            }
+            if values:
+                out[f"{name}: {self.baseline_descriptions.get(name, name)}"] = values
+        return out
 
     @abstractmethod
     def baseline_rows(self, metrics: dict[str, Any], mask_history: bool) -> list[tuple[str, list[str]]]:

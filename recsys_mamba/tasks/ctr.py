@@ -58,6 +58,10 @@ class CTRTask(Task):
     headline_metrics = METRICS
     monitor = "val/auc"
     baseline_names = ("popularity", "bias")
+    baseline_descriptions = {  # noqa: RUF012
+        "popularity": "the item's smoothed training click rate",
+        "bias": "logistic regression on one-hot user and item",
+    }
     selection_metric = "auc"
     compared_metrics = ("auc",)
     beats_baselines_on = ("auc",)

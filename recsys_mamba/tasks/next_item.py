@@ -53,6 +53,7 @@ class NextItemTask(Task):
     headline_metrics = BASELINE_METRICS
     monitor = "val/ndcg@10"
     baseline_names = ("popularity",)
+    baseline_descriptions = {"popularity": "every item ranked by its training count"}  # noqa: RUF012
     selection_metric = "unmasked_ndcg@10"
     compared_metrics = ("unmasked_ndcg@10", "masked_ndcg@10")
 

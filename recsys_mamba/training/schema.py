@@ -14,7 +14,20 @@ from recsys_mamba import checks
 from recsys_mamba.data.spec import check_source, normalize
 from recsys_mamba.errors import RecsysError
 from recsys_mamba.models.schema import HEAD, MODEL
-from recsys_mamba.schema import Batches, Bool, Check, Choice, Int, Num, PathTo, Relation, Rule, Schema, Seed
+from recsys_mamba.schema import (
+    Batches,
+    Bool,
+    Check,
+    Choice,
+    Int,
+    Num,
+    PathTo,
+    Relation,
+    Rule,
+    Schema,
+    Seed,
+    Text,
+)
 from recsys_mamba.tasks import get_task
 from recsys_mamba.tasks.base import MAX_LEN
 
@@ -73,15 +86,38 @@ def _monitors(cfg: DictConfig) -> None:
             )
 
 
+def _optimized_metric(cfg: DictConfig) -> None:
+    """A validation metric (its value at the best epoch) or a test metric of the task."""
+    task = get_task(checks.select(cfg, "task.name"))
+    name = checks.select(cfg, "optimized_metric", default=None)
+    if name is None:
+        return
+    allowed = [f"val/{m}" for m in task.metric_names] + list(task.metric_names)
+    if str(name).removeprefix("test/") not in allowed:
+        raise RecsysError(
+            f"optimized_metric={name!r} is not a metric of task={task.name}; use a validation metric "
+            f"(its value at the best epoch: {', '.join(allowed[: len(task.metric_names)])}) or a test one "
+            f"({', '.join(task.metric_names)})"
+        )
+
+
+# logger _target_ fragment -> (modules of which it needs one, pip requirement, the extra that has it)
+LOGGER_PACKAGES = {
+    "TensorBoard": (("tensorboard", "tensorboardX"), "tensorboard", "tracking"),
+    "MLFlow": (("mlflow",), "mlflow-skinny", "tracking"),
+    "Wandb": (("wandb",), "wandb", None),
+}
+
+
 def _loggers(cfg: DictConfig) -> None:
     for name, lg in (cfg.get("logger") or {}).items():
-        if isinstance(lg, DictConfig) and "TensorBoard" in str(lg.get("_target_", "")):
-            if (
-                importlib.util.find_spec("tensorboard") is None
-                and importlib.util.find_spec("tensorboardX") is None
-            ):
+        target = str(lg.get("_target_", "")) if isinstance(lg, DictConfig) else ""
+        for fragment, (modules, requirement, extra) in LOGGER_PACKAGES.items():
+            if fragment in target and all(importlib.util.find_spec(m) is None for m in modules):
+                how = f"pip install 'recsys-mamba[{extra}]' (or pip install {requirement})"
                 raise RecsysError(
-                    f"logger.{name} needs the tensorboard package: pip install tensorboard (or logger=csv)"
+                    f"logger.{name} needs the {requirement} package: "
+                    f"{how if extra else f'pip install {requirement}'}, or choose logger=csv"
                 )
 
 
@@ -132,6 +168,8 @@ TRAIN = Schema(
     Check(_monitors),
     Check(_static_encoder),
     Check(_loggers),
+    Rule("name", Text(optional=True, example="mamba_lr3e-3")),
+    Check(_optimized_metric),
     Rule(
         "ckpt_path",
         PathTo(

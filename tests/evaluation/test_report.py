@@ -80,7 +80,7 @@ def test_html_structure(reports: dict[str, Path]) -> None:
     for title in ("Verdict", "Models", "Metrics", "Plots", "Run metadata"):
         assert title in titles
     assert any("history length" in t for t in titles) and any("item popularity" in t for t in titles)
-    assert len(page.images) == 3  # ROC, precision-recall, reliability diagram
+    assert len(page.images) == 5  # ROC, precision-recall, reliability diagram; loss and val metric per epoch
     for src in page.images:
         prefix = "data:image/png;base64,"
         assert src.startswith(prefix)
@@ -150,3 +150,59 @@ def test_unknown_checkpoint_is_refused(tmp_path: Path) -> None:
     cfg = compose("evaluate", overrides=[f"ckpt_path={tmp_path / 'nope.ckpt'}", f"out_dir={tmp_path}"])
     with pytest.raises(RecsysError, match="does not exist"):
         evaluate(cfg)
+
+
+def _table(page: Page, first_header: str) -> list[list[str]]:
+    return next(t for t in page.tables if t and t[0] and t[0][0] == first_header)
+
+
+def test_baselines_are_shown_beside_the_models(reports: dict[str, Path], runs: dict[str, Path]) -> None:
+    trained = json.loads((runs["ctr_mamba"].parent.parent / "metrics.json").read_text())
+    payload = json.loads((reports["ctr"] / "metrics.json").read_text())
+    page = parse(reports["ctr"])
+    header, *rows = next(t for t in page.tables if t[0][:1] == ["metric"] and len(t[0]) > 3)
+    names = [m["name"] for m in payload["models"]]
+    assert header[: 1 + len(names)] == ["metric", *names]
+    assert [h.split(":")[0] for h in header[1 + len(names) :]] == ["popularity", "bias"]
+    by_metric = {row[0]: row for row in rows}
+    for metric, baseline in (("auc", "popularity"), ("auc", "bias"), ("gauc", "bias"), ("logloss", "bias")):
+        column = next(i for i, h in enumerate(header) if h.startswith(f"{baseline}:"))
+        assert by_metric[metric][column] == fmt(trained[f"baseline_{baseline}_{metric}"])
+    markdown = (reports["ctr"] / "report.md").read_text()
+    assert "## Baselines" in markdown and fmt(trained["baseline_bias_logloss"]) in markdown
+    next_item = parse(reports["next_item"])
+    header, *_ = next(t for t in next_item.tables if t[0][:1] == ["metric"] and len(t[0]) > 2)
+    assert header[-1].startswith("popularity:")
+
+
+def test_runs_are_named_by_name_key_else_by_run_folder(reports: dict[str, Path]) -> None:
+    named = [m["name"] for m in json.loads((reports["ctr"] / "metrics.json").read_text())["models"]]
+    assert named == ["mamba", "attention"]  # the second run was trained with name=attention
+    same = json.loads((reports["ctr_same_encoder"] / "metrics.json").read_text())
+    assert [m["name"] for m in same["models"]] == ["mamba (ctr_mamba)", "mamba (ctr_mamba_seed7)"]
+    models = _table(parse(reports["ctr_same_encoder"]), "model")
+    assert [row[0] for row in models[1:]] == ["mamba (ctr_mamba)", "mamba (ctr_mamba_seed7)"]
+    assert "mamba (ctr_mamba_seed7)" in same["verdict"]
+
+
+def test_training_curves_come_from_each_run(reports: dict[str, Path], runs: dict[str, Path]) -> None:
+    payload = json.loads((reports["ctr_same_encoder"] / "metrics.json").read_text())
+    for model, run in zip(payload["models"], (runs["ctr_mamba"], runs["ctr_mamba_seed7"]), strict=True):
+        history = json.loads((run.parent.parent / "metrics.json").read_text())["epoch_history"]
+        assert model["curves"] == history and history
+        assert {"epoch", "train/loss", "val/auc"} <= set(history[0])
+    page = parse(reports["ctr_same_encoder"])
+    curves = next(t for t in page.tables if t[0] == ["model", "epoch", "train/loss", "val/auc"])
+    first = payload["models"][0]["curves"][0]
+    assert curves[1] == [payload["models"][0]["name"], "0", fmt(first["train/loss"]), fmt(first["val/auc"])]
+
+
+def test_p_values_come_from_a_permutation_test(reports: dict[str, Path]) -> None:
+    payload = json.loads((reports["ctr"] / "metrics.json").read_text())
+    test = payload["models"][1]["vs_first"]["auc"]
+    assert payload["permutation_test"]["n"] == test["permutations"] == 100
+    assert test["p_value"] == pytest.approx((test["permutations_as_extreme"] + 1) / 101)
+    assert "permutation test over users" in payload["verdict"]
+    cell = metrics_table(parse(reports["ctr"]))[(payload["models"][1]["name"], "auc")][-1]
+    assert cell == (f"< {1 / 100:.2g}" if test["permutations_as_extreme"] == 0 else f"{test['p_value']:.3f}")
+    assert "p = 0.000" not in (reports["ctr"] / "report.md").read_text()

@@ -80,7 +80,8 @@ def register_resolvers() -> None:
     if not OmegaConf.has_resolver("rs.help"):
         from recsys_mamba import helptext
 
-        OmegaConf.register_new_resolver("rs.help", helptext.hydra_template)
+        # The config folder is passed in: helptext stays below config (no import cycle).
+        OmegaConf.register_new_resolver("rs.help", lambda: helptext.hydra_template(config_dir()))
     if not OmegaConf.has_resolver("rs.optuna_direction"):
         OmegaConf.register_new_resolver("rs.optuna_direction", optuna_direction)
 

@@ -15,8 +15,6 @@ from typing import Any
 
 import yaml
 
-from recsys_mamba.config import config_dir
-
 INDENT = "  "
 _DEFAULTS = re.compile(r"^defaults\s*:")
 
@@ -55,32 +53,32 @@ def _defaults(path: Path) -> list[Any]:
     return list(loaded.get("defaults") or []) if isinstance(loaded, dict) else []
 
 
-def _group_files(group: str, option: str, seen: set[Path] | None = None) -> list[Path]:
+def _group_files(root: Path, group: str, option: str, seen: set[Path] | None = None) -> list[Path]:
     """The option's file and the files of its own group it pulls in by name (trainer/cpu -> default,
     callbacks/default -> model_checkpoint, ...), each once, in the order they compose."""
     seen = set() if seen is None else seen
-    path = config_dir() / group / f"{option}.yaml"
+    path = root / group / f"{option}.yaml"
     if path in seen or not path.is_file():
         return []
     seen.add(path)
     files = []
     for entry in _defaults(path):
         if isinstance(entry, str) and entry != "_self_" and "/" not in entry:
-            files += _group_files(group, entry, seen)
+            files += _group_files(root, group, entry, seen)
     return [*files, path]
 
 
-def _options(group: str) -> list[str]:
-    return sorted(p.stem for p in (config_dir() / group).glob("*.yaml"))
+def _options(root: Path, group: str) -> list[str]:
+    return sorted(p.stem for p in (root / group).glob("*.yaml"))
 
 
 def _indent(text: str) -> str:
     return "\n".join(INDENT + line if line.strip() else "" for line in text.splitlines())
 
 
-def entry_help(config_name: str, choices: dict[str, Any]) -> str:
-    """The help of `python -m recsys_mamba.<entry>`: usage, groups, and every composed file's keys."""
-    root = config_dir()
+def entry_help(root: Path, config_name: str, choices: dict[str, Any]) -> str:
+    """The help of `python -m recsys_mamba.<entry>` from the config folder `root`: usage, groups, and
+    every composed file's keys."""
     primary = root / f"{config_name}.yaml"
     text = primary.read_text()
     groups = [g for g in choices if not g.startswith("hydra") and (root / g).is_dir()]
@@ -93,7 +91,7 @@ def entry_help(config_name: str, choices: dict[str, Any]) -> str:
         out += ["", "== Config groups (group=option; * marks the option in use) =="]
         for group in groups:
             chosen = choices.get(group)
-            marked = [f"{o}*" if o == chosen else o for o in _options(group)]
+            marked = [f"{o}*" if o == chosen else o for o in _options(root, group)]
             out.append(f"{INDENT}{group}: {', '.join(marked)}")
     body = "\n".join(text.splitlines()[len(about) + text.count("# @package", 0, 0) :])  # header shown above
     out += ["", f"== {config_name}.yaml (key=value) ==", _indent(_strip_defaults(body))]
@@ -101,7 +99,7 @@ def entry_help(config_name: str, choices: dict[str, Any]) -> str:
         chosen = choices.get(group)
         if not chosen:
             continue
-        for path in _group_files(group, str(chosen)):
+        for path in _group_files(root, group, str(chosen)):
             body = _strip_defaults(path.read_text())
             if not body.strip():
                 continue
@@ -111,12 +109,12 @@ def entry_help(config_name: str, choices: dict[str, Any]) -> str:
     return "\n".join(out) + "\n"
 
 
-def hydra_template() -> str:
+def hydra_template(root: Path) -> str:
     """The `hydra.help.template` of every entry point (conf/hydra/help/recsys.yaml): the text of
     `entry_help` for the config being composed, plus Hydra's flags."""
     from hydra.core.hydra_config import HydraConfig
 
     hydra_cfg = HydraConfig.get()
-    text = entry_help(str(hydra_cfg.job.config_name), dict(hydra_cfg.runtime.choices))
+    text = entry_help(root, str(hydra_cfg.job.config_name), dict(hydra_cfg.runtime.choices))
     # The template is filled in by string.Template: a literal $ (e.g. $RAY_ADDRESS in a comment) doubles.
     return text.replace("$", "$$") + "\n== Hydra flags ==\n$FLAGS_HELP"

@@ -22,6 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 from recsys_mamba.errors import RecsysError
 from recsys_mamba.ops.linear_ce import SparseScore, linear_cross_entropy
+from recsys_mamba.sequences.padding import gather_last
 
 State = dict[str, Tensor]
 
@@ -140,6 +141,18 @@ class SequenceEncoder(nn.Module):
     ) -> Tensor:
         raise NotImplementedError
 
+    def encode_last(self, batch: Mapping[str, Tensor]) -> Tensor:
+        """`last_hidden` on a batch dict, as `encode` is `forward` on one."""
+        return self.last_hidden(batch["items"], batch.get("categories"), batch.get("event_types"))
+
+    def last_hidden(
+        self, items: Tensor, categories: Tensor | None = None, event_types: Tensor | None = None
+    ) -> Tensor:
+        """The hidden state at each row's last real event (B, d_model), what ranking the next item
+        reads: `forward` gathered at position length - 1 (position 0 for a row without events). An
+        encoder may compute that position alone when nothing needs a gradient."""
+        return gather_last(self(items, categories, event_types), (items != 0).sum(1))
+
     def run_block(self, block: nn.Module, *args: Any) -> Any:
         """`block(*args)`, recomputed in the backward pass when gradient checkpointing is on."""
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
@@ -158,9 +171,7 @@ class SequenceEncoder(nn.Module):
         scores[..., 0] = float("-inf")
         return scores
 
-    def cross_entropy_all(
-        self, hidden: Tensor, targets: Tensor, terms: Sequence[SparseScore] = ()
-    ) -> Tensor:
+    def cross_entropy_all(self, hidden: Tensor, targets: Tensor, terms: Sequence[SparseScore] = ()) -> Tensor:
         """Mean cross-entropy of `score_all(hidden)` (plus the sparse `terms`, one row per target)
         against targets (N,) in [1, n_items], without the (N, n_items + 1) score matrix
         (`ops.linear_cross_entropy`). An encoder that overrides score_all overrides this too."""
@@ -202,8 +213,12 @@ class SequenceEncoder(nn.Module):
         self.check_inputs(items, categories, event_types)
         state = self.init_state(items.shape[0], items.device)
         for t in range(items.shape[1]):  # padding steps (item 0) leave a row's state as it was
-            state = self.step(items[:, t], state, select(categories, (slice(None), t)),
-                              select(event_types, (slice(None), t)))[1]
+            state = self.step(
+                items[:, t],
+                state,
+                select(categories, (slice(None), t)),
+                select(event_types, (slice(None), t)),
+            )[1]
         return state
 
     def check_step_inputs(

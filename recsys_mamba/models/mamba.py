@@ -25,7 +25,9 @@ from recsys_mamba.errors import RecsysError
 from recsys_mamba.models.base import Dropout, FeedForward, SequenceEncoder, State, select
 from recsys_mamba.ops import selective_scan, selective_state_update
 from recsys_mamba.ops.conv import causal_conv1d
+from recsys_mamba.ops.inference import selective_scan_inference
 from recsys_mamba.ops.norm import FUSED_MIN_NUMEL, rms_norm
+from recsys_mamba.sequences.padding import gather_last
 
 LayerState = tuple[Tensor, Tensor]  # conv window (B, d_inner, d_conv - 1), SSM state (B, d_inner, d_state)
 
@@ -75,27 +77,37 @@ class MambaMixer(nn.Module):
         # grad^T @ dt with its output dt_rank wide (BENCHMARKS.md, "Encoders against sequence length").
         return torch.matmul(dt, self.dt_proj.weight.t().contiguous()), B, C
 
+    def _conv_in(self, h: Tensor, conv_state: Tensor | None) -> tuple[Tensor, Tensor]:
+        """h (B, L, d_model) -> x (B, L, d_inner) before the conv and after it (+ SiLU)."""
+        # Two projections (this one and `_gate`), not one split in two: each output is contiguous
+        # channels-last (B, L, d_inner), the layout the conv, x_proj and the CPU scan all read without
+        # copying. The carried conv window (zeros at the start) is the conv's left context, so it
+        # continues across chunks. Channels last in and out: (B, d_inner, L) views of (B, L, d_inner).
+        x_in = F.linear(h, self.in_proj.weight[: self.d_inner])
+        x = causal_conv1d(
+            x_in.transpose(1, 2),
+            self.conv1d.weight[:, 0],
+            self.conv1d.bias,
+            initial_states=conv_state,
+            activation="silu",
+            backend=self.scan_backend,
+        ).transpose(1, 2)
+        return x_in, x
+
+    def _gate(self, h: Tensor) -> Tensor:
+        """z, the input of the output gate SiLU(z): (..., d_model) -> (..., d_inner)."""
+        return F.linear(h, self.in_proj.weight[self.d_inner :])
+
     def forward(
         self, h: Tensor, mask: Tensor, state: LayerState | None = None
     ) -> tuple[Tensor, LayerState | None]:
         """h (B, L, d_model), mask (B, L) -> (B, L, d_model) and, when a state came in, the state after it."""
-        # Two projections, not one split in two: each output is contiguous channels-last (B, L, d_inner),
-        # the layout the conv, x_proj and the CPU scan all read without copying.
-        w_x, w_z = self.in_proj.weight.chunk(2, dim=0)
-        x, z = F.linear(h, w_x), F.linear(h, w_z)
-        # The carried conv window (zeros at the start) is the conv's left context, so it continues
-        # across chunks. Channels last in and out: (B, d_inner, L) views of (B, L, d_inner) memory.
-        x_in = x
-        x = causal_conv1d(
-            x.transpose(1, 2),
-            self.conv1d.weight[:, 0],
-            self.conv1d.bias,
-            initial_states=None if state is None else state[0],
-            activation="silu",
-            backend=self.scan_backend,
-        ).transpose(1, 2)
-        dt, B, C = self._ssm_inputs(x)
         carry = state is not None
+        if not carry and not torch.is_grad_enabled():
+            return self.infer(h, mask.sum(1).long()), None
+        x_in, x = self._conv_in(h, state[0] if carry else None)
+        z = self._gate(h)
+        dt, B, C = self._ssm_inputs(x)
         if carry:
             # dt = 0 at padding: the state passes through unchanged, so the state carried out is the one
             # after each row's last real event. Without a carried state padding needs nothing: it only
@@ -126,6 +138,30 @@ class MambaMixer(nn.Module):
         window = x_padded.gather(1, idx.expand(-1, -1, self.d_inner)).transpose(1, 2)
         return self.out_proj(y.transpose(1, 2)), (window.to(state[0].dtype), ssm.to(state[1].dtype))
 
+    def infer(self, h: Tensor, lengths: Tensor, last_only: bool = False) -> Tensor:
+        """`forward` without a state, for inference (no gradients): right-padded rows of `lengths` (B,)
+        real events, scanned only that far (`ops.inference`); outputs past a row's length are 0.
+        last_only: (B, d_model), each row's output at its last event alone, so z (the gate) and out_proj
+        run at that position only."""
+        _, x = self._conv_in(h, None)
+        dt, B, C = self._ssm_inputs(x)
+        z = self._gate(gather_last(h, lengths)) if last_only else self._gate(h).transpose(1, 2)
+        y = selective_scan_inference(
+            x.transpose(1, 2),
+            dt.transpose(1, 2),
+            -torch.exp(self.A_log.float()),
+            B.transpose(1, 2),
+            C.transpose(1, 2),
+            self.D.float(),
+            z,
+            delta_bias=self.dt_proj.bias,
+            delta_softplus=True,
+            lengths=lengths,
+            last_only=last_only,
+            backend=self.scan_backend,
+        )
+        return self.out_proj(y if last_only else y.transpose(1, 2))
+
     def step(self, h: Tensor, state: LayerState) -> tuple[Tensor, LayerState]:
         """One event: h (B, d_model) -> (B, d_model) and the next state; the input state is not modified."""
         x, z = self.in_proj(h).chunk(2, dim=-1)  # (B, d_inner) each
@@ -134,7 +170,15 @@ class MambaMixer(nn.Module):
         dt, B, C = self._ssm_inputs(x)
         ssm = state[1].clone()
         y = selective_state_update(
-            ssm, x, dt, -torch.exp(self.A_log.float()), B, C, self.D.float(), z, dt_bias=self.dt_proj.bias,
+            ssm,
+            x,
+            dt,
+            -torch.exp(self.A_log.float()),
+            B,
+            C,
+            self.D.float(),
+            z,
+            dt_bias=self.dt_proj.bias,
             dt_softplus=True,
         )
         return self.out_proj(y), (window[:, :, 1:], ssm)
@@ -188,6 +232,11 @@ class MambaBlock(nn.Module):
     def step(self, h: Tensor, state: LayerState) -> tuple[Tensor, LayerState]:
         y, state = self.mixer.step(self.norm(h), state)
         return self._ffn(h + self.dropout(y)), state
+
+    def infer(self, h: Tensor, lengths: Tensor, last_only: bool = False) -> Tensor:
+        """`forward` for inference (`MambaMixer.infer`); last_only: (B, d_model) at each row's last event."""
+        y = self.mixer.infer(self.norm(h), lengths, last_only)
+        return self._ffn((gather_last(h, lengths) if last_only else h) + self.dropout(y))
 
 
 class MambaEncoder(SequenceEncoder):
@@ -249,6 +298,22 @@ class MambaEncoder(SequenceEncoder):
         for block in self.blocks:
             h = self.run_block(block, h, m)[0]
         return self.norm(h) * m[..., None]
+
+    def last_hidden(
+        self, items: Tensor, categories: Tensor | None = None, event_types: Tensor | None = None
+    ) -> Tensor:
+        """`SequenceEncoder.last_hidden`. In eval mode without gradients the last block runs its gate,
+        out_proj and feed-forward at each row's last event only, and no scan goes past a row's length."""
+        if self.training or torch.is_grad_enabled():
+            return super().last_hidden(items, categories, event_types)
+        mask = self.check_inputs(items, categories, event_types)
+        lengths = mask.sum(1)
+        h = self.embed(items, categories, event_types)
+        m = mask.to(h.dtype)
+        for block in self.blocks[:-1]:
+            h = block(h, m)[0]
+        h = self.blocks[-1].infer(h, lengths, last_only=True)
+        return self.norm(h) * (lengths > 0).to(h.dtype)[:, None]
 
     # ---- streaming and long histories -----------------------------------------------------------
 

@@ -143,11 +143,8 @@ def selective_scan_cpu(args: ScanArgs) -> torch.Tensor | tuple[torch.Tensor, tor
 def selective_scan_inference_cpu(
     args: ScanArgs, lengths: torch.Tensor | None, last_only: bool
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """`ops.inference.selective_scan_inference` on the numba kernel `scan_infer` (checked arguments)."""
-    if numba_kernels() is None:
-        from recsys_mamba.ops.inference import inference_from_scan
-
-        return inference_from_scan(args, lengths, last_only, selective_scan_ref)
+    """`ops.inference.selective_scan_inference` on the numba kernel `scan_infer` (checked arguments,
+    numba installed)."""
     u, z = args.u, args.z
     ct = compute_dtype(*args[:8], args.initial_state)
     x = _kernel_inputs(args._replace(z=None) if last_only else args, ct)  # last_only: one gate step

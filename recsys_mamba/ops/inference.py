@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from recsys_mamba.errors import RecsysError
-from recsys_mamba.ops.backend import resolve
+from recsys_mamba.ops.backend import numba_kernels, resolve
 from recsys_mamba.ops.checks import ScanArgs, check_scan, compute_dtype
 
 
@@ -65,7 +65,7 @@ def selective_scan_inference(
     check_scan(u, delta, A, B, C, D, z_full, delta_bias, initial_state)
     _check_extras(u, z, lengths, last_only)
     args = ScanArgs(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, initial_state)
-    if resolve(backend, u.device) == "cpu":
+    if resolve(backend, u.device) == "cpu" and numba_kernels() is not None:
         from recsys_mamba.ops.cpu import selective_scan_inference_cpu
 
         return selective_scan_inference_cpu(args, lengths, last_only)

@@ -15,7 +15,7 @@ at a time and `encode_long` encodes very long histories chunk by chunk with boun
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -27,9 +27,34 @@ from recsys_mamba.ops import selective_scan, selective_state_update
 from recsys_mamba.ops.conv import causal_conv1d
 from recsys_mamba.ops.inference import selective_scan_inference
 from recsys_mamba.ops.norm import FUSED_MIN_NUMEL, rms_norm
-from recsys_mamba.sequences.padding import gather_last
 
 LayerState = tuple[Tensor, Tensor]  # conv window (B, d_inner, d_conv - 1), SSM state (B, d_inner, d_state)
+
+
+class Packed(NamedTuple):
+    """The real events of a right-padded (B, L) batch, in row order: inference runs its position-wise
+    layers (projections, norms, feed-forward) on these T events alone, not on the padding."""
+
+    index: Tensor  # (T,) each event's position in the flattened B * L
+    lengths: Tensor  # (B,) real events per row
+    last: Tensor  # (B,) each row's last event among the T (0 for a row without events)
+    shape: tuple[int, int]  # (B, L)
+
+    @classmethod
+    def of(cls, mask: Tensor) -> Packed:
+        """mask (B, L), True at real events (right padding)."""
+        lengths = mask.sum(1)
+        last = (lengths.cumsum(0) - 1).clamp(min=0)
+        return cls(mask.flatten().nonzero().squeeze(1), lengths, last, tuple(mask.shape))
+
+    def pack(self, x: Tensor) -> Tensor:
+        """(B, L, d) -> (T, d)."""
+        return x.reshape(-1, x.shape[-1])[self.index]
+
+    def unpack(self, x: Tensor) -> Tensor:
+        """(T, d) -> (B, L, d), zeros at padding."""
+        out = x.new_zeros(self.shape[0] * self.shape[1], x.shape[-1])
+        return out.index_copy_(0, self.index, x).view(*self.shape, -1)
 
 
 class MambaMixer(nn.Module):
@@ -77,22 +102,25 @@ class MambaMixer(nn.Module):
         # grad^T @ dt with its output dt_rank wide (BENCHMARKS.md, "Encoders against sequence length").
         return torch.matmul(dt, self.dt_proj.weight.t().contiguous()), B, C
 
-    def _conv_in(self, h: Tensor, conv_state: Tensor | None) -> tuple[Tensor, Tensor]:
-        """h (B, L, d_model) -> x (B, L, d_inner) before the conv and after it (+ SiLU)."""
+    def _x(self, h: Tensor) -> Tensor:
+        """x, the scan's input before the conv: (..., d_model) -> (..., d_inner)."""
         # Two projections (this one and `_gate`), not one split in two: each output is contiguous
         # channels-last (B, L, d_inner), the layout the conv, x_proj and the CPU scan all read without
-        # copying. The carried conv window (zeros at the start) is the conv's left context, so it
-        # continues across chunks. Channels last in and out: (B, d_inner, L) views of (B, L, d_inner).
-        x_in = F.linear(h, self.in_proj.weight[: self.d_inner])
-        x = causal_conv1d(
-            x_in.transpose(1, 2),
+        # copying.
+        return F.linear(h, self.in_proj.weight[: self.d_inner])
+
+    def _conv(self, x: Tensor, conv_state: Tensor | None) -> Tensor:
+        """The causal conv + SiLU of x (B, L, d_inner). The carried conv window (zeros at the start) is
+        its left context, so it continues across chunks. Channels last in and out: (B, d_inner, L)
+        views of (B, L, d_inner) memory."""
+        return causal_conv1d(
+            x.transpose(1, 2),
             self.conv1d.weight[:, 0],
             self.conv1d.bias,
             initial_states=conv_state,
             activation="silu",
             backend=self.scan_backend,
         ).transpose(1, 2)
-        return x_in, x
 
     def _gate(self, h: Tensor) -> Tensor:
         """z, the input of the output gate SiLU(z): (..., d_model) -> (..., d_inner)."""
@@ -104,8 +132,10 @@ class MambaMixer(nn.Module):
         """h (B, L, d_model), mask (B, L) -> (B, L, d_model) and, when a state came in, the state after it."""
         carry = state is not None
         if not carry and not torch.is_grad_enabled():
-            return self.infer(h, mask.sum(1).long()), None
-        x_in, x = self._conv_in(h, state[0] if carry else None)
+            packed = Packed.of(mask > 0)
+            return packed.unpack(self.infer(packed.pack(h), packed)), None
+        x_in = self._x(h)
+        x = self._conv(x_in, state[0] if carry else None)
         z = self._gate(h)
         dt, B, C = self._ssm_inputs(x)
         if carry:
@@ -138,14 +168,15 @@ class MambaMixer(nn.Module):
         window = x_padded.gather(1, idx.expand(-1, -1, self.d_inner)).transpose(1, 2)
         return self.out_proj(y.transpose(1, 2)), (window.to(state[0].dtype), ssm.to(state[1].dtype))
 
-    def infer(self, h: Tensor, lengths: Tensor, last_only: bool = False) -> Tensor:
-        """`forward` without a state, for inference (no gradients): right-padded rows of `lengths` (B,)
-        real events, scanned only that far (`ops.inference`); outputs past a row's length are 0.
-        last_only: (B, d_model), each row's output at its last event alone, so z (the gate) and out_proj
-        run at that position only."""
-        _, x = self._conv_in(h, None)
+    def infer(self, h: Tensor, packed: Packed, last_only: bool = False) -> Tensor:
+        """`forward` without a state, for inference (no gradients), on the real events alone: h (T, d_model)
+        packed (`Packed`) -> (T, d_model). Only the conv and the scan see the padded (B, L) layout, and
+        the scan stops at each row's length (`ops.inference`). last_only: (B, d_model), each row's output
+        at its last event alone, so z (the gate) and out_proj run at that position only."""
+        x = self._conv(packed.unpack(self._x(h)), None)
         dt, B, C = self._ssm_inputs(x)
-        z = self._gate(gather_last(h, lengths)) if last_only else self._gate(h).transpose(1, 2)
+        lengths = packed.lengths
+        z = self._gate(h[packed.last]) if last_only else packed.unpack(self._gate(h)).transpose(1, 2)
         y = selective_scan_inference(
             x.transpose(1, 2),
             dt.transpose(1, 2),
@@ -160,7 +191,7 @@ class MambaMixer(nn.Module):
             last_only=last_only,
             backend=self.scan_backend,
         )
-        return self.out_proj(y if last_only else y.transpose(1, 2))
+        return self.out_proj(y if last_only else packed.pack(y.transpose(1, 2)))
 
     def step(self, h: Tensor, state: LayerState) -> tuple[Tensor, LayerState]:
         """One event: h (B, d_model) -> (B, d_model) and the next state; the input state is not modified."""
@@ -233,10 +264,11 @@ class MambaBlock(nn.Module):
         y, state = self.mixer.step(self.norm(h), state)
         return self._ffn(h + self.dropout(y)), state
 
-    def infer(self, h: Tensor, lengths: Tensor, last_only: bool = False) -> Tensor:
-        """`forward` for inference (`MambaMixer.infer`); last_only: (B, d_model) at each row's last event."""
-        y = self.mixer.infer(self.norm(h), lengths, last_only)
-        return self._ffn((gather_last(h, lengths) if last_only else h) + self.dropout(y))
+    def infer(self, h: Tensor, packed: Packed, last_only: bool = False) -> Tensor:
+        """`forward` for inference on packed real events (`MambaMixer.infer`): (T, d_model) ->
+        (T, d_model), or with last_only (B, d_model) at each row's last event."""
+        y = self.mixer.infer(self.norm(h), packed, last_only)
+        return self._ffn((h[packed.last] if last_only else h) + self.dropout(y))
 
 
 class MambaEncoder(SequenceEncoder):
@@ -302,18 +334,19 @@ class MambaEncoder(SequenceEncoder):
     def last_hidden(
         self, items: Tensor, categories: Tensor | None = None, event_types: Tensor | None = None
     ) -> Tensor:
-        """`SequenceEncoder.last_hidden`. In eval mode without gradients the last block runs its gate,
-        out_proj and feed-forward at each row's last event only, and no scan goes past a row's length."""
+        """`SequenceEncoder.last_hidden`. In eval mode without gradients only the real events are encoded
+        (`Packed`; the conv and the scan alone see the padded layout, and no scan goes past a row's
+        length), and the last block runs its gate, out_proj and feed-forward at each row's last event."""
         if self.training or torch.is_grad_enabled():
             return super().last_hidden(items, categories, event_types)
         mask = self.check_inputs(items, categories, event_types)
-        lengths = mask.sum(1)
-        h = self.embed(items, categories, event_types)
-        m = mask.to(h.dtype)
-        for block in self.blocks[:-1]:
-            h = block(h, m)[0]
-        h = self.blocks[-1].infer(h, lengths, last_only=True)
-        return self.norm(h) * (lengths > 0).to(h.dtype)[:, None]
+        if not mask.any():
+            return self.item_emb.weight.new_zeros(items.shape[0], self.d_model)
+        packed = Packed.of(mask)
+        h = self.embed(items[mask], select(categories, mask), select(event_types, mask))
+        for i, block in enumerate(self.blocks):
+            h = block.infer(h, packed, last_only=i == len(self.blocks) - 1)
+        return self.norm(h) * (packed.lengths > 0).to(h.dtype)[:, None]
 
     # ---- streaming and long histories -----------------------------------------------------------
 

@@ -105,7 +105,8 @@ def bench_topk(cfg: DictConfig) -> dict[str, Any]:
     n_events = sum(int(b["lengths"].sum()) for b in batches)
     rows = []
     for name in cfg.encoders:
-        model = build_model(cfg, name, manifest["n_items"])
+        # a positional table (SASRec) long enough for max_len events; untrained either way
+        model = build_model(cfg, name, manifest["n_items"], max_len=max(t.max_len, cfg.models[name].max_len))
         with torch.inference_mode():
             score_batches(model, batches[:1], cfg.k)  # warm-up (numba compile, allocator)
             sec = median_seconds(lambda m=model: score_batches(m, batches, cfg.k), t.repeats, warm_up=False)

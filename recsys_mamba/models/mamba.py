@@ -51,9 +51,10 @@ class Packed(NamedTuple):
         """(B, L, d) -> (T, d)."""
         return x.reshape(-1, x.shape[-1])[self.index]
 
-    def unpack(self, x: Tensor) -> Tensor:
-        """(T, d) -> (B, L, d), zeros at padding."""
-        out = x.new_zeros(self.shape[0] * self.shape[1], x.shape[-1])
+    def unpack(self, x: Tensor, fill: bool = True) -> Tensor:
+        """(T, d) -> (B, L, d), zeros at padding (fill=False: whatever the memory held)."""
+        size = (self.shape[0] * self.shape[1], x.shape[-1])
+        out = x.new_zeros(size) if fill else x.new_empty(size)
         return out.index_copy_(0, self.index, x).view(*self.shape, -1)
 
 
@@ -170,24 +171,28 @@ class MambaMixer(nn.Module):
 
     def infer(self, h: Tensor, packed: Packed, last_only: bool = False) -> Tensor:
         """`forward` without a state, for inference (no gradients), on the real events alone: h (T, d_model)
-        packed (`Packed`) -> (T, d_model). Only the conv and the scan see the padded (B, L) layout, and
-        the scan stops at each row's length (`ops.inference`). last_only: (B, d_model), each row's output
-        at its last event alone, so z (the gate) and out_proj run at that position only."""
-        x = self._conv(packed.unpack(self._x(h)), None)
+        packed (`Packed`) -> (T, d_model). Only the conv and the scan see the padded (B, L) layout, their
+        padding left unwritten: a causal conv never reads it at a real event, and the scan stops at each
+        row's length (`ops.inference`). last_only: (B, d_model), each row's output at its last event
+        alone, so z (the gate) and out_proj run at that position only."""
+        x = packed.pack(self._conv(packed.unpack(self._x(h), fill=False), None))
         dt, B, C = self._ssm_inputs(x)
-        lengths = packed.lengths
-        z = self._gate(h[packed.last]) if last_only else packed.unpack(self._gate(h)).transpose(1, 2)
+
+        def padded(t: Tensor) -> Tensor:  # (T, k) -> (B, k, L), selective_scan_fn's layout
+            return packed.unpack(t, fill=False).transpose(1, 2)
+
+        z = self._gate(h[packed.last]) if last_only else padded(self._gate(h))
         y = selective_scan_inference(
-            x.transpose(1, 2),
-            dt.transpose(1, 2),
+            padded(x),
+            padded(dt),
             -torch.exp(self.A_log.float()),
-            B.transpose(1, 2),
-            C.transpose(1, 2),
+            padded(B),
+            padded(C),
             self.D.float(),
             z,
             delta_bias=self.dt_proj.bias,
             delta_softplus=True,
-            lengths=lengths,
+            lengths=packed.lengths,
             last_only=last_only,
             backend=self.scan_backend,
         )

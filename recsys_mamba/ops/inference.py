@@ -55,10 +55,11 @@ def selective_scan_inference(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """`selective_scan`'s forward, without gradients, for right-padded rows.
 
-    lengths (batch,): the real steps of each row (None: all `length`); steps past it are not scanned,
-    their outputs are 0 and the last state is the one after the row's last real step. last_only: out is
-    (batch, dim), each row's output at its last real step (0 for a row of length 0); z may then be
-    (batch, dim), the gate of that step alone, so the caller need not project z at every step.
+    lengths (batch,): the real steps of each row (None: all `length`); steps past it are not scanned
+    (their inputs may hold anything, even NaN), their outputs are 0 and the last state is the one after
+    the row's last real step. last_only: out is (batch, dim), each row's output at its last real step
+    (0 for a row of length 0); z may then be (batch, dim), the gate of that step alone, so the caller
+    need not project z at every step.
     Returns out (in u's dtype), or (out, last_state) as `selective_scan` does.
     """
     z_full = z if z is None or z.dim() == 3 else None
@@ -87,14 +88,20 @@ def inference_from_scan(
         torch.full((batch,), length, device=u.device) if lengths is None else lengths.long().clamp(0, length)
     )
     valid = torch.arange(length, device=u.device)[None, :] < steps[:, None]
+
+    def real(t: torch.Tensor | None) -> torch.Tensor | None:
+        """t with its steps past each row's length, which may hold anything (even NaN), zeroed."""
+        return None if t is None else torch.where(valid.view(batch, *[1] * (t.dim() - 2), length), t, 0)
+
     ct = compute_dtype(u, delta, A, B, C, D, z, delta_bias, initial_state)
     dt = delta.to(ct)
     if delta_bias is not None:
         dt = dt + delta_bias.to(ct)[:, None]
     if softplus:
         dt = F.softplus(dt)
-    dt = dt * valid[:, None, :]
-    out, state = scan(u, dt, A, B, C, D, z_full, None, False, True, initial_state)
+    out, state = scan(
+        real(u), real(dt), A, real(B), real(C), D, real(z_full), None, False, True, initial_state
+    )
     if last_only:
         rows = torch.arange(batch, device=u.device)
         out = out[rows, :, (steps - 1).clamp(min=0)] * (steps > 0)[:, None]

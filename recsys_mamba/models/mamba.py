@@ -39,31 +39,25 @@ class Packed(NamedTuple):
     lengths: Tensor  # (B,) real events per row
     last: Tensor  # (B,) each row's last event among the T (0 for a row without events)
     shape: tuple[int, int]  # (B, L)
-    spans: tuple[tuple[int, int, int], ...]  # (row, first event among the T, length) of each non-empty row
 
     @classmethod
     def of(cls, mask: Tensor) -> Packed:
         """mask (B, L), True at real events (right padding)."""
         lengths = mask.sum(1)
         ends = lengths.cumsum(0)
-        spans = tuple(
-            (b, e - n, n) for b, (e, n) in enumerate(zip(ends.tolist(), lengths.tolist(), strict=True)) if n
-        )
         index = mask.flatten().nonzero().squeeze(1)
-        return cls(index, lengths, (ends - 1).clamp(min=0), tuple(mask.shape), spans)
+        return cls(index, lengths, (ends - 1).clamp(min=0), tuple(mask.shape))
 
     def pack(self, x: Tensor) -> Tensor:
         """(B, L, d) -> (T, d)."""
         return x.reshape(-1, x.shape[-1]).index_select(0, self.index)
 
     def unpack(self, x: Tensor, fill: bool = True) -> Tensor:
-        """(T, d) -> (B, L, d), zeros at padding (fill=False: whatever the memory held). Row by row: a
-        copy of each row's events, 2-3x faster on CPU than index_copy_ or a masked scatter."""
-        size = (*self.shape, x.shape[-1])
+        """(T, d) -> (B, L, d), zeros at padding (fill=False: whatever the memory held)."""
+        size = (self.shape[0] * self.shape[1], x.shape[-1])
         out = x.new_zeros(size) if fill else x.new_empty(size)
-        for b, start, n in self.spans:
-            out[b, :n] = x[start : start + n]
-        return out
+        # index_copy_, not a copy per row: at L = 2,000 the row copies made last_hidden 3x slower
+        return out.index_copy_(0, self.index, x).view(*self.shape, -1)
 
 
 class MambaMixer(nn.Module):

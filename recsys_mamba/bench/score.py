@@ -74,20 +74,20 @@ def _load_batches(folder: Path, max_len: int, batch_size: int, max_users: int | 
         for i, (r, s) in enumerate(zip(recent, part, strict=True)):
             items[i, : len(r)] = r
             seen[i, : len(s)] = s
-        batches.append({
-            "items": torch.from_numpy(items),
-            "lengths": torch.tensor([len(r) for r in recent]),
-            "seen": torch.from_numpy(seen),
-        })
+        batches.append(
+            {
+                "items": torch.from_numpy(items),
+                "lengths": torch.tensor([len(r) for r in recent]),
+                "seen": torch.from_numpy(seen),
+            }
+        )
     return batches
 
 
 def score_batches(model: SequenceEncoder, batches: list[dict], k: int) -> list[Tensor]:
     out = []
     for b in batches:
-        hidden = model(b["items"])
-        last = hidden[torch.arange(hidden.shape[0]), b["lengths"] - 1]
-        out.append(top_k(model, last, b["seen"], k))
+        out.append(top_k(model, model.last_hidden(b["items"]), b["seen"], k))
     return out
 
 
@@ -105,12 +105,20 @@ def bench_topk(cfg: DictConfig) -> dict[str, Any]:
     n_events = sum(int(b["lengths"].sum()) for b in batches)
     rows = []
     for name in cfg.encoders:
-        model = build_model(cfg, name, manifest["n_items"])
+        # a positional table (SASRec) long enough for max_len events; untrained either way
+        model = build_model(cfg, name, manifest["n_items"], max_len=max(t.max_len, cfg.models[name].max_len))
         with torch.inference_mode():
             score_batches(model, batches[:1], cfg.k)  # warm-up (numba compile, allocator)
             sec = median_seconds(lambda m=model: score_batches(m, batches, cfg.k), t.repeats, warm_up=False)
-        rows.append({"encoder": name, "users": n_users, "events_encoded": n_events, "seconds": sec,
-                     "users_per_s": n_users / sec})
+        rows.append(
+            {
+                "encoder": name,
+                "users": n_users,
+                "events_encoded": n_events,
+                "seconds": sec,
+                "users_per_s": n_users / sec,
+            }
+        )
         print(f"  (a) {name:6s}: {n_users} users in {sec:.2f} s = {n_users / sec:,.0f} users/s", flush=True)
     return base | {"folder": str(folder), "n_items": manifest["n_items"], "rows": rows}
 
@@ -118,8 +126,15 @@ def bench_topk(cfg: DictConfig) -> dict[str, Any]:
 # ---- (b) streaming against re-encoding ------------------------------------------------------------
 
 
-def bench_stream_one(model: SequenceEncoder, H: int, n_items: int, k: int, step_repeats: int,
-                     encode_repeats: int, generator: torch.Generator) -> dict[str, Any]:
+def bench_stream_one(
+    model: SequenceEncoder,
+    H: int,
+    n_items: int,
+    k: int,
+    step_repeats: int,
+    encode_repeats: int,
+    generator: torch.Generator,
+) -> dict[str, Any]:
     history = torch.randint(1, n_items + 1, (1, H + 1), generator=generator)
     new = history[:, H]  # the new event; all H + 1 events are excluded from the top-K as seen
     state = model.prefill(history[:, :H])
@@ -169,8 +184,14 @@ def _bench_stream(cfg: DictConfig) -> dict[str, Any]:
     s = cfg.stream
     histories = [int(h) for h in s.histories]
     generator = torch.Generator().manual_seed(cfg.seed)
-    out: dict[str, Any] = {"n_items": s.n_items, "k": cfg.k, "batch": 1, "histories": histories,
-                           "threads": torch.get_num_threads(), "encoders": {}}
+    out: dict[str, Any] = {
+        "n_items": s.n_items,
+        "k": cfg.k,
+        "batch": 1,
+        "histories": histories,
+        "threads": torch.get_num_threads(),
+        "encoders": {},
+    }
     for name in cfg.encoders:
         overrides: dict[str, Any] = {}
         hs = histories
@@ -182,15 +203,22 @@ def _bench_stream(cfg: DictConfig) -> dict[str, Any]:
         rows = []
         with torch.inference_mode():
             for H in hs:
-                row = bench_stream_one(model, H, int(s.n_items), cfg.k, s.step_repeats, s.encode_repeats,
-                                       generator)
+                row = bench_stream_one(
+                    model, H, int(s.n_items), cfg.k, s.step_repeats, s.encode_repeats, generator
+                )
                 rows.append(row)
-                print(f"  (b) {name:6s} H={H:6d}: step {row['step_ms']:.3f} ms, +score "
-                      f"{row['step_score_ms']:.3f} ms; re-encode {row['encode_ms']:.2f} ms, +score "
-                      f"{row['encode_score_ms']:.2f} ms; {row['speedup']:.1f}x", flush=True)
+                print(
+                    f"  (b) {name:6s} H={H:6d}: step {row['step_ms']:.3f} ms, +score "
+                    f"{row['step_score_ms']:.3f} ms; re-encode {row['encode_ms']:.2f} ms, +score "
+                    f"{row['encode_score_ms']:.2f} ms; {row['speedup']:.1f}x",
+                    flush=True,
+                )
         skipped = [h for h in histories if h not in hs]
-        out["encoders"][name] = {"max_len": overrides.get("max_len", model.max_len), "rows": rows,
-                                 "skipped_histories": skipped}
+        out["encoders"][name] = {
+            "max_len": overrides.get("max_len", model.max_len),
+            "rows": rows,
+            "skipped_histories": skipped,
+        }
         if rows:
             first, last = rows[0], rows[-1]
             out["encoders"][name]["step_growth"] = last["step_ms"] / first["step_ms"]
@@ -208,9 +236,12 @@ def targets(result: dict[str, Any]) -> dict[str, Any]:
     if not mamba or not mamba["rows"]:
         return {}
     at = {r["H"]: r for r in mamba["rows"]}
-    out = {"step_growth": mamba["step_growth"], "step_growth_met": mamba["step_growth"] <= 1.2,
-           "step_score_growth": mamba["step_score_growth"],
-           "step_score_growth_met": mamba["step_score_growth"] <= 1.2}
+    out = {
+        "step_growth": mamba["step_growth"],
+        "step_growth_met": mamba["step_growth"] <= 1.2,
+        "step_score_growth": mamba["step_score_growth"],
+        "step_score_growth_met": mamba["step_score_growth"] <= 1.2,
+    }
     if 1000 in at:
         out["speedup_at_1000"] = at[1000]["speedup"]
         out["speedup_at_1000_met"] = at[1000]["speedup"] >= 20
@@ -223,22 +254,30 @@ def markdown_tables(result: dict[str, Any]) -> str:
     lines = []
     topk = result.get("topk")
     if topk is not None:
-        lines += [f"(a) top-{topk['k']} batch scoring on {topk['data']}: last {topk['max_len']} events, "
-                  f"score all items, exclude seen, batch {topk['batch_size']}",
-                  "", "| encoder | users | seconds | users/s |", "|---|---|---|---|"]
+        lines += [
+            f"(a) top-{topk['k']} batch scoring on {topk['data']}: last {topk['max_len']} events, "
+            f"score all items, exclude seen, batch {topk['batch_size']}",
+            "",
+            "| encoder | users | seconds | users/s |",
+            "|---|---|---|---|",
+        ]
         if topk.get("skipped"):
             lines.append(f"| - | {topk['skipped']} | | |")
         for r in topk["rows"]:
             lines.append(
-                f"| {r['encoder']} | {r['users']:,} | {r['seconds']:.2f} | {r['users_per_s']:,.0f} |")
+                f"| {r['encoder']} | {r['users']:,} | {r['seconds']:.2f} | {r['users_per_s']:,.0f} |"
+            )
         lines.append("")
     stream = result.get("stream")
     if stream is not None:
-        lines += [f"(b) per-event latency, batch 1, {stream['threads']} thread(s), ms (medians); "
-                  f"score = score_all over {stream['n_items']:,} items + exclude seen + top-{stream['k']}",
-                  "", "| encoder | H | step | step+score | re-encode | re-encode+score | re-encode / step "
-                  "| (with score) | step vs H=first | state KiB |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"(b) per-event latency, batch 1, {stream['threads']} thread(s), ms (medians); "
+            f"score = score_all over {stream['n_items']:,} items + exclude seen + top-{stream['k']}",
+            "",
+            "| encoder | H | step | step+score | re-encode | re-encode+score | re-encode / step "
+            "| (with score) | step vs H=first | state KiB |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for name, enc in stream["encoders"].items():
             base = enc["rows"][0] if enc["rows"] else None
             for r in enc["rows"]:
@@ -246,7 +285,8 @@ def markdown_tables(result: dict[str, Any]) -> str:
                     f"| {name} | {r['H']:,} | {r['step_ms']:.3f} | {r['step_score_ms']:.3f} | "
                     f"{r['encode_ms']:.2f} | {r['encode_score_ms']:.2f} | {r['speedup']:.1f}x | "
                     f"{r['speedup_with_score']:.1f}x | {r['step_ms'] / base['step_ms']:.2f}x | "
-                    f"{r['state_bytes'] / 1024:,.0f} |")
+                    f"{r['state_bytes'] / 1024:,.0f} |"
+                )
             for h in enc["skipped_histories"]:
                 lines.append(f"| {name} | {h:,} | skipped: above sasrec_max_history | | | | | | | |")
     return "\n".join(lines)

@@ -22,6 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 from recsys_mamba.errors import RecsysError
 from recsys_mamba.ops.linear_ce import SparseScore, linear_cross_entropy
+from recsys_mamba.sequences.padding import gather_last
 
 State = dict[str, Tensor]
 
@@ -140,6 +141,18 @@ class SequenceEncoder(nn.Module):
         self, items: Tensor, categories: Tensor | None = None, event_types: Tensor | None = None
     ) -> Tensor:
         raise NotImplementedError
+
+    def encode_last(self, batch: Mapping[str, Tensor]) -> Tensor:
+        """`last_hidden` on a batch dict, as `encode` is `forward` on one."""
+        return self.last_hidden(batch["items"], batch.get("categories"), batch.get("event_types"))
+
+    def last_hidden(
+        self, items: Tensor, categories: Tensor | None = None, event_types: Tensor | None = None
+    ) -> Tensor:
+        """The hidden state at each row's last real event (B, d_model), what ranking the next item
+        reads: `forward` gathered at position length - 1 (position 0 for a row without events). An
+        encoder may compute that position alone when nothing needs a gradient."""
+        return gather_last(self(items, categories, event_types), (items != 0).sum(1))
 
     def run_block(self, block: nn.Module, *args: Any) -> Any:
         """`block(*args)`, recomputed in the backward pass when gradient checkpointing is on."""

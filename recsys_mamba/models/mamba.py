@@ -15,7 +15,7 @@ at a time and `encode_long` encodes very long histories chunk by chunk with boun
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -25,9 +25,39 @@ from recsys_mamba.errors import RecsysError
 from recsys_mamba.models.base import Dropout, FeedForward, SequenceEncoder, State, select
 from recsys_mamba.ops import selective_scan, selective_state_update
 from recsys_mamba.ops.conv import causal_conv1d
+from recsys_mamba.ops.inference import selective_scan_inference
 from recsys_mamba.ops.norm import FUSED_MIN_NUMEL, rms_norm
 
 LayerState = tuple[Tensor, Tensor]  # conv window (B, d_inner, d_conv - 1), SSM state (B, d_inner, d_state)
+
+
+class Packed(NamedTuple):
+    """The real events of a right-padded (B, L) batch, in row order: inference runs its position-wise
+    layers (projections, norms, feed-forward) on these T events alone, not on the padding."""
+
+    index: Tensor  # (T,) each event's position in the flattened B * L
+    lengths: Tensor  # (B,) real events per row
+    last: Tensor  # (B,) each row's last event among the T (0 for a row without events)
+    shape: tuple[int, int]  # (B, L)
+
+    @classmethod
+    def of(cls, mask: Tensor) -> Packed:
+        """mask (B, L), True at real events (right padding)."""
+        lengths = mask.sum(1)
+        ends = lengths.cumsum(0)
+        index = mask.flatten().nonzero().squeeze(1)
+        return cls(index, lengths, (ends - 1).clamp(min=0), tuple(mask.shape))
+
+    def pack(self, x: Tensor) -> Tensor:
+        """(B, L, d) -> (T, d)."""
+        return x.reshape(-1, x.shape[-1]).index_select(0, self.index)
+
+    def unpack(self, x: Tensor, fill: bool = True) -> Tensor:
+        """(T, d) -> (B, L, d), zeros at padding (fill=False: whatever the memory held)."""
+        size = (self.shape[0] * self.shape[1], x.shape[-1])
+        out = x.new_zeros(size) if fill else x.new_empty(size)
+        # index_copy_, not a copy per row: at L = 2,000 the row copies made last_hidden 3x slower
+        return out.index_copy_(0, self.index, x).view(*self.shape, -1)
 
 
 class MambaMixer(nn.Module):
@@ -75,27 +105,42 @@ class MambaMixer(nn.Module):
         # grad^T @ dt with its output dt_rank wide (BENCHMARKS.md, "Encoders against sequence length").
         return torch.matmul(dt, self.dt_proj.weight.t().contiguous()), B, C
 
+    def _x(self, h: Tensor) -> Tensor:
+        """x, the scan's input before the conv: (..., d_model) -> (..., d_inner)."""
+        # Two projections (this one and `_gate`), not one split in two: each output is contiguous
+        # channels-last (B, L, d_inner), the layout the conv, x_proj and the CPU scan all read without
+        # copying.
+        return F.linear(h, self.in_proj.weight[: self.d_inner])
+
+    def _conv(self, x: Tensor, conv_state: Tensor | None) -> Tensor:
+        """The causal conv + SiLU of x (B, L, d_inner). The carried conv window (zeros at the start) is
+        its left context, so it continues across chunks. Channels last in and out: (B, d_inner, L)
+        views of (B, L, d_inner) memory."""
+        return causal_conv1d(
+            x.transpose(1, 2),
+            self.conv1d.weight[:, 0],
+            self.conv1d.bias,
+            initial_states=conv_state,
+            activation="silu",
+            backend=self.scan_backend,
+        ).transpose(1, 2)
+
+    def _gate(self, h: Tensor) -> Tensor:
+        """z, the input of the output gate SiLU(z): (..., d_model) -> (..., d_inner)."""
+        return F.linear(h, self.in_proj.weight[self.d_inner :])
+
     def forward(
         self, h: Tensor, mask: Tensor, state: LayerState | None = None
     ) -> tuple[Tensor, LayerState | None]:
         """h (B, L, d_model), mask (B, L) -> (B, L, d_model) and, when a state came in, the state after it."""
-        # Two projections, not one split in two: each output is contiguous channels-last (B, L, d_inner),
-        # the layout the conv, x_proj and the CPU scan all read without copying.
-        w_x, w_z = self.in_proj.weight.chunk(2, dim=0)
-        x, z = F.linear(h, w_x), F.linear(h, w_z)
-        # The carried conv window (zeros at the start) is the conv's left context, so it continues
-        # across chunks. Channels last in and out: (B, d_inner, L) views of (B, L, d_inner) memory.
-        x_in = x
-        x = causal_conv1d(
-            x.transpose(1, 2),
-            self.conv1d.weight[:, 0],
-            self.conv1d.bias,
-            initial_states=None if state is None else state[0],
-            activation="silu",
-            backend=self.scan_backend,
-        ).transpose(1, 2)
-        dt, B, C = self._ssm_inputs(x)
         carry = state is not None
+        if not carry and not torch.is_grad_enabled():
+            packed = Packed.of(mask > 0)
+            return packed.unpack(self.infer(packed.pack(h), packed)), None
+        x_in = self._x(h)
+        x = self._conv(x_in, state[0] if carry else None)
+        z = self._gate(h)
+        dt, B, C = self._ssm_inputs(x)
         if carry:
             # dt = 0 at padding: the state passes through unchanged, so the state carried out is the one
             # after each row's last real event. Without a carried state padding needs nothing: it only
@@ -126,6 +171,35 @@ class MambaMixer(nn.Module):
         window = x_padded.gather(1, idx.expand(-1, -1, self.d_inner)).transpose(1, 2)
         return self.out_proj(y.transpose(1, 2)), (window.to(state[0].dtype), ssm.to(state[1].dtype))
 
+    def infer(self, h: Tensor, packed: Packed, last_only: bool = False) -> Tensor:
+        """`forward` without a state, for inference (no gradients), on the real events alone: h (T, d_model)
+        packed (`Packed`) -> (T, d_model). Only the conv and the scan see the padded (B, L) layout, their
+        padding left unwritten: a causal conv never reads it at a real event, and the scan stops at each
+        row's length (`ops.inference`). last_only: (B, d_model), each row's output at its last event
+        alone, so z (the gate) and out_proj run at that position only."""
+        x = packed.pack(self._conv(packed.unpack(self._x(h), fill=False), None))
+        dt, B, C = self._ssm_inputs(x)
+
+        def padded(t: Tensor) -> Tensor:  # (T, k) -> (B, k, L), selective_scan_fn's layout
+            return packed.unpack(t, fill=False).transpose(1, 2)
+
+        z = self._gate(h[packed.last]) if last_only else padded(self._gate(h))
+        y = selective_scan_inference(
+            padded(x),
+            padded(dt),
+            -torch.exp(self.A_log.float()),
+            padded(B),
+            padded(C),
+            self.D.float(),
+            z,
+            delta_bias=self.dt_proj.bias,
+            delta_softplus=True,
+            lengths=packed.lengths,
+            last_only=last_only,
+            backend=self.scan_backend,
+        )
+        return self.out_proj(y if last_only else packed.pack(y.transpose(1, 2)))
+
     def step(self, h: Tensor, state: LayerState) -> tuple[Tensor, LayerState]:
         """One event: h (B, d_model) -> (B, d_model) and the next state; the input state is not modified."""
         x, z = self.in_proj(h).chunk(2, dim=-1)  # (B, d_inner) each
@@ -134,7 +208,15 @@ class MambaMixer(nn.Module):
         dt, B, C = self._ssm_inputs(x)
         ssm = state[1].clone()
         y = selective_state_update(
-            ssm, x, dt, -torch.exp(self.A_log.float()), B, C, self.D.float(), z, dt_bias=self.dt_proj.bias,
+            ssm,
+            x,
+            dt,
+            -torch.exp(self.A_log.float()),
+            B,
+            C,
+            self.D.float(),
+            z,
+            dt_bias=self.dt_proj.bias,
             dt_softplus=True,
         )
         return self.out_proj(y), (window[:, :, 1:], ssm)
@@ -188,6 +270,12 @@ class MambaBlock(nn.Module):
     def step(self, h: Tensor, state: LayerState) -> tuple[Tensor, LayerState]:
         y, state = self.mixer.step(self.norm(h), state)
         return self._ffn(h + self.dropout(y)), state
+
+    def infer(self, h: Tensor, packed: Packed, last_only: bool = False) -> Tensor:
+        """`forward` for inference on packed real events (`MambaMixer.infer`): (T, d_model) ->
+        (T, d_model), or with last_only (B, d_model) at each row's last event."""
+        y = self.mixer.infer(self.norm(h), packed, last_only)
+        return self._ffn((h[packed.last] if last_only else h) + self.dropout(y))
 
 
 class MambaEncoder(SequenceEncoder):
@@ -249,6 +337,23 @@ class MambaEncoder(SequenceEncoder):
         for block in self.blocks:
             h = self.run_block(block, h, m)[0]
         return self.norm(h) * m[..., None]
+
+    def last_hidden(
+        self, items: Tensor, categories: Tensor | None = None, event_types: Tensor | None = None
+    ) -> Tensor:
+        """`SequenceEncoder.last_hidden`. In eval mode without gradients only the real events are encoded
+        (`Packed`; the conv and the scan alone see the padded layout, and no scan goes past a row's
+        length), and the last block runs its gate, out_proj and feed-forward at each row's last event."""
+        if self.training or torch.is_grad_enabled():
+            return super().last_hidden(items, categories, event_types)
+        mask = self.check_inputs(items, categories, event_types)
+        if not mask.any():
+            return self.item_emb.weight.new_zeros(items.shape[0], self.d_model)
+        packed = Packed.of(mask)
+        h = self.embed(items[mask], select(categories, mask), select(event_types, mask))
+        for i, block in enumerate(self.blocks):
+            h = block.infer(h, packed, last_only=i == len(self.blocks) - 1)
+        return self.norm(h) * (packed.lengths > 0).to(h.dtype)[:, None]
 
     # ---- streaming and long histories -----------------------------------------------------------
 

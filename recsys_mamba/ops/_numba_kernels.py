@@ -57,13 +57,15 @@ def _fast_exp_impl(x):
 
     # Horner written out: a loop over a coefficient tuple is not unrolled and stops vectorisation.
     if bits == 32:
+
         def taylor(r):
             return c0 + r * (c1 + r * (c2 + r * (c3 + r * (c4 + r * (c5 + r * (c6 + r * c7))))))
     else:
+
         def taylor(r):
             p = c8 + r * (c9 + r * (c10 + r * (c11 + r * c12)))
-            return c0 + r * (c1 + r * (c2 + r * (c3 + r * (c4 + r * (c5 + r * (c6 + r * (
-                c7 + r * p)))))))
+            return c0 + r * (c1 + r * (c2 + r * (c3 + r * (c4 + r * (c5 + r * (c6 + r * (c7 + r * p)))))))
+
     taylor = njit(inline="always", fastmath=True)(taylor)
 
     def impl(x):
@@ -71,6 +73,7 @@ def _fast_exp_impl(x):
         k = np.floor(x * log2e + half)  # math.floor would return an int64 and turn float32 into float64
         r = (x - k * ln2_hi) - k * ln2_lo
         return taylor(r) * i((k + bias) * scale).view(f)
+
     return impl
 
 
@@ -89,8 +92,10 @@ def _fast_softplus_impl(x):
     f = np.float32 if x.bitwidth == 32 else np.float64
     zero, two = f(0), f(2)
     if x.bitwidth == 64:
+
         def impl64(x):
             return max(x, zero) + math.log1p(fast_exp(-abs(x)))
+
         return impl64
     c1, c3, c5, c7, c9, c11, c13, c15 = (f(2.0 / n) for n in (1, 3, 5, 7, 9, 11, 13, 15))
 
@@ -100,6 +105,7 @@ def _fast_softplus_impl(x):
         q = s * s
         p = c1 + q * (c3 + q * (c5 + q * (c7 + q * (c9 + q * (c11 + q * (c13 + q * c15))))))
         return max(x, zero) + s * p
+
     return impl
 
 
@@ -115,71 +121,166 @@ def _block(task, nd, ngroups):
     return b, g, j, d0, min(W, (g + 1) * dpg - d0)
 
 
+@njit(inline="always")
+def _load_block(At, h0, D, bias, b, d0, nw):
+    """A task's channels d0 .. d0 + nw in W lanes: A transposed and the starting state (N, W), D (W,),
+    and the step-size bias (nw,). Lanes past nw stay zero (dt = 0: their state stays 0), so every inner
+    loop runs exactly W times: a constant trip count LLVM turns into whole vectors."""
+    N = At.shape[0]
+    An = np.zeros((N, W), dtype=At.dtype)
+    h = np.zeros((N, W), dtype=At.dtype)
+    for n in range(N):
+        for w in range(nw):
+            An[n, w] = At[n, d0 + w]
+            h[n, w] = h0[b, d0 + w, n]
+    Db = np.zeros(W, dtype=At.dtype)
+    Db[:nw] = D[d0 : d0 + nw]
+    return An, h, Db, bias[d0 : d0 + nw].copy()
+
+
+@njit(inline="always")
+def _step_size(rt, biasb, softplus, dst, nw):
+    """dst[:nw] = the step size from raw rt: rt + bias, softplus'd when asked."""
+    if softplus:
+        for w in range(nw):
+            dst[w] = fast_softplus(rt[w] + biasb[w])
+    else:
+        for w in range(nw):
+            dst[w] = rt[w] + biasb[w]
+
+
+@njit(inline="always")
+def _update_and_read(B, C, b, g, t, An, h, dtb, dtu, y):
+    """h = exp(dt A) h + dt u B_t in place, and y += <C_t, h> per lane."""
+    for n in range(An.shape[0]):
+        bn = B[b, g, t, n]
+        cn = C[b, g, t, n]
+        hn = h[n]
+        an = An[n]
+        for w in range(W):
+            v = fast_exp(dtb[w] * an[w]) * hn[w] + dtu[w] * bn
+            hn[w] = v
+            y[w] += v * cn
+
+
+@njit(inline="always")
+def _gate(y, zt, nw):
+    """y[:nw] *= silu(zt); zt a slice, not z[b, t, d0 + w]: with it the loop vectorises (1.5x)."""
+    one = y.dtype.type(1)  # a float literal would promote float32 math
+    for w in range(nw):
+        zw = zt[w]
+        y[w] *= zw / (one + fast_exp(-zw))
+
+
 @njit(parallel=True, fastmath=True, cache=True)
 def scan_fwd(u, delta, bias, softplus, At, B, C, D, z, h0, has_z, K, out, last, ckpt, dt):  # pragma: no cover
     """delta (batch, L, dim) is the raw step input: dt = delta + bias, softplus'd when asked, is what
     the recurrence uses, and it is written to dt (batch, L, dim) for the backward."""
     nb, L, nd = u.shape
-    N = At.shape[0]
     ngroups = B.shape[1]
     bpg = (nd // ngroups + W - 1) // W
-    one = u.dtype.type(1)  # a float literal would promote float32 math
     for task in prange(nb * ngroups * bpg):
         b, g, _, d0, nw = _block(task, nd, ngroups)
-        # Lanes past nw stay zero (dt = 0: their state stays 0), so every inner loop runs exactly W
-        # times: a constant trip count LLVM turns into whole vectors.
-        An = np.zeros((N, W), dtype=u.dtype)
-        h = np.zeros((N, W), dtype=u.dtype)
-        for n in range(N):
-            for w in range(nw):
-                An[n, w] = At[n, d0 + w]
-                h[n, w] = h0[b, d0 + w, n]
+        An, h, Db, biasb = _load_block(At, h0, D, bias, b, d0, nw)
         dtb = np.zeros(W, dtype=u.dtype)
         ub = np.zeros(W, dtype=u.dtype)
-        Db = np.zeros(W, dtype=u.dtype)
-        Db[:nw] = D[d0:d0 + nw]
-        biasb = bias[d0:d0 + nw].copy()
         dtu = np.empty(W, dtype=u.dtype)
         y = np.empty(W, dtype=u.dtype)
         for t in range(L):
             if t % K == 0:
-                ckpt[b, t // K, :, d0:d0 + nw] = h[:, :nw]
-            rt = delta[b, t, d0:d0 + nw]
-            dto = dt[b, t, d0:d0 + nw]
-            if softplus:
-                for w in range(nw):
-                    dto[w] = fast_softplus(rt[w] + biasb[w])
-            else:
-                for w in range(nw):
-                    dto[w] = rt[w] + biasb[w]
+                ckpt[b, t // K, :, d0 : d0 + nw] = h[:, :nw]
+            dto = dt[b, t, d0 : d0 + nw]
+            _step_size(delta[b, t, d0 : d0 + nw], biasb, softplus, dto, nw)
             dtb[:nw] = dto
-            ub[:nw] = u[b, t, d0:d0 + nw]
+            ub[:nw] = u[b, t, d0 : d0 + nw]
             for w in range(W):
                 dtu[w] = dtb[w] * ub[w]
                 y[w] = Db[w] * ub[w]
-            for n in range(N):
-                bn = B[b, g, t, n]
-                cn = C[b, g, t, n]
-                hn = h[n]
-                an = An[n]
-                for w in range(W):
-                    v = fast_exp(dtb[w] * an[w]) * hn[w] + dtu[w] * bn
-                    hn[w] = v
-                    y[w] += v * cn
+            _update_and_read(B, C, b, g, t, An, h, dtb, dtu, y)
             if has_z:
-                zt = z[b, t, d0:d0 + nw]  # a slice, not z[b, t, d0 + w]: with it the loop vectorises (1.5x)
-                for w in range(nw):
-                    zw = zt[w]
-                    y[w] *= zw / (one + fast_exp(-zw))
-            out[b, t, d0:d0 + nw] = y[:nw]
-        for n in range(N):
+                _gate(y, z[b, t, d0 : d0 + nw], nw)
+            out[b, t, d0 : d0 + nw] = y[:nw]
+        for n in range(h.shape[0]):
             for w in range(nw):
                 last[b, d0 + w, n] = h[n, w]
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def scan_bwd(u, dt, softplus, At, B, C, D, z, has_z, K, ckpt, dout, dlast,
-             du, ddt, dz, dA_bd, dD_bd, dB_part, dC_part, dh0):  # pragma: no cover
+def scan_infer(
+    u, delta, bias, softplus, At, B, C, D, z, h0, has_z, lengths, last_only, out, last
+):  # pragma: no cover
+    """scan_fwd's recurrence for inference: no checkpoints and no dt kept for a backward, and each row
+    stops after its `lengths[b]` real steps (right padding is never scanned; `last` is the state after
+    them). out is (batch, L, dim) with zeros past each row's length, or with last_only (batch, 1, dim):
+    only the output at the row's last real step (zeros for a row without steps), so the steps before
+    it update the state and skip C, D and the gate; z is then (batch, 1, dim), that step's gate. Per
+    step the arithmetic is scan_fwd's, in its order, so the outputs agree with it to the last bit the
+    compiler keeps."""
+    nb, L, nd = u.shape
+    N = At.shape[0]
+    ngroups = B.shape[1]
+    bpg = (nd // ngroups + W - 1) // W
+    for task in prange(nb * ngroups * bpg):
+        b, g, _, d0, nw = _block(task, nd, ngroups)
+        An, h, Db, biasb = _load_block(At, h0, D, bias, b, d0, nw)
+        dtb = np.zeros(W, dtype=u.dtype)
+        ub = np.zeros(W, dtype=u.dtype)
+        dtu = np.empty(W, dtype=u.dtype)
+        y = np.empty(W, dtype=u.dtype)
+        steps = min(L, max(0, lengths[b]))
+        for t in range(steps):
+            _step_size(delta[b, t, d0 : d0 + nw], biasb, softplus, dtb, nw)
+            ub[:nw] = u[b, t, d0 : d0 + nw]
+            for w in range(W):
+                dtu[w] = dtb[w] * ub[w]
+            if last_only and t < steps - 1:  # an output nobody reads: the state update alone
+                for n in range(N):
+                    bn = B[b, g, t, n]
+                    hn = h[n]
+                    an = An[n]
+                    for w in range(W):
+                        hn[w] = fast_exp(dtb[w] * an[w]) * hn[w] + dtu[w] * bn
+                continue
+            for w in range(W):
+                y[w] = Db[w] * ub[w]
+            _update_and_read(B, C, b, g, t, An, h, dtb, dtu, y)
+            if has_z:
+                _gate(y, z[b, 0 if last_only else t, d0 : d0 + nw], nw)
+            out[b, 0 if last_only else t, d0 : d0 + nw] = y[:nw]
+        if last_only:
+            if steps == 0:
+                out[b, 0, d0 : d0 + nw] = 0
+        else:
+            out[b, steps:, d0 : d0 + nw] = 0
+        for n in range(h.shape[0]):
+            for w in range(nw):
+                last[b, d0 + w, n] = h[n, w]
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def scan_bwd(
+    u,
+    dt,
+    softplus,
+    At,
+    B,
+    C,
+    D,
+    z,
+    has_z,
+    K,
+    ckpt,
+    dout,
+    dlast,
+    du,
+    ddt,
+    dz,
+    dA_bd,
+    dD_bd,
+    dB_part,
+    dC_part,
+    dh0,
+):  # pragma: no cover
     """dt is the step size scan_fwd used; ddt receives the gradient of its raw input (times the
     softplus derivative 1 - exp(-dt) when softplus). dB_part, dC_part (blocks per group, batch, groups,
     L, N): each task writes its own slice, the caller sums over the first axis."""
@@ -197,7 +298,7 @@ def scan_bwd(u, dt, softplus, At, B, C, D, z, has_z, K, ckpt, dout, dlast,
                 gh[n, w] = dlast[b, d0 + w, n]
         dA_acc = np.zeros((N, nw), dtype=u.dtype)
         dD_acc = np.zeros(nw, dtype=u.dtype)
-        Db = D[d0:d0 + nw].copy()
+        Db = D[d0 : d0 + nw].copy()
         hbuf = np.empty((K + 1, N, nw), dtype=u.dtype)  # [0]: state entering the chunk; [k + 1]: after step k
         abuf = np.empty((K, N, nw), dtype=u.dtype)
         dtu = np.empty(nw, dtype=u.dtype)
@@ -210,16 +311,16 @@ def scan_bwd(u, dt, softplus, At, B, C, D, z, has_z, K, ckpt, dout, dlast,
         for c in range(nchunks - 1, -1, -1):
             t0 = c * K
             t1 = min(L, t0 + K)
-            hbuf[0] = ckpt[b, c, :, d0:d0 + nw]
+            hbuf[0] = ckpt[b, c, :, d0 : d0 + nw]
             for t in range(t0, t1):
                 k = t - t0
-                dtt = dt[b, t, d0:d0 + nw]
-                ut = u[b, t, d0:d0 + nw]
+                dtt = dt[b, t, d0 : d0 + nw]
+                ut = u[b, t, d0 : d0 + nw]
                 for w in range(nw):
                     dtu[w] = dtt[w] * ut[w]
                 for n in range(N):
                     bn = B[b, g, t, n]
-                    An = At[n, d0:d0 + nw]
+                    An = At[n, d0 : d0 + nw]
                     hp = hbuf[k, n]
                     hk = hbuf[k + 1, n]
                     ak = abuf[k, n]
@@ -229,9 +330,9 @@ def scan_bwd(u, dt, softplus, At, B, C, D, z, has_z, K, ckpt, dout, dlast,
                         hk[w] = a * hp[w] + dtu[w] * bn
             for t in range(t1 - 1, t0 - 1, -1):
                 k = t - t0
-                dtt = dt[b, t, d0:d0 + nw]
-                ut = u[b, t, d0:d0 + nw]
-                dy[:] = dout[b, t, d0:d0 + nw]
+                dtt = dt[b, t, d0 : d0 + nw]
+                ut = u[b, t, d0 : d0 + nw]
+                dy[:] = dout[b, t, d0 : d0 + nw]
                 if has_z:
                     for w in range(nw):
                         y[w] = Db[w] * ut[w]
@@ -240,8 +341,8 @@ def scan_bwd(u, dt, softplus, At, B, C, D, z, has_z, K, ckpt, dout, dlast,
                         hk = hbuf[k + 1, n]
                         for w in range(nw):
                             y[w] += cn * hk[w]
-                    zt = z[b, t, d0:d0 + nw]
-                    dzt = dz[b, t, d0:d0 + nw]
+                    zt = z[b, t, d0 : d0 + nw]
+                    dzt = dz[b, t, d0 : d0 + nw]
                     for w in range(nw):
                         zw = zt[w]
                         sz = one / (one + fast_exp(-zw))
@@ -281,7 +382,7 @@ def scan_bwd(u, dt, softplus, At, B, C, D, z, has_z, K, ckpt, dout, dlast,
                         dAn[w] += ahn[w] * dtt[w]
                 for n in range(N):
                     ahn = ahbuf[n]
-                    An = At[n, d0:d0 + nw]
+                    An = At[n, d0 : d0 + nw]
                     for w in range(nw):
                         ddt_acc[w] += ahn[w] * An[w]
                 for n in range(N):
@@ -289,8 +390,8 @@ def scan_bwd(u, dt, softplus, At, B, C, D, z, has_z, K, ckpt, dout, dlast,
                     gn_ = gbuf[n]
                     for w in range(nw):
                         gB[w] += gn_[w] * bn
-                ddtt = ddt[b, t, d0:d0 + nw]
-                dut = du[b, t, d0:d0 + nw]
+                ddtt = ddt[b, t, d0 : d0 + nw]
+                dut = du[b, t, d0 : d0 + nw]
                 for w in range(nw):
                     ddtt[w] = ddt_acc[w] + gB[w] * ut[w]
                     dut[w] = dy[w] * Db[w] + gB[w] * dtt[w]
@@ -303,7 +404,6 @@ def scan_bwd(u, dt, softplus, At, B, C, D, z, has_z, K, ckpt, dout, dlast,
                 dA_bd[b, d0 + w, n] = dA_acc[n, w]
         for w in range(nw):
             dD_bd[b, d0 + w] = dD_acc[w]
-
 
 
 CONV_T = 64  # time steps per causal-conv task; tasks are (batch row, block of steps), all channels

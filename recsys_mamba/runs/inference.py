@@ -15,19 +15,31 @@ from torch import Tensor
 from recsys_mamba.models.base import SequenceEncoder, State
 from recsys_mamba.models.score_terms import History
 from recsys_mamba.runs.load import Run
-from recsys_mamba.sequences import gather_last, pad_right
+from recsys_mamba.sequences import pad_right
 from recsys_mamba.sequences.store import SIDE_INPUTS
 
 HIDDEN = "_hidden"  # a streaming state keeps its last output here, so ranking needs no re-encoding
 
 
+def _padded(run: Run, users: pl.DataFrame) -> dict[str, Tensor]:
+    """The most recent `max_len` events of each user, right-padded: items and the side inputs."""
+    width = max(1, min(run.max_len, int(users["items"].list.len().max() or 1)))
+    return {name: pad_right(users[name], width) for name in ("items", *SIDE_INPUTS)}
+
+
 def encode(run: Run, users: pl.DataFrame) -> tuple[Tensor, Tensor]:
     """Hidden states (B, L, d) of users with at least one event, and the encoded items (B, L)."""
-    width = max(1, min(run.max_len, int(users["items"].list.len().max() or 1)))
-    batch = {name: pad_right(users[name], width) for name in ("items", *SIDE_INPUTS)}
+    batch = _padded(run, users)
     with torch.no_grad():
         hidden = run.model.encoder.encode(batch)
     return hidden, batch["items"]
+
+
+def encode_last(run: Run, users: pl.DataFrame) -> Tensor:
+    """The hidden state (B, d) at each user's last encoded event (users with at least one event):
+    what ranking reads, which an encoder may compute at that position alone (`encode_last`)."""
+    with torch.no_grad():
+        return run.model.encoder.encode_last(_padded(run, users))
 
 
 def whole_history(run: Run, histories: pl.Series) -> History | None:
@@ -93,8 +105,7 @@ def user_scores(run: Run, users: pl.DataFrame) -> Tensor:
     warm = (users["items"].list.len() > 0).to_numpy()
     if warm.any():
         warm_users = users.filter(pl.Series(warm))
-        hidden, items = encode(run, warm_users)
-        last = gather_last(hidden, (items != 0).sum(1))
+        last = encode_last(run, warm_users)
         scores[torch.from_numpy(warm)] = next_item_scores(run, last, warm_users["items"])
     return scores
 

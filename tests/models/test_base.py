@@ -27,6 +27,16 @@ def test_shapes_and_padding_outputs_zero(encoder_name: str) -> None:
     torch.testing.assert_close(model.score_candidates(hidden[:, -1], cands), scores[:, 1:4])
 
 
+def test_last_hidden_is_forward_at_each_rows_last_event(encoder_name: str) -> None:
+    model = make_encoder(encoder_name)
+    items, cats, events = random_batch(lengths=(12, 7, 0, 1))
+    with torch.no_grad():
+        full = model(items, cats, events)
+        last = model.encode_last({"items": items, "categories": cats, "event_types": events})
+    torch.testing.assert_close(last, full[torch.arange(4), torch.tensor([11, 6, 0, 0])], rtol=1e-5, atol=1e-5)
+    assert (last[2] == 0).all()
+
+
 def test_side_features_change_the_output(encoder_name: str) -> None:
     model = make_encoder(encoder_name)
     items, cats, events = random_batch()

@@ -131,3 +131,28 @@ def test_encode_100k_event_history() -> None:
     rest = model.encode_long(items[:, 99_000:], state=mid)
     assert (rest - hidden[:, 99_000:]).abs().max() <= 1e-4
     assert len(model.save_state(state)) == len(model.save_state(model.init_state(1)))
+
+
+@pytest.mark.parametrize("ffn", [True, False])
+def test_inference_paths_equal_the_training_forward(ffn: bool) -> None:
+    """Without gradients the scan stops at each row's length and last_hidden runs the last block at
+    the last event only; real positions agree with the differentiable forward."""
+    model = make_encoder("mamba", ffn=ffn, d_model=40)  # d_inner 80: a full channel block and a short one
+    items, cats, events = random_batch(lengths=(40, 17, 0, 1), width=40)
+    full = model(items, cats, events)
+    assert full.requires_grad
+    lengths = (items != 0).sum(1)
+    with torch.no_grad():
+        hidden = model(items, cats, events)
+        last = model.last_hidden(items, cats, events)
+    torch.testing.assert_close(hidden, full.detach(), rtol=1e-5, atol=1e-5)
+    want = full.detach()[torch.arange(4), (lengths - 1).clamp(min=0)]
+    torch.testing.assert_close(last, want, rtol=1e-5, atol=1e-5)
+    assert (last[2] == 0).all()
+
+
+def test_last_hidden_with_gradients_is_differentiable() -> None:
+    model = make_encoder("mamba")
+    items, cats, events = random_batch()
+    model.last_hidden(items, cats, events).sum().backward()
+    assert model.blocks[-1].mixer.in_proj.weight.grad is not None

@@ -141,10 +141,7 @@ class Recommender:
         else:
             if users is not None:
                 raise RecsysError("recommend(events, users=...): users= selects users of a state only")
-            frame = as_polars(events, "events")
-            types = _id_types(frame)
-            frame = event_frame(frame, "events")
-            self._known(frame, "events")
+            frame, types = self._events(events)
             table, _ = histories(self.run.data, frame)
             parts = [topk_chunk(self.run, c, k, exclude_seen) for c in _chunks(table)]
         out = pl.concat(parts) if parts else _empty(TOPK_COLUMNS)
@@ -175,6 +172,15 @@ class Recommender:
         out = out.sort(keys, maintain_order=True).with_columns(order).sort("_row").drop("_row")
         return _original_ids(out, types)
 
+    def _events(self, events: Any) -> tuple[pl.DataFrame, dict[str, pl.DataType]]:
+        """`events` (a polars or pandas frame) checked and as text ids, and the input's id types;
+        unknown items refused here under unknown_items="reject"."""
+        frame = as_polars(events, "events")
+        types = _id_types(frame)
+        frame = event_frame(frame, "events")
+        self._known(frame, "events")
+        return frame, types
+
     # ---- streaming -------------------------------------------------------------------------------
 
     def new_state(self) -> UserStates:
@@ -189,10 +195,7 @@ class Recommender:
         nothing. Returns the same state."""
         if not isinstance(state, UserStates) or state.encoder is not self.run.model.encoder:
             raise RecsysError("update(state, events): pass a state from this Recommender's new_state()")
-        frame = as_polars(events, "events")
-        types = _id_types(frame)
-        frame = event_frame(frame, "events")
-        self._known(frame, "events")
+        frame, types = self._events(events)
         known, unknown = to_model_space(self.run.data, frame)
         users = known["user_id"].unique().to_list()
         before = {u: (state.states.get(u), list(state.seen.get(u, []))) for u in users}

@@ -35,6 +35,8 @@ IGNORED_PREFIXES = (
     "paths.",
     "hydra.",
     "task_name",
+    "name",  # a run's label in reports and trackers
+    "optimized_metric",  # what a hyper-parameter search reads, not what is trained
     "ckpt_path",
     "trainer.default_root_dir",
     "trainer.enable_progress_bar",

@@ -439,7 +439,7 @@ def tripwires() -> ExitStack:
     for target in (
         "recsys_mamba.data.pipeline._run",
         "recsys_mamba.data.synthetic.generate",
-        "recsys_mamba.runs.load.load_checkpoint",
+        "recsys_mamba.runs.load.read_checkpoint",
         "recsys_mamba.evaluation.scoring.score",
         "torch.load",
     ):

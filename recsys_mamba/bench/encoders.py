@@ -59,7 +59,19 @@ from recsys_mamba.errors import RecsysError
 from recsys_mamba.files import write_atomic
 from recsys_mamba.models.base import SequenceEncoder
 from recsys_mamba.runs import build_encoder
-from recsys_mamba.schema import Check, Choice, Int, IntList, Num, NumList, Relation, Rule, Schema, Seed
+from recsys_mamba.schema import (
+    Check,
+    Choice,
+    Int,
+    IntList,
+    Num,
+    NumList,
+    Relation,
+    Rule,
+    Schema,
+    Seed,
+    is_int,
+)
 
 MIB = 1 << 20
 MARK = b"@@bench-encoders "  # prefixes the worker's replies; anything else on its stdout is ignored
@@ -556,6 +568,10 @@ def _encoders(cfg: DictConfig) -> None:
         )
 
 
+# What device= may be on this machine: cuda only where there is a CUDA device.
+DEVICES = ("auto", "cpu", "cuda") if torch.cuda.is_available() else ("auto", "cpu")
+
+
 def _device(cfg: DictConfig) -> None:
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise RecsysError("bench encoders: device=cuda but no CUDA device is available; use device=auto")
@@ -592,13 +608,20 @@ BENCH_ENCODERS = Schema(
         lambda n, d: n * d <= 1 << 30,
         "{k0}={v0} x {k1}={v1} would make a 4 GiB item table or more; use smaller sizes",
     ),
+    # Every encoder is built at the one d_model: attention splits it across its heads.
+    Relation(
+        ("d_model", "models.sasrec.n_heads"),
+        lambda d, h: not (is_int(d) and is_int(h) and h > 0) or d % h == 0,
+        "{k0}={v0} must be a multiple of {k1}={v1} (attention splits d_model across its heads)",
+        present_only=True,
+    ),
     Rule("seed", Seed()),
     Check(_encoders),
     Rule("lengths", IntList(1, example="[50,200,1000]")),
     Rule("fit_range", NumList(above=0, length=2, example="[1000,16000]")),
     Relation(("fit_range",), lambda fr: fr[0] < fr[1], "{k0}={v0} must be [low, high] with low < high"),
-    Rule("device", Choice(("auto", "cpu", "cuda"))),
-    Check(_device),
+    Check(_device),  # first: on a machine without CUDA, device=cuda gets this message, not the list
+    Rule("device", Choice(DEVICES)),
     Rule("threads", Int(1, optional=True)),
     Rule("max_seconds_per_case", Num(above=0, example=600)),
     Rule("max_memory_gb", Num(above=0, optional=True, example=12)),

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from recsys_mamba.openmp import prefer_passive_wait
 from recsys_mamba.version import __version__
+
+prefer_passive_wait()  # before torch or numba load their OpenMP runtimes (recsys_mamba.openmp)
 
 __all__ = ["Recommender", "__version__"]
 

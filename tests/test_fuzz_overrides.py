@@ -356,6 +356,7 @@ def schema_keys(name: str, schema: Schema) -> list[Key]:
 
 def _schemas() -> dict[str, tuple[Schema, Callable[[DictConfig], None]]]:
     from recsys_mamba.bench.accuracy import BENCH_ACCURACY
+    from recsys_mamba.bench.contention import BENCH_CONTENTION
     from recsys_mamba.bench.encoders import BENCH_ENCODERS, check_config
     from recsys_mamba.bench.gpu import BENCH_GPU
     from recsys_mamba.bench.loss import BENCH_LOSS
@@ -384,6 +385,7 @@ def _schemas() -> dict[str, tuple[Schema, Callable[[DictConfig], None]]]:
         "bench_loss": BENCH_LOSS,
         "bench_triton": BENCH_TRITON,
         "bench_gpu": BENCH_GPU,
+        "bench_contention": BENCH_CONTENTION,
     }
     out = {name: (schema, schema.validate) for name, schema in schemas.items()}
     out["bench_encoders"] = (BENCH_ENCODERS, check_config)
@@ -408,6 +410,7 @@ BASES = {
     "bench_loss": [f"output_json={POOL / 'loss.json'}"],
     "bench_triton": [f"output_json={POOL / 'triton.json'}"],
     "bench_gpu": [f"output_json={POOL / 'gpu.json'}"],
+    "bench_contention": [f"output_json={POOL / 'contention.json'}"],
     "bench_encoders": [],
 }
 WITH_DATA = ("train", "prepare")  # their configs hold a data config, checked by data.spec.DATA

@@ -34,6 +34,7 @@ def test_miniature_benchmark_structure(tmp_path):
     assert [r["encoder"] for r in topk["rows"]] == ["mamba", "sasrec"]
     for r in topk["rows"]:
         assert r["users"] > 0 and {"seconds", "users_per_s", "events_encoded"} <= r.keys()
+        assert r["stored_users_per_s"] > 0 and r["stored_speedup"] > 0 and r["state_bytes_per_user"] > 0
 
     stream = result["stream"]
     assert stream["histories"] == [2, 5, 9]
@@ -67,3 +68,22 @@ def test_missing_data_is_skipped_by_the_cli(tmp_path, monkeypatch, capsys):
     assert [r["H"] for r in result["stream"]["encoders"]["mamba"]["rows"]] == [3]
     printed = capsys.readouterr().out
     assert "skipped: data file" in printed and "results:" in printed
+
+
+def test_scoring_from_stored_states_ranks_as_re_encoding(tmp_path):
+    """The stored-state path (state bytes read back, last output ranked) gives the re-encoded top-K."""
+    import torch
+
+    from recsys_mamba.models.mamba import MambaEncoder
+
+    torch.manual_seed(0)
+    model = MambaEncoder(n_items=30, d_model=8, n_layers=2, d_state=4).eval()
+    lengths = [5, 9, 1]
+    items = torch.zeros(3, 9, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        items[i, :n] = torch.randint(1, 31, (n,))
+    batches = [{"items": items, "lengths": torch.tensor(lengths), "seen": items.clone()}]
+    with torch.no_grad():
+        want = score.score_batches(model, batches, 4)
+        got = score.score_stored(model, score.stored_states(model, batches), batches, 4)
+    assert torch.equal(want[0], got[0])

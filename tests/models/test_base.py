@@ -106,6 +106,24 @@ def test_state_save_load_round_trip(encoder_name: str) -> None:
     assert torch.equal(a, b)
 
 
+def test_states_are_stored_without_pickle_and_old_torch_save_blobs_still_load(encoder_name: str) -> None:
+    import io
+
+    from safetensors.torch import load
+
+    model = make_encoder(encoder_name)
+    items, cats, events = random_batch(lengths=(4,), width=4)
+    state = model.init_state(1)
+    for t in range(4):
+        _, state = model.step(items[:, t], state, cats[:, t], events[:, t])
+    blob = model.save_state(state)
+    assert all(torch.equal(v, state[k]) for k, v in load(blob).items())  # plain safetensors bytes
+    legacy = io.BytesIO()
+    torch.save({k: v.detach() for k, v in state.items()}, legacy)  # how earlier versions stored states
+    loaded = model.load_state(legacy.getvalue())
+    assert loaded.keys() == state.keys() and all(torch.equal(v, state[k]) for k, v in loaded.items())
+
+
 def test_per_user_states_stored_and_merged(encoder_name: str) -> None:
     """Users streamed one by one, kept as bytes, then merged into one batch continue exactly."""
     model = make_encoder(encoder_name)

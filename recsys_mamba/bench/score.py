@@ -17,6 +17,8 @@ Models are untrained, built from conf/model sizes: speed does not depend on the 
 from __future__ import annotations
 
 import json
+import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +40,7 @@ from recsys_mamba.models.schema import MODEL
 from recsys_mamba.runs import build_encoder
 from recsys_mamba.runs.inference import HIDDEN
 from recsys_mamba.schema import Bool, Check, Int, IntList, PathTo, Relation, Rule, Schema, Seed
+from recsys_mamba.scoring.stream import StateStore
 
 
 def build_model(cfg: DictConfig, name: str, n_items: int, **overrides: Any) -> SequenceEncoder:
@@ -92,24 +95,30 @@ def score_batches(model: SequenceEncoder, batches: list[dict], k: int) -> list[T
     return out
 
 
-def stored_states(model: SequenceEncoder, batches: list[dict]) -> list[list[bytes]]:
-    """Per batch, each user's state after their encoded events, with its last output, as the bytes a
-    state store keeps (`save_state`): what scoring from stored states reads instead of the history."""
-    out = []
-    for b in batches:
+def stored_states(model: SequenceEncoder, batches: list[dict], folder: Path) -> tuple[StateStore, float]:
+    """The scoring job's state store (`scoring.stream.StateStore`) holding every user's state after their
+    encoded events, saved to Parquet and loaded back as `state_in=` loads it; and the load's seconds."""
+    store = StateStore(model)
+    for i, b in enumerate(batches):
         state = model.prefill(b["items"])
         state[HIDDEN] = model.last_hidden(b["items"])
-        out.append([model.save_state(s) for s in model.split_state(state)])
-    return out
+        for j, user_state in enumerate(model.split_state(state)):
+            store.states[f"{i}:{j}"] = user_state
+            store.seen[f"{i}:{j}"] = b["seen"][j][b["seen"][j] > 0].tolist()
+    path = folder / "states.parquet"
+    store.save(path)
+    del store
+    loaded = StateStore(model)
+    start = time.perf_counter()
+    loaded.load(path)
+    return loaded, time.perf_counter() - start
 
 
-def score_stored(
-    model: SequenceEncoder, states: list[list[bytes]], batches: list[dict], k: int
-) -> list[Tensor]:
-    """Top-K from stored states: read each user's state, rank from its last output; no encoding."""
+def score_stored(model: SequenceEncoder, store: StateStore, batches: list[dict], k: int) -> list[Tensor]:
+    """Top-K from stored states (each user's last output as the store keeps it); no encoding."""
     out = []
-    for blobs, b in zip(states, batches, strict=True):
-        hidden = torch.cat([model.load_state(blob)[HIDDEN] for blob in blobs])
+    for i, b in enumerate(batches):
+        hidden = store.hidden([f"{i}:{j}" for j in range(b["items"].shape[0])])
         out.append(top_k(model, hidden, b["seen"], k))
     return out
 
@@ -141,18 +150,21 @@ def bench_topk(cfg: DictConfig) -> dict[str, Any]:
                 "users_per_s": n_users / sec,
             }
             if t.stored:
-                states = stored_states(model, batches)
-                score_stored(model, states[:1], batches[:1], cfg.k)
+                with tempfile.TemporaryDirectory() as tmp:
+                    store, load_s = stored_states(model, batches, Path(tmp))
+                    state_bytes = (Path(tmp) / "states.parquet").stat().st_size
+                score_stored(model, store, batches[:1], cfg.k)
                 stored = median_seconds(
-                    lambda m=model, st=states: score_stored(m, st, batches, cfg.k), t.repeats, warm_up=False
+                    lambda m=model, st=store: score_stored(m, st, batches, cfg.k), t.repeats, warm_up=False
                 )
                 row |= {
                     "stored_seconds": stored,
                     "stored_users_per_s": n_users / stored,
                     "stored_speedup": sec / stored,
-                    "state_bytes_per_user": sum(map(len, (x for b in states for x in b))) / n_users,
+                    "state_load_seconds": load_s,
+                    "state_bytes_per_user": state_bytes / n_users,
                 }
-                del states
+                del store
         rows.append(row)
         print(f"  (a) {name:6s}: {n_users} users in {sec:.2f} s = {n_users / sec:,.0f} users/s", flush=True)
         if t.stored:

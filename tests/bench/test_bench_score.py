@@ -85,5 +85,6 @@ def test_scoring_from_stored_states_ranks_as_re_encoding(tmp_path):
     batches = [{"items": items, "lengths": torch.tensor(lengths), "seen": items.clone()}]
     with torch.no_grad():
         want = score.score_batches(model, batches, 4)
-        got = score.score_stored(model, score.stored_states(model, batches), batches, 4)
+        store, _ = score.stored_states(model, batches, tmp_path)
+        got = score.score_stored(model, store, batches, 4)
     assert torch.equal(want[0], got[0])

@@ -199,6 +199,47 @@ def test_stream_equals_full_encoding_and_state_reloads(trained, tmp_path: Path) 
     )
 
 
+def test_stored_states_score_without_deserialising_and_old_state_files_load(
+    trained, tmp_path: Path, monkeypatch
+) -> None:
+    """A user without new events is ranked from the stored last output alone (the state bytes are never
+    read), and a state file of an earlier version (torch.save blobs, no hidden column) still continues."""
+    import io
+
+    from recsys_mamba.models.base import SequenceEncoder
+
+    events = pl.read_parquet(trained["events"])
+    state = tmp_path / "state.parquet"
+    job(trained, tmp_path / "a", "mode=stream", "top_k=5", f"state_out={state}")
+    first = read(tmp_path / "a")
+    assert pl.read_parquet(state)["hidden"].dtype == pl.Array(pl.Float32, 16)
+
+    events.head(0).write_parquet(tmp_path / "none.parquet")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a stored state was deserialised to score a user without new events")
+
+    with monkeypatch.context() as m:
+        m.setattr(SequenceEncoder, "load_state", staticmethod(refuse))
+        job(trained, tmp_path / "b", "mode=stream", f"input={tmp_path / 'none.parquet'}",
+            f"state_in={state}", "top_k=5", f"state_out={tmp_path / 'again.parquet'}")
+    assert read(tmp_path / "b").equals(first)
+    assert pl.read_parquet(tmp_path / "again.parquet").equals(pl.read_parquet(state))  # saved unchanged
+
+    def torch_blob(blob: bytes) -> bytes:
+        buffer = io.BytesIO()
+        torch.save(SequenceEncoder.load_state(blob), buffer)
+        return buffer.getvalue()
+
+    old = pl.read_parquet(state).drop("hidden")
+    old = old.with_columns(pl.Series("state", [torch_blob(b) for b in old["state"]]))
+    old.write_parquet(tmp_path / "old.parquet")
+    job(trained, tmp_path / "c", "mode=stream", f"input={tmp_path / 'none.parquet'}",
+        f"state_in={tmp_path / 'old.parquet'}", "top_k=5")
+    np.testing.assert_allclose(read(tmp_path / "c")["score"].to_numpy(), first["score"].to_numpy(), rtol=1e-6)
+    assert read(tmp_path / "c")["item_id"].to_list() == first["item_id"].to_list()
+
+
 def test_checkpoint_of_another_data_set(trained, tmp_path: Path) -> None:
     from recsys_mamba.data import prepare
 

@@ -4,10 +4,9 @@ The numba scan and torch each bring their own copy of libgomp (numba's OpenMP po
 libgomp, the torch wheel bundles another), so one process holds two thread pools on the same cores.
 By default an idle libgomp thread spins for about 3 ms before it sleeps: after every torch op its
 threads spin while numba's kernel wants the cores, and the other way round. A statically partitioned
-kernel then waits for its slowest thread, and on a machine shared with other jobs the scan ran several
-times slower with 2 threads than with 1. Passive waiting (sleep at once) removes that; what it costs a
-quiet machine and what it saves a busy one is measured by `python -m recsys_mamba.bench contention`
-(BENCHMARKS.md).
+kernel then waits for its slowest thread: on a machine shared with other jobs the scan ran slower with
+2 threads than with 1. Passive waiting (sleep at once) removes that; what it costs a quiet machine and
+what it saves a busy one is measured by `python -m recsys_mamba.bench contention` (BENCHMARKS.md).
 
 libgomp reads these variables once, when it is loaded: torch's copy at `import torch`, numba's at the
 first parallel kernel. So this runs on `import recsys_mamba`, before either, and only where the user

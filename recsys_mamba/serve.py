@@ -1,7 +1,9 @@
 """`python -m recsys_mamba.serve model=DIR port=8000 state_store=sqlite:///PATH/state.db`: the online
-service (`recsys_mamba.serving`) on uvicorn."""
+service (`recsys_mamba.serving`) on uvicorn. `model=` is read as `model_path=` (conf/serve.yaml)."""
 
 from __future__ import annotations
+
+import sys
 
 from omegaconf import DictConfig
 
@@ -12,7 +14,7 @@ from recsys_mamba.schema import Bool, Check, Choice, Int, PathTo, Rule, Schema, 
 
 
 def _required(cfg: DictConfig) -> None:
-    if checks.select(cfg, "model", default=None) in (None, ""):
+    if checks.select(cfg, "model_path", default=None) in (None, ""):
         raise RecsysError(
             "model=... is required: a bundle folder or a .ckpt, e.g. python -m recsys_mamba.serve model=DIR"
         )
@@ -21,7 +23,7 @@ def _required(cfg: DictConfig) -> None:
 # Every value of conf/serve.yaml, checked before the model is loaded.
 SERVE = Schema(
     Check(_required),
-    Rule("model", PathTo("exists", what="a bundle folder (python -m recsys_mamba.export) or a .ckpt")),
+    Rule("model_path", PathTo("exists", what="a bundle folder (python -m recsys_mamba.export) or a .ckpt")),
     Rule("host", Text(example="127.0.0.1")),
     Rule("port", Int(0, 65535, example=8000)),
     Rule("state_store", Text(example="sqlite:///PATH/state.db")),
@@ -59,7 +61,7 @@ def build(cfg: DictConfig):  # -> fastapi.FastAPI (imported late: --help needs n
         cache_users=int(cfg.cache_users),
         redis_appendfsync=cfg.redis_appendfsync,
     )
-    return build_app(Service.open(cfg.model, str(cfg.state_store), settings))
+    return build_app(Service.open(cfg.model_path, str(cfg.state_store), settings))
 
 
 @hydra_entry("serve")
@@ -67,9 +69,15 @@ def main(cfg: DictConfig) -> None:
     import uvicorn
 
     app = build(cfg)
-    print(f"serving {cfg.model} on http://{cfg.host}:{cfg.port} (state: {cfg.state_store})", flush=True)
+    print(f"serving {cfg.model_path} on http://{cfg.host}:{cfg.port} (state: {cfg.state_store})", flush=True)
     uvicorn.run(app, host=cfg.host, port=int(cfg.port), log_level=cfg.log_level, access_log=False)
 
 
+def with_model_alias(argv: list[str]) -> list[str]:
+    """`model=X` as `model_path=X`: the command the README gives, which Hydra alone would refuse."""
+    return [f"model_path={a[len('model='):]}" if a.startswith("model=") else a for a in argv]
+
+
 if __name__ == "__main__":
+    sys.argv[1:] = with_model_alias(sys.argv[1:])
     main()

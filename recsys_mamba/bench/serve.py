@@ -46,7 +46,7 @@ from recsys_mamba.bench._harness import machine, median_seconds, set_threads, wr
 from recsys_mamba.config import hydra_entry
 from recsys_mamba.errors import RecsysError
 from recsys_mamba.files import write_text_atomic
-from recsys_mamba.schema import Bool, Int, IntList, Num, PathTo, Rule, Schema, Seed
+from recsys_mamba.schema import Bool, Choice, Int, IntList, Num, PathTo, Rule, Schema, Seed, Subset
 
 GOALS = {"step_growth": 1.2, "p99_event_to_top10_ms": 20.0, "at_rate": 100, "ingest_events_per_s": 1000.0}
 
@@ -149,7 +149,8 @@ def replay_events(cfg: DictConfig, item_ids: list[str]) -> tuple[pl.DataFrame, s
                 "timestamp": np.arange(n, dtype=np.int64),
             }
         )
-        source = f"synthetic: {n} events of {int(r.synthetic_users)} users (no ratings file at {path})"
+        why = f"no ratings file at {path}" if path else "replay.ratings not set"
+        source = f"synthetic: {n} events of {int(r.synthetic_users)} users ({why})"
     known = pl.Series(item_ids, dtype=pl.String).implode()
     frame = (
         frame.filter(pl.col("item_id").is_in(known))
@@ -565,8 +566,8 @@ def markdown(result: dict[str, Any]) -> str:
 
 BENCH_SERVE = Schema(
     Rule("seed", Seed()),
-    [Rule(f"bundles.{k}", PathTo("folder", what="a bundle folder (python -m recsys_mamba.export)"))
-     for k in ("mamba", "sasrec")],
+    Rule("models", Subset(("mamba", "sasrec"))),
+    Rule("faults.model", Choice(("mamba", "sasrec"))),
     Rule("step_cost.enabled", Bool()),
     Rule("step_cost.histories", IntList(1, 1 << 20, example="[10,100,1000,10000]")),
     Rule("step_cost.repeats", Int(1, 100_000, example=200)),
@@ -594,6 +595,10 @@ BENCH_SERVE = Schema(
 
 def validate_config(cfg: DictConfig) -> None:
     BENCH_SERVE.validate(cfg)
+    wanted = set(cfg.models) | ({str(cfg.faults.model)} if cfg.faults.enabled else set())
+    for name in sorted(wanted):
+        bundle = PathTo("folder", what="a bundle folder (python -m recsys_mamba.export)")
+        Rule(f"bundles.{name}", bundle).validate(cfg)
     if float(cfg.faults.min_up_s) > float(cfg.faults.max_up_s):
         raise RecsysError(
             f"faults.min_up_s={cfg.faults.min_up_s} must be <= faults.max_up_s={cfg.faults.max_up_s}"
@@ -606,13 +611,13 @@ def benchmark(cfg: DictConfig) -> dict[str, Any]:
     set_threads(1)  # the service runs its steps on one thread; the timings of (a) match it
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request otherwise
     result: dict[str, Any] = {"machine": machine(), "models": {}}
-    first = Path(str(cfg.bundles.mamba))
+    first = Path(str(cfg.bundles[cfg.models[0] if cfg.models else cfg.faults.model]))
     events, source = replay_events(cfg, Recommender.load(first).item_ids)
     events = events.head(int(cfg.replay.max_events))
     result["replay"] = f"{source}; {len(events):,} events of {events['user_id'].n_unique():,} users"
     print(f"replay: {result['replay']}", flush=True)
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
-        for name in ("mamba", "sasrec"):
+        for name in cfg.models:
             bundle = Path(str(cfg.bundles[name]))
             model: dict[str, Any] = {"bundle": bundle.name}
             if cfg.step_cost.enabled:
@@ -626,7 +631,8 @@ def benchmark(cfg: DictConfig) -> dict[str, Any]:
         if cfg.faults.enabled and int(cfg.faults.kills) > 0:
             folder = Path(tmp) / "faults"
             folder.mkdir()
-            result["faults"] = asyncio.run(faults(first, events, cfg, folder))
+            bundle = Path(str(cfg.bundles[cfg.faults.model]))
+            result["faults"] = asyncio.run(faults(bundle, events, cfg, folder))
             print(f"  (c) faults: {json.dumps(result['faults'])}", flush=True)
     result["goals"] = goals(result)
     return result

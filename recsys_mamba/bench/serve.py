@@ -42,7 +42,7 @@ import polars as pl
 import torch
 from omegaconf import DictConfig
 
-from recsys_mamba.bench._harness import machine, median_seconds, set_threads, write_result
+from recsys_mamba.bench._harness import machine, seconds, set_threads, write_result
 from recsys_mamba.config import hydra_entry
 from recsys_mamba.errors import RecsysError
 from recsys_mamba.files import write_text_atomic
@@ -86,32 +86,44 @@ def step_cost(bundle: Path, histories: list[int], repeats: int, seed: int) -> di
     n_items = int(meta["data"]["n_items"])
     encoder = build_encoder(model_cfg, n_items=n_items, max_len=max(histories) + 2).eval()
     generator = torch.Generator().manual_seed(seed)
-    rows = []
+    item = torch.ones(1, dtype=torch.long)
+    zero = torch.zeros_like(item)
+    step_s: dict[int, list[float]] = {H: [] for H in histories}
+    event_s: dict[int, list[float]] = {H: [] for H in histories}
     with torch.inference_mode():
-        for H in histories:
-            state = _history_state(encoder, H, generator)
-            blob = encoder.save_state(state)
-            def step(state: dict = state) -> Any:
-                item = torch.ones(1, dtype=torch.long)
-                return step_states(encoder, [state], item, torch.zeros_like(item), torch.zeros_like(item))
-
-            def event(blob: bytes = blob) -> Any:  # what one event costs the writer besides the store
-                return encoder.save_state(step(encoder.load_state(blob))[0])
-
-            rows.append(
-                {
-                    "H": H,
-                    "step_ms": median_seconds(step, repeats) * 1e3,
-                    "event_ms": median_seconds(event, max(3, repeats // 4)) * 1e3,
-                    "state_bytes": len(blob),
-                }
-            )
-            r = rows[-1]
-            print(
-                f"  (a) {bundle.name:8s} H={H:6d}: step {r['step_ms']:.3f} ms, with state i/o "
-                f"{r['event_ms']:.3f} ms, state {r['state_bytes'] / 1024:,.1f} KiB",
-                flush=True,
-            )
+        states = {H: _history_state(encoder, H, generator) for H in histories}
+        blobs = {H: encoder.save_state(st) for H, st in states.items()}
+        for H in histories:  # warm-up
+            step_states(encoder, [states[H]], item, zero, zero)
+        # Interleaved: every repeat times each H once, so a slow spell of a shared machine falls on
+        # all of them alike instead of on whichever H it coincided with.
+        for r in range(repeats):
+            for H in histories:
+                step_s[H].append(seconds(lambda H=H: step_states(encoder, [states[H]], item, zero, zero)))
+                if r % 4 == 0:  # what one event costs the writer besides the store: load, step, save
+                    event_s[H].append(
+                        seconds(
+                            lambda H=H: encoder.save_state(
+                                step_states(encoder, [encoder.load_state(blobs[H])], item, zero, zero)[0]
+                            )
+                        )
+                    )
+    rows = []
+    for H in histories:
+        rows.append(
+            {
+                "H": H,
+                "step_ms": statistics.median(step_s[H]) * 1e3,
+                "event_ms": statistics.median(event_s[H]) * 1e3,
+                "state_bytes": len(blobs[H]),
+            }
+        )
+        r = rows[-1]
+        print(
+            f"  (a) {bundle.name:8s} H={H:6d}: step {r['step_ms']:.3f} ms, with state i/o "
+            f"{r['event_ms']:.3f} ms, state {r['state_bytes'] / 1024:,.1f} KiB",
+            flush=True,
+        )
     return {
         "encoder": model_cfg.get("_target_", "?").rsplit(".", 1)[-1],
         "rows": rows,

@@ -158,7 +158,7 @@ def build_app(service: Service) -> FastAPI:
         metrics.unknown_items.inc(skipped)
         try:
             outcome = await writer.submit(converted) if converted else None
-        except (RecsysError, OSError, ConnectionError) as err:  # the store failed: nothing acknowledged
+        except Exception as err:  # the store failed (disk, Redis gone): nothing of the batch is stored
             return _error(503, f"the state store failed ({err}); nothing was acknowledged: retry later")
         if outcome is not None and outcome.error is not None:
             metrics.events_rejected.inc(len(rows))

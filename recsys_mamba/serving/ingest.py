@@ -106,11 +106,13 @@ class Applier:
         self.on_commit: Callable[[int], None] = lambda events: None  # metrics: events per transaction
 
     def apply(self, requests: list[list[Event]]) -> list[Outcome]:
+        """What became of each request. A store failure raises (nothing of the batch is stored); a
+        request the model refuses (a RecsysError from its step) gets an Outcome with the error."""
         try:
             return self._apply(requests)
-        except RecsysError:
+        except RecsysError as err:
             if len(requests) == 1:
-                raise
+                return [Outcome(error=str(err))]
         # One request's events cannot be applied: apply the requests one at a time to find it.
         outcomes = []
         for request in requests:

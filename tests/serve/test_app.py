@@ -179,3 +179,64 @@ def test_a_bundle_of_a_newer_format_or_another_models_store_is_refused(
         Service.open(sasrec_bundle["bundle"], f"sqlite:///{tmp_path}/b.db", Settings())
     with pytest.raises(RecsysError, match="not a store URL"):
         Service.open(mamba_bundle["bundle"], "postgres://x", Settings())
+
+
+def test_a_request_the_model_cannot_take_is_refused_alone(sasrec_bundle, tmp_path: Path) -> None:
+    """SASRec's cache holds max_len (40) events: a request past it is refused whole (409) while the
+    requests batched with it apply; the store keeps the user as before."""
+    item = Recommender.load(sasrec_bundle["bundle"]).item_ids[0]
+    ok = [{"user_id": "ok", "item_id": item}]
+    store = f"sqlite:///{tmp_path}/s.db"
+    with serving(sasrec_bundle["bundle"], store) as url, httpx.Client(base_url=url) as c:
+        thirty = {"events": [{"user_id": "long", "item_id": item}] * 30}
+        assert c.post("/events", json=thirty).status_code == 200
+        before = top_items(c, "long")
+
+        async def both() -> list[httpx.Response]:
+            async with httpx.AsyncClient(base_url=url) as ac:
+                too_long = {"events": [{"user_id": "long", "item_id": item}] * 11 + ok}
+                posts = (ac.post("/events", json=b) for b in (too_long, {"events": ok}))
+                return list(await asyncio.gather(*posts))
+
+        refused, accepted = asyncio.run(both())
+        assert refused.status_code == 409 and "max_len" in refused.json()["error"], refused.text
+        assert accepted.status_code == 200 and accepted.json()["applied"] == 1
+        after = top_items(c, "long")
+        assert after[0] == before[0] and np.array_equal(after[1], before[1])
+        assert c.get("/healthz").json()["users"] == 2  # "long" and "ok" (of the accepted request)
+
+
+def test_a_failing_store_answers_503_and_acknowledges_nothing(mamba_bundle, tmp_path, monkeypatch) -> None:
+    from recsys_mamba.serving.stores import SQLiteStore
+
+    item = Recommender.load(mamba_bundle["bundle"]).item_ids[0]
+    real = SQLiteStore.commit
+
+    def disk_full(self, records, event_ids):  # type: ignore[no-untyped-def]
+        raise OSError(28, "No space left on device")
+
+    store = f"sqlite:///{tmp_path}/s.db"
+    with serving(mamba_bundle["bundle"], store) as url, httpx.Client(base_url=url) as c:
+        monkeypatch.setattr(SQLiteStore, "commit", disk_full)
+        r = c.post("/events", json={"events": [{"user_id": "u", "item_id": item, "event_id": "e1"}]})
+        assert r.status_code == 503 and "nothing was acknowledged" in r.json()["error"]
+        monkeypatch.setattr(SQLiteStore, "commit", real)
+        assert top_items(c, "u")[2]  # still cold: the failed write left no state, not even in the cache
+        r = c.post("/events", json={"events": [{"user_id": "u", "item_id": item, "event_id": "e1"}]})
+        assert r.json() == {"applied": 1, "duplicates": 0, "unknown_items": 0}  # the retry applies once
+
+
+def test_the_writer_redoes_a_batch_without_the_request_that_failed(sasrec_bundle, tmp_path: Path) -> None:
+    from recsys_mamba.serving.ingest import Event
+
+    service = Service.open(sasrec_bundle["bundle"], f"sqlite:///{tmp_path}/s.db", Settings())
+    try:
+        long = [Event("long", 1, 0, 0, f"l{i}") for i in range(41)]  # one past SASRec's max_len 40
+        fine = [Event("ok", 2, 0, 0, "o1"), Event("ok", 3, 0, 0, "o2")]
+        refused, applied = service.applier.apply([long, fine])
+        assert refused.error is not None and "max_len" in refused.error and refused.applied == 0
+        assert applied.error is None and applied.applied == 2
+        assert set(service.store.get(["long", "ok"])) == {"ok"}
+        assert service.store.applied(["l0", "o1", "o2"]) == {"o1", "o2"}
+    finally:
+        service.close()

@@ -28,6 +28,7 @@ SERVE = Schema(
     Rule("port", Int(0, 65535, example=8000)),
     Rule("state_store", Text(example="sqlite:///PATH/state.db")),
     Rule("redis_appendfsync", Choice(("always", "everysec", "no"))),
+    Rule("sqlite_synchronous", Choice(("full", "normal"))),
     Rule("unknown_items", Choice(("ignore", "reject"))),
     Rule("exclude_seen", Bool()),
     Rule("max_batch_events", Int(1, 1 << 20, example=1000)),
@@ -60,6 +61,7 @@ def build(cfg: DictConfig):  # -> fastapi.FastAPI (imported late: --help needs n
         write_batch_events=int(cfg.write_batch_events),
         cache_users=int(cfg.cache_users),
         redis_appendfsync=cfg.redis_appendfsync,
+        sqlite_synchronous=cfg.sqlite_synchronous,
     )
     return build_app(Service.open(cfg.model_path, str(cfg.state_store), settings))
 

@@ -33,6 +33,7 @@ class Settings:
     write_batch_events: int = 4096
     cache_users: int = 100_000
     redis_appendfsync: str = "always"
+    sqlite_synchronous: str = "full"
 
 
 def model_fingerprint(run: Run) -> str:
@@ -77,7 +78,8 @@ class Service:
         run = load_run(model)
         if not hasattr(run.model.encoder, "step"):
             raise RecsysError(f"model={model}: its encoder cannot stream (no step); serve a sequence model")
-        return cls(run, open_store(state_store, settings.redis_appendfsync), settings)
+        store = open_store(state_store, settings.redis_appendfsync, settings.sqlite_synchronous)
+        return cls(run, store, settings)
 
     def close(self) -> None:
         self.store.close()

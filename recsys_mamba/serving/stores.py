@@ -6,9 +6,11 @@ transaction as the states they changed, so a retried event is recognised even af
 remembers the model it was filled with: states of another model are meaningless, and are refused.
 
 Durability: the service acknowledges an event only after `commit` returns, and `commit` returns only
-once the transaction is on disk. SQLite runs in WAL mode with synchronous=FULL (each commit fsyncs the
-log; NORMAL would survive a killed process but not a power cut). Redis is only as durable as its
-append-only file: the store refuses a server whose `appendfsync` is weaker than `redis_appendfsync`.
+once the transaction is on disk. SQLite runs in WAL mode with synchronous=FULL by default (each commit
+fsyncs the log); `sqlite_synchronous=normal` skips that fsync: a killed process still loses nothing
+(the log is written before the commit returns), a power cut or OS crash may lose the last commits.
+Redis is only as durable as its append-only file: the store refuses a server whose `appendfsync` is
+weaker than `redis_appendfsync`.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from recsys_mamba.errors import RecsysError
 
 STORE_HINT = "state_store=sqlite:///PATH/state.db or state_store=redis://HOST:PORT/DB"
 FSYNC_LEVELS = ("always", "everysec", "no")  # Redis appendfsync, strongest first
+SQLITE_SYNCHRONOUS = ("full", "normal")
 
 
 @dataclass(frozen=True)
@@ -97,9 +100,12 @@ class SQLiteStore(StateStore):
         "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
     )
 
-    def __init__(self, path: Path, url: str) -> None:
+    def __init__(self, path: Path, url: str, synchronous: str = "full") -> None:
+        if synchronous not in SQLITE_SYNCHRONOUS:
+            raise RecsysError(f"sqlite_synchronous={synchronous!r} must be one of {list(SQLITE_SYNCHRONOUS)}")
         self.url = url
         self.path = path
+        self.synchronous = synchronous
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._write = self._connect()
@@ -118,7 +124,7 @@ class SQLiteStore(StateStore):
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
         conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute(f"PRAGMA synchronous={self.synchronous.upper()}")
         return conn
 
     def get(self, users: list[str]) -> dict[str, UserRecord]:
@@ -253,7 +259,7 @@ class RedisStore(StateStore):
         self._client.close()
 
 
-def open_store(url: str, redis_appendfsync: str = "always") -> StateStore:
+def open_store(url: str, redis_appendfsync: str = "always", sqlite_synchronous: str = "full") -> StateStore:
     """The store `url` names: sqlite:///PATH (a file, created when absent) or redis://HOST:PORT/DB."""
     parsed = urlparse(str(url))
     if parsed.scheme == "sqlite":
@@ -261,7 +267,7 @@ def open_store(url: str, redis_appendfsync: str = "always") -> StateStore:
         if not path or path == "/":
             raise RecsysError(f"state_store={url} names no file; e.g. {STORE_HINT}")
         # sqlite:///abs/path (three slashes) is absolute; sqlite://rel/path is relative to the launch folder
-        return SQLiteStore(Path(path).expanduser(), str(url))
+        return SQLiteStore(Path(path).expanduser(), str(url), sqlite_synchronous)
     if parsed.scheme in ("redis", "rediss", "unix"):
         return RedisStore(str(url), redis_appendfsync)
     raise RecsysError(f"state_store={url!r} is not a store URL; use {STORE_HINT}")

@@ -66,6 +66,18 @@ def test_the_service_on_redis_equals_sqlite_and_survives_a_restart(mamba_bundle,
         )
 
 
+def test_sqlite_fsyncs_every_commit_unless_told_otherwise(tmp_path: Path) -> None:
+    for setting, pragma in (("full", 2), ("normal", 1)):
+        store = open_store(f"sqlite:///{tmp_path}/{setting}.db", sqlite_synchronous=setting)
+        try:
+            assert store._write.execute("PRAGMA synchronous").fetchone()[0] == pragma  # type: ignore[attr-defined]
+            assert store._write.execute("PRAGMA journal_mode").fetchone()[0] == "wal"  # type: ignore[attr-defined]
+        finally:
+            store.close()
+    with pytest.raises(RecsysError, match="sqlite_synchronous"):
+        open_store(f"sqlite:///{tmp_path}/x.db", sqlite_synchronous="off")
+
+
 def test_redis_without_fsync_per_write_is_refused(redis_url) -> None:
     import redis
 

@@ -240,3 +240,31 @@ def test_the_writer_redoes_a_batch_without_the_request_that_failed(sasrec_bundle
         assert service.store.applied(["l0", "o1", "o2"]) == {"o1", "o2"}
     finally:
         service.close()
+
+
+def test_concurrent_requests_for_one_user_lose_no_update(mamba_bundle, tmp_path: Path) -> None:
+    """Twenty requests for the same user at once: every event applies (none overwrites another's
+    state), and the state is the replay of the events in the order the writer applied them."""
+    from recsys_mamba.runs.inference import HIDDEN
+
+    rec = Recommender.load(mamba_bundle["bundle"])
+    items = rec.item_ids[:20]
+    store = f"sqlite:///{tmp_path}/s.db"
+
+    async def burst(url: str) -> None:
+        async with httpx.AsyncClient(base_url=url) as c:
+            posts = [c.post("/events", json={"events": [{"user_id": "u", "item_id": i}]}) for i in items]
+            assert all(r.status_code == 200 for r in await asyncio.gather(*posts))
+
+    with serving(mamba_bundle["bundle"], store) as url:
+        asyncio.run(burst(url))
+    service = Service.open(mamba_bundle["bundle"], store, Settings())
+    try:
+        stored = service.user("u")
+    finally:
+        service.close()
+    index = rec.run.vocabulary.items.index
+    assert stored is not None and sorted(stored.seen) == sorted(index[i] for i in items)
+    applied_order = [rec.run.vocabulary.items.ids[j] for j in stored.seen]
+    replay = rec.update(rec.new_state(), pl.DataFrame({"user_id": ["u"] * 20, "item_id": applied_order}))
+    np.testing.assert_allclose(stored.state[HIDDEN], replay.states["u"][HIDDEN], rtol=0, atol=1e-5)

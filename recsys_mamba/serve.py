@@ -34,7 +34,7 @@ SERVE = Schema(
     Rule("max_batch_events", Int(1, 1 << 20, example=1000)),
     Rule("max_body_bytes", Int(1024, 1 << 30, example=1048576)),
     Rule("write_batch_events", Int(1, 1 << 20, example=4096)),
-    Rule("cache_users", Int(0, 1 << 30, example=100000)),
+    Rule("cache_mb", Int(0, 1 << 24, example=256)),
     Rule("threads", Int(1, 1024, example=1)),
     Rule("log_level", Choice(("critical", "error", "warning", "info", "debug"))),
 )
@@ -59,7 +59,7 @@ def build(cfg: DictConfig):  # -> fastapi.FastAPI (imported late: --help needs n
         max_batch_events=int(cfg.max_batch_events),
         max_body_bytes=int(cfg.max_body_bytes),
         write_batch_events=int(cfg.write_batch_events),
-        cache_users=int(cfg.cache_users),
+        cache_mb=int(cfg.cache_mb),
         redis_appendfsync=cfg.redis_appendfsync,
         sqlite_synchronous=cfg.sqlite_synchronous,
     )

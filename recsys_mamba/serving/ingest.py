@@ -56,15 +56,22 @@ class UserState:
     seen: list[int]
 
 
-class StateCache:
-    """The most recently used users' states, deserialised: the store stays the truth (the cache is
-    written only after a commit, by the single writer), this saves a `load_state` per event."""
+def state_bytes(user: UserState) -> int:
+    return sum(t.numel() * t.element_size() for t in user.state.values()) + 8 * len(user.seen)
 
-    def __init__(self, encoder: SequenceEncoder, store: StateStore, size: int) -> None:
+
+class StateCache:
+    """The most recently used users' states, deserialised, up to `max_bytes` in all (a Mamba state is
+    the same size at every history length, a SASRec cache grows with it, so users are not a measure):
+    the store stays the truth (the cache is written only after a commit, by the single writer); this
+    saves a `load_state` per event."""
+
+    def __init__(self, encoder: SequenceEncoder, store: StateStore, max_bytes: int) -> None:
         self.encoder = encoder
         self.store = store
-        self.size = size
-        self._users: OrderedDict[str, UserState] = OrderedDict()
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._users: OrderedDict[str, tuple[UserState, int]] = OrderedDict()
         self._lock = threading.Lock()
 
     def get(self, users: list[str]) -> dict[str, UserState]:
@@ -74,7 +81,7 @@ class StateCache:
             for user in users:
                 if user in self._users:
                     self._users.move_to_end(user)
-                    out[user] = self._users[user]
+                    out[user] = self._users[user][0]
         missing = [u for u in users if u not in out]
         if missing:
             loaded = {
@@ -86,14 +93,17 @@ class StateCache:
         return out
 
     def put(self, states: dict[str, UserState]) -> None:
-        if not self.size:
+        if not self.max_bytes:
             return
         with self._lock:
             for user, st in states.items():
-                self._users[user] = st
-                self._users.move_to_end(user)
-            while len(self._users) > self.size:
-                self._users.popitem(last=False)
+                size = state_bytes(st)
+                if user in self._users:
+                    self.bytes -= self._users.pop(user)[1]
+                self._users[user] = (st, size)
+                self.bytes += size
+            while self.bytes > self.max_bytes and self._users:
+                self.bytes -= self._users.popitem(last=False)[1][1]
 
 
 class Applier:

@@ -31,7 +31,7 @@ class Settings:
     max_batch_events: int = 1000
     max_body_bytes: int = 1 << 20
     write_batch_events: int = 4096
-    cache_users: int = 100_000
+    cache_mb: int = 256
     redis_appendfsync: str = "always"
     sqlite_synchronous: str = "full"
 
@@ -60,7 +60,7 @@ class Service:
         self.settings = settings
         self.encoder = run.model.encoder
         store.bind(model_fingerprint(run))
-        self.cache = StateCache(self.encoder, store, settings.cache_users)
+        self.cache = StateCache(self.encoder, store, settings.cache_mb << 20)
         self.applier = Applier(self.encoder, store, self.cache)
         self.metrics = Metrics(store.n_users)
         self.applier.on_commit = self.metrics.commit_events.observe

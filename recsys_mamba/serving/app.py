@@ -16,7 +16,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import FastAPI, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
@@ -29,7 +29,8 @@ from recsys_mamba.errors import RecsysError
 from recsys_mamba.serving.ingest import WriteQueue
 from recsys_mamba.serving.service import Service
 
-Id = StrictStr | StrictInt  # a float id (1.0) is refused: a JSON encoder's float would not match "1"
+# A float id (1.0) is refused: a JSON encoder's float would not match "1"; an empty id names nobody.
+Id = Annotated[StrictStr, Field(min_length=1)] | StrictInt
 
 
 class EventIn(BaseModel):
@@ -146,7 +147,8 @@ def build_app(service: Service) -> FastAPI:
         ]
         unknown = service.unknown([r["item_id"] for r in rows])
         if unknown and settings.unknown_items == "reject":
-            count = sum(r["item_id"] in set(unknown) for r in rows)
+            unknown_set = set(unknown)
+            count = sum(r["item_id"] in unknown_set for r in rows)
             metrics.unknown_items.inc(count)
             metrics.events_rejected.inc(len(rows))
             return _error(
@@ -179,7 +181,8 @@ def build_app(service: Service) -> FastAPI:
         items = [str(i) for i in body.items]
         unknown = service.unknown(items)
         if unknown:
-            metrics.unknown_items.inc(sum(i in set(unknown) for i in items))
+            unknown_set = set(unknown)
+            metrics.unknown_items.inc(sum(i in unknown_set for i in items))
             if settings.unknown_items == "reject":
                 return _error(
                     422, f"item ids the model does not know: {unknown[:5]}; remove them, or serve with "

@@ -141,6 +141,7 @@ def test_bad_input_is_refused_and_changes_nothing(mamba_bundle, tmp_path: Path) 
         assert "item_id" in refused({"events": [{"user_id": "u1"}]}, 422)
         assert "events" in refused({"evnts": []}, 422)
         assert "item_id" in refused({"events": [{"user_id": "u1", "item_id": 1.5}]}, 422)
+        assert "user_id" in refused({"events": [{"user_id": "", "item_id": item}]}, 422)
         assert "timestamp" in refused({"events": [{"user_id": "u", "item_id": item, "timestamp": "x"}]}, 422)
         good = {"user_id": "u1", "item_id": item}
         assert "max_batch_events=5" in refused({"events": [good] * 6}, 413)

@@ -38,6 +38,11 @@ def sasrec_bundle(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return export_tiny(tmp_path_factory, "model=sasrec", "model.d_model=16", "model.max_len=40")
 
 
+@pytest.fixture(scope="session")
+def gru4rec_bundle(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return export_tiny(tmp_path_factory, "model=gru4rec", "model.d_model=16")
+
+
 def events_of(model: dict[str, Path]) -> pl.DataFrame:
     return pl.read_parquet(model["events"]).with_columns(pl.col("user_id", "item_id").cast(pl.String))
 

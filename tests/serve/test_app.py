@@ -35,7 +35,7 @@ def top_items(client: httpx.Client, user: str, k: int = K) -> tuple[list[str], n
     return [i["item_id"] for i in body["items"]], np.array([i["score"] for i in body["items"]]), body["cold"]
 
 
-@pytest.mark.parametrize("name", ["mamba", "sasrec"])
+@pytest.mark.parametrize("name", ["mamba", "sasrec", "gru4rec"])
 def test_replayed_events_give_the_batch_recommendations(name, request, tmp_path: Path) -> None:
     model = request.getfixturevalue(f"{name}_bundle")
     events = events_of(model)

@@ -8,7 +8,6 @@ from collections.abc import Sequence
 import numpy as np
 import polars as pl
 import torch
-from sklearn.metrics import roc_auc_score
 
 HR_KS: tuple[int, ...] = (1, 5, 10, 20)
 NDCG_KS: tuple[int, ...] = (5, 10, 20)
@@ -53,6 +52,8 @@ def auc(labels: np.ndarray, scores: np.ndarray) -> float:
     labels = np.asarray(labels)
     if labels.size == 0 or labels.min() == labels.max():
         return float("nan")
+    from sklearn.metrics import roc_auc_score  # here: seconds to import, and loading a model imports us
+
     return float(roc_auc_score(labels, np.asarray(scores, dtype=np.float64)))
 
 

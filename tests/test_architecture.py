@@ -109,7 +109,12 @@ def imports_cache() -> dict[str, set[str]]:
 
 @pytest.mark.parametrize(
     "module",
-    ["recsys_mamba.runs", "recsys_mamba.scoring.job", "recsys_mamba.evaluation.report"],
+    [
+        "recsys_mamba.runs",
+        "recsys_mamba.scoring.job",
+        "recsys_mamba.evaluation.report",
+        "recsys_mamba.serving.app",
+    ],
 )
 def test_serving_a_model_never_imports_lightning(module: str) -> None:
     code = f"import sys, {module}; print(sorted(m for m in sys.modules if m.split('.')[0] == 'lightning'))"

@@ -364,11 +364,13 @@ def _schemas() -> dict[str, tuple[Schema, Callable[[DictConfig], None]]]:
     from recsys_mamba.bench.scale import BENCH_SCALE
     from recsys_mamba.bench.scan import BENCH_SCAN
     from recsys_mamba.bench.score import BENCH_SCORE
+    from recsys_mamba.bench.serve import BENCH_SERVE
     from recsys_mamba.bench.state import BENCH_STATE
     from recsys_mamba.bench.triton import BENCH_TRITON
     from recsys_mamba.evaluation.report import EVALUATE
     from recsys_mamba.prepare import PREPARE
     from recsys_mamba.scoring.job import SCORE
+    from recsys_mamba.serve import SERVE
     from recsys_mamba.training.schema import TRAIN
 
     schemas = {
@@ -376,10 +378,12 @@ def _schemas() -> dict[str, tuple[Schema, Callable[[DictConfig], None]]]:
         "prepare": PREPARE,
         "evaluate": EVALUATE,
         "score": SCORE,
+        "serve": SERVE,
         "bench_pipeline": BENCH_PIPELINE,
         "bench_scale": BENCH_SCALE,
         "bench_scan": BENCH_SCAN,
         "bench_score": BENCH_SCORE,
+        "bench_serve": BENCH_SERVE,
         "bench_state": BENCH_STATE,
         "bench_accuracy": BENCH_ACCURACY,
         "bench_loss": BENCH_LOSS,
@@ -405,6 +409,8 @@ BASES = {
     "bench_scale": [f"work_dir={POOL / 'scale'}", f"out_file={POOL / 'scale.json'}"],
     "bench_scan": [f"output_json={POOL / 'scan.json'}"],
     "bench_score": [f"output_json={POOL / 'score.json'}"],
+    "serve": [f"model_path={POOL / 'dir with space'}"],
+    "bench_serve": [f"output_json={POOL / 'serve.json'}"],
     "bench_state": [f"output_json={POOL / 'state.json'}"],
     "bench_accuracy": [f"runs=[{POOL / 'prepared'}]", f"output_json={POOL / 'accuracy.json'}"],
     "bench_loss": [f"output_json={POOL / 'loss.json'}"],

@@ -191,6 +191,18 @@ class SASRecEncoder(SequenceEncoder):
         }
         return self.norm(h)[:, 0] * real[:, None], new_state
 
+    @staticmethod
+    def split_state(state: State) -> list[State]:
+        """Per-user caches without the padding keys `merge_states` added: kept, they would stay in a
+        user's cache for good and grow it with every batch it joins."""
+        out = []
+        for i, row in enumerate(SequenceEncoder.split_state(state)):  # other keys (a caller's) as they are
+            keep = state["valid"][i].nonzero().squeeze(1)
+            row["k"], row["v"] = (row[key].index_select(3, keep) for key in ("k", "v"))
+            row["valid"] = row["valid"].index_select(1, keep)
+            out.append(row)
+        return out
+
     def merge_states(self, states: list[State]) -> State:
         """Caches of different lengths are right-padded with keys marked not `valid`."""
         longest = max(st["valid"].shape[1] for st in states)

@@ -11,7 +11,6 @@ import numpy as np
 import polars as pl
 import torch
 from scipy.sparse import csr_matrix, hstack
-from sklearn.linear_model import LogisticRegression
 from torch import Tensor
 
 from recsys_mamba.metrics import auc, ctr_metrics, expected_calibration_error, gauc, logloss, reliability_bins
@@ -254,6 +253,10 @@ def _bias(train: pl.DataFrame, test: CTRDataset, n_items: int, l2: float = 1.0) 
     labels = train["label"].to_numpy().astype(np.int64)
     if labels.min() == labels.max():
         return {}
+    # Imported here: scikit-learn takes seconds to import, and loading any model (the online service's
+    # restart after a crash) imports this module.
+    from sklearn.linear_model import LogisticRegression
+
     model = LogisticRegression(C=1.0 / l2, max_iter=500)
     model.fit(features(train["user_idx"].to_numpy(), train["item_idx"].to_numpy()), labels)
     probs = model.predict_proba(features(test.users, test.items))[:, 1]

@@ -52,7 +52,7 @@ def _plan(run: Run, cfg: DictConfig, out: Path, prefix: str) -> tuple[partitions
         warm = past.table.filter(pl.col("known") > 0)["user_id"]
         info = {
             "users": len(users),
-            "cold_users": int((~users["user_id"].is_in(warm)).sum()),
+            "cold_users": int((~users["user_id"].is_in(warm.implode())).sum()),
             "unknown_candidate_items": int(users["events"].sum() - users["known"].sum()),
             "unknown_history_items": past.unknown,
         }

@@ -94,7 +94,7 @@ class Scan:
         """Every row of the users `users` (file order kept), with `ROW`."""
         lf = self.lazy()
         uid = self.ids("user_id", self.schema())
-        return self.collect(lf.filter(uid.is_in(pl.Series(users, dtype=pl.String))))
+        return self.collect(lf.filter(uid.is_in(pl.Series(users, dtype=pl.String).implode())))
 
 
 def _problems(schema: pl.Schema) -> pl.Expr:
@@ -131,7 +131,7 @@ def user_table(scan: Scan, known_items: list[str]) -> Users:
     per_user = (
         lf.select(
             uid.alias("user_id"),
-            item.is_in(pl.Series(known_items, dtype=pl.String)).alias("known"),
+            item.is_in(pl.Series(known_items, dtype=pl.String).implode()).alias("known"),
             _problems(schema).alias("bad"),
         )
         .group_by("user_id")

@@ -11,16 +11,10 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from recsys_mamba.config import compose
 from recsys_mamba.errors import RecsysError
 from recsys_mamba.scoring import partitions
-from recsys_mamba.scoring.job import score
 from tests.scoring.test_score_faults import files
-
-
-def run_job(trained: dict[str, Path], out: Path, *overrides: str) -> Path:
-    base = [f"ckpt_path={trained['ckpt']}", f"input={trained['events']}", f"output={out}", "progress=false"]
-    return score(compose("score", overrides=base + list(overrides), return_hydra_config=False))
+from tests.scoring.test_scoring import job as run_job
 
 
 @pytest.fixture(scope="module")

@@ -62,19 +62,10 @@ def _plan(run: Run, cfg: DictConfig, out: Path, prefix: str) -> tuple[partitions
         users = users.join(past_events, on="user_id", how="left", maintain_order="left").with_columns(
             pl.col("events") + pl.col("past").fill_null(0)
         )
-    plan = partitions.Plan(
-        mode=cfg.mode,
-        out=str(out),
-        prefix=prefix,
-        chunk_size=cfg.chunk_size,
-        top_k=cfg.top_k,
-        exclude_seen=cfg.exclude_seen,
-        pause_s=cfg.pause_s,
-        scan=scan,
-        history=history,
-        types=types,
-        partitions=partitions.cut(users, cfg.chunk_size, cfg.partition_events),
-    )
+    settings = {k: cfg[k] for k in ("mode", "chunk_size", "top_k", "exclude_seen", "pause_s")}
+    cut = partitions.cut(users, cfg.chunk_size, cfg.partition_events)
+    plan = partitions.Plan(**settings, out=str(out), prefix=prefix, scan=scan, history=history, types=types)
+    plan.partitions = cut
     return plan, info
 
 
@@ -119,6 +110,15 @@ def _required(cfg: DictConfig) -> None:
             raise RecsysError(f"{key}=... is required, e.g. python -m recsys_mamba.score {key}=PATH")
 
 
+def _engine(cfg: DictConfig) -> None:
+    engine, mode = checks.select(cfg, "engine", default="local"), checks.select(cfg, "mode", None)
+    if engine == "ray" and mode == "stream":
+        raise RecsysError(
+            "engine=ray scores mode=topk and mode=candidates; mode=stream carries each user's state "
+            "from event to event in one process: run it with engine=local (and shard=I/N to split users)"
+        )
+
+
 # Every value of conf/score.yaml, checked before the model is loaded or any input read.
 SCORE = Schema(
     Rule("mode", Choice(MODES)),
@@ -136,6 +136,7 @@ SCORE = Schema(
     Rule("pause_s", Num(minimum=0, maximum=3600, example=0.0)),
     Rule("shard", inputs.Shard()),
     Rule("engine", Choice(ENGINES)),
+    Check(_engine),
     Rule("partition_events", Int(1, 1 << 40, example=2_000_000)),
     Rule("workers", Int(1, 1 << 16, example=2)),
     Rule("state_in", PathTo("file", optional=True)),

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from recsys_mamba.data.tasks import FAILPOINTS
 from recsys_mamba.errors import RecsysError
 from tests.scoring.test_score_faults import files
 from tests.scoring.test_scoring import job as run_job
@@ -21,20 +20,9 @@ SMALL = ["chunk_size=5", "partition_events=60"]  # ~60 users: about 6 partitions
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory):
-    """A local two-CPU Ray cluster whose workers read failpoints from a folder (a file `score-<i>` kills
-    the worker scoring partition i once; `score-<i>.always`, every time)."""
-    failpoints = tmp_path_factory.mktemp("failpoints")
-    ray.init(
-        num_cpus=2,
-        include_dashboard=False,
-        log_to_driver=False,
-        runtime_env={"env_vars": {FAILPOINTS: str(failpoints)}},
-    )
-    try:
-        yield failpoints
-    finally:
-        ray.shutdown()
+def cluster(ray_cluster: Path) -> Path:
+    """The session's local Ray cluster (tests/conftest.py); its failpoint folder."""
+    return ray_cluster
 
 
 @pytest.fixture(scope="module")
@@ -44,9 +32,14 @@ def local_topk(trained, tmp_path_factory: pytest.TempPathFactory) -> dict[str, b
     return files(out)
 
 
-def test_ray_gives_the_bytes_of_local_and_retries_a_dead_worker(
-    trained, cluster: Path, local_topk, tmp_path: Path, reliability
-) -> None:
+def test_ray_gives_the_bytes_of_local(trained, cluster, local_topk, tmp_path: Path) -> None:
+    run_job(trained, tmp_path / "ray", *SMALL, "engine=ray", "workers=2")
+    assert files(tmp_path / "ray") == local_topk
+    assert len(json.loads(local_topk["_SUCCESS"])["parts"]) >= 6
+
+
+@pytest.mark.slow  # ~60 s on 2 busy cores: a new worker process loads torch and the model again
+def test_a_dead_worker_is_retried(trained, cluster: Path, local_topk, tmp_path: Path, reliability) -> None:
     armed = cluster / "score-1"
     armed.touch()  # the worker scoring partition 1 dies in the middle of it, once
     run_job(trained, tmp_path / "ray", *SMALL, "engine=ray", "workers=2")
@@ -54,7 +47,6 @@ def test_ray_gives_the_bytes_of_local_and_retries_a_dead_worker(
     reliability.fault("score/ray-worker-died", survived=fired, data_lost=False)
     assert fired
     assert files(tmp_path / "ray") == local_topk
-    assert len(json.loads(local_topk["_SUCCESS"])["parts"]) >= 6
 
 
 def test_ray_candidates_give_the_bytes_of_local(trained, cluster: Path, tmp_path: Path) -> None:
@@ -79,6 +71,7 @@ def test_a_run_cut_short_reruns_to_the_same_output(
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
 
 
+@pytest.mark.slow  # ~40 s: the worker is started 4 times
 def test_a_worker_that_keeps_dying_is_a_clear_error(
     trained, cluster: Path, tmp_path: Path, reliability
 ) -> None:

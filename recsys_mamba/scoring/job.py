@@ -64,7 +64,8 @@ def _plan(run: Run, cfg: DictConfig, out: Path, prefix: str) -> tuple[partitions
         )
     settings = {k: cfg[k] for k in ("mode", "chunk_size", "top_k", "exclude_seen", "pause_s")}
     cut = partitions.cut(users, cfg.chunk_size, cfg.partition_events)
-    plan = partitions.Plan(**settings, out=str(out), prefix=prefix, scan=scan, history=history, types=types)
+    where = str(out.absolute())  # as the Ray workers see it, wherever they start
+    plan = partitions.Plan(**settings, out=where, prefix=prefix, scan=scan, history=history, types=types)
     plan.partitions = cut
     return plan, info
 

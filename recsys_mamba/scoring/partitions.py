@@ -41,7 +41,8 @@ class Scan:
 
     @classmethod
     def of(cls, path: str | Path) -> Scan:
-        return cls(str(path), inputs.source_kind(Path(path)))
+        """The input at `path`, absolute: a Ray worker may start in another folder."""
+        return cls(str(Path(path).absolute()), inputs.source_kind(Path(path)))
 
     def lazy(self) -> pl.LazyFrame:
         """The raw columns and, for files, each row's 1-based row (`ROW`) for error messages; a prepared

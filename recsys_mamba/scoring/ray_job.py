@@ -12,6 +12,7 @@ job finds only whole parts, keeps them and scores the rest. A partition that sti
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -73,8 +74,8 @@ def score_on_ray(plan: Plan, cfg: DictConfig) -> list[dict[str, Any]]:
             compute=ray.data.ActorPoolStrategy(size=min(int(cfg.workers), count)),
             fn_constructor_kwargs={
                 "plan": plan,
-                "ckpt_path": str(cfg.ckpt_path),
-                "prepared": cfg.prepared,
+                "ckpt_path": str(Path(cfg.ckpt_path).absolute()),
+                "prepared": str(Path(cfg.prepared).absolute()) if cfg.prepared else None,
                 "max_len": cfg.max_len,
             },
             num_cpus=1,
@@ -96,4 +97,5 @@ def score_on_ray(plan: Plan, cfg: DictConfig) -> list[dict[str, Any]]:
     finally:
         if started:
             ray.shutdown()
-    return sorted(({"file": str(r["file"]), "rows": int(r["rows"])} for r in found), key=lambda p: p["file"])
+    rows = {str(r["file"]): int(r["rows"]) for r in found}  # one entry per part, even if a call ran twice
+    return [{"file": name, "rows": rows[name]} for name in sorted(rows)]

@@ -61,6 +61,25 @@ def test_any_partition_size_gives_the_same_bytes(trained, inputs, tmp_path: Path
     assert len(manifest["parts"]) >= 2
 
 
+@pytest.mark.parametrize("which", ["folder", "file"])
+def test_parquet_read_in_slices_gives_the_same_bytes(
+    trained, inputs, tmp_path: Path, monkeypatch, which
+) -> None:
+    source = inputs["folder"] if which == "folder" else trained["events"]
+    args = [f"input={source}", "chunk_size=5", "partition_events=200"]
+    run_job(trained, tmp_path / "whole", *args)
+    monkeypatch.setattr(partitions, "SLICE_ROWS", 97)  # the rows of every scan read 97 at a time
+    assert len(partitions.Scan.of(source).pieces()) > 3
+    run_job(trained, tmp_path / "sliced", *args)
+    assert files(tmp_path / "sliced") == files(tmp_path / "whole")
+    bad = tmp_path / "bad.parquet"
+    pl.read_parquet(trained["events"]).with_columns(
+        pl.when(pl.int_range(pl.len()) == 150).then(None).otherwise(pl.col("item_id")).alias("item_id")
+    ).write_parquet(bad)
+    with pytest.raises(RecsysError, match=r"'item_id' is empty in 1 rows \(rows \[151\]"):
+        run_job(trained, tmp_path / "bad", f"input={bad}")
+
+
 def test_partitions_are_whole_parts_of_at_most_the_events_asked() -> None:
     users = pl.DataFrame({"user_id": [f"u{i}" for i in range(10)], "events": [5, 1, 1, 9, 2, 2, 2, 2, 30, 1]})
     cut = partitions.cut(users, 2, 10)  # parts of 6, 10, 4, 4 and 31 events

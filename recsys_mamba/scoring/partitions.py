@@ -118,7 +118,7 @@ class Scan:
             return pl.col(col).cast(pl.Int64, strict=False).cast(pl.String)  # others fail `problems`
         return pl.col(col).cast(pl.String)
 
-    def rows_of(self, users: list[str]) -> pl.DataFrame:
+    def rows_of(self, users: pl.Series) -> pl.DataFrame:
         """Every row of the users `users` (file order kept), with `ROW`."""
         uid = self.ids("user_id", self.schema())
         return self.rows(uid.is_in(pl.Series(users, dtype=pl.String).implode()))
@@ -190,7 +190,8 @@ def user_table(scan: Scan, known_items: list[str]) -> Users:
 @dataclass
 class Partition:
     first: int  # the index of its first output part
-    users: list[str]  # sorted: whole parts of `chunk_size` users (the last partition: maybe fewer)
+    users: pl.Series  # sorted: whole parts of `chunk_size` users (the last partition: maybe fewer); a
+    # Series, not a list of Python strings: far smaller, and every partition's travels to Ray
 
 
 def cut(users: pl.DataFrame, chunk_size: int, partition_events: int) -> list[Partition]:
@@ -202,11 +203,11 @@ def cut(users: pl.DataFrame, chunk_size: int, partition_events: int) -> list[Par
     out, start, held = [], 0, 0
     for j, events in enumerate(per_part):
         if j > start and held + events > partition_events:
-            out.append(Partition(start, ids.slice(start * chunk_size, (j - start) * chunk_size).to_list()))
+            out.append(Partition(start, ids.slice(start * chunk_size, (j - start) * chunk_size)))
             start, held = j, 0
         held += int(events)
     if n_parts:
-        out.append(Partition(start, ids.slice(start * chunk_size).to_list()))
+        out.append(Partition(start, ids.slice(start * chunk_size)))
     return out
 
 
@@ -239,7 +240,7 @@ def score_partition(run: Run, plan: Plan, index: int) -> list[dict[str, Any]]:
     return parts.run_parts(out, plan.prefix, chunks, score, False, plan.pause_s, first=part.first)
 
 
-def _histories(run: Run, scan: Scan, users: list[str]) -> pl.DataFrame:
+def _histories(run: Run, scan: Scan, users: pl.Series) -> pl.DataFrame:
     rows = scan.rows_of(users)
     return ev.histories(run.data, ev.event_frame(rows, f"input={scan.path}"))[0]
 

@@ -83,7 +83,7 @@ def test_parquet_read_in_slices_gives_the_same_bytes(
 def test_partitions_are_whole_parts_of_at_most_the_events_asked() -> None:
     users = pl.DataFrame({"user_id": [f"u{i}" for i in range(10)], "events": [5, 1, 1, 9, 2, 2, 2, 2, 30, 1]})
     cut = partitions.cut(users, 2, 10)  # parts of 6, 10, 4, 4 and 31 events
-    assert [(p.first, p.users) for p in cut] == [
+    assert [(p.first, p.users.to_list()) for p in cut] == [
         (0, ["u0", "u1"]),
         (1, ["u2", "u3"]),
         (2, ["u4", "u5", "u6", "u7"]),  # two parts together: 8 events

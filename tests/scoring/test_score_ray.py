@@ -6,12 +6,16 @@ same output."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
 from recsys_mamba.errors import RecsysError
-from tests.scoring.test_score_faults import files
+from tests.scoring.test_score_faults import REPO, cli, files, parts
 from tests.scoring.test_scoring import job as run_job
 
 ray = pytest.importorskip("ray", reason="engine=ray needs the ray extra (pip install -e '.[dev]')")
@@ -87,3 +91,25 @@ def test_a_worker_that_keeps_dying_is_a_clear_error(
     reliability.fault("score/ray-worker-keeps-dying", survived=clear and not trusted, data_lost=trusted)
     assert clear, message
     assert not trusted
+
+
+@pytest.mark.slow  # ~60 s: two command-line runs, each starting Ray actors
+@pytest.mark.timeout(300)
+def test_a_killed_ray_job_reruns_to_the_same_output(trained, cluster, tmp_path, reliability) -> None:
+    run_job(trained, tmp_path / "local", "chunk_size=4", "partition_events=60")  # cli's chunk_size
+    out = tmp_path / "out"
+    cmd = cli(trained, out, "topk", "partition_events=60", "engine=ray", "workers=2")
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    proc = subprocess.Popen([*cmd, "pause_s=0.5"], cwd=REPO, env=env, stdout=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while parts(out) < 3 and time.monotonic() < deadline:
+        assert proc.poll() is None, "the job ended before it could be killed"
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)  # the driver, in the middle of the partitions: Ray ends its actors
+    proc.wait()
+    assert not (out / "_SUCCESS").exists()
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=200)
+    assert done.returncode == 0, done.stderr[-3000:]
+    same = files(out) == files(tmp_path / "local")
+    reliability.fault("score/ray-driver-killed", survived=same, data_lost=not same)
+    assert same

@@ -152,9 +152,10 @@ def user_table(scan: Scan, known_items: list[str]) -> Users:
     """The first pass over `scan`: per-user counts (a streaming group-by: memory grows with the users,
     not the events) and the id types; the id checks of `runs.events`, errors naming the file's rows."""
     schema = scan.schema()
-    ev.check_id_columns(pl.DataFrame(schema=schema), f"input={scan.path}")  # columns and their types
+    columns_only = pl.DataFrame(schema={c: t for c, t in schema.items() if c != ROW})
+    ev.check_id_columns(columns_only, f"input={scan.path}")  # columns and their types, no rows yet
     uid, item = scan.ids("user_id", schema), scan.ids("item_id", schema)
-    columns = (
+    selected = (
         uid.alias("user_id"),
         item.is_in(pl.Series(known_items, dtype=pl.String).implode()).alias("known"),
         _problems(schema).alias("bad"),
@@ -162,7 +163,7 @@ def user_table(scan: Scan, known_items: list[str]) -> Users:
     counts = (pl.len().alias("events"), pl.col("known").sum(), pl.col("bad").sum())
     table = None
     for piece in scan.pieces():  # per slice, then merged: one row per user at any time
-        found = scan.collect(piece.select(columns).group_by("user_id").agg(counts))
+        found = scan.collect(piece.select(selected).group_by("user_id").agg(counts))
         found = found.with_columns(pl.col("events", "known", "bad").cast(pl.Int64))
         merged = found if table is None else pl.concat([table, found])
         table = merged.group_by("user_id").agg(pl.col("events", "known", "bad").sum())

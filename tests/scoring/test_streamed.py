@@ -136,6 +136,9 @@ def test_a_missing_or_unreadable_input_is_a_clear_error(trained, tmp_path: Path)
     broken.write_bytes(b"PAR1 not really")
     with pytest.raises(RecsysError, match=r"input=.*broken.parquet: not a readable Parquet"):
         run_job(trained, tmp_path / "out", f"input={broken}")
+    (tmp_path / "users.csv").write_text("user_id\n1\n")
+    with pytest.raises(RecsysError, match=r"lacks column\(s\) \['item_id'\]; it has \['user_id'\]"):
+        run_job(trained, tmp_path / "out", f"input={tmp_path / 'users.csv'}")
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(RecsysError, match=r"a folder without \.parquet files"):

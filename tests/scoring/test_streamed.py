@@ -36,12 +36,14 @@ def inputs(trained: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -
         [events.select("user_id", "item_id").head(300), pl.DataFrame({"user_id": ["888"], "item_id": ["42"]})]
     )
     pairs.write_parquet(root / "pairs.parquet")
-    return {"csv": root / "events.csv", "folder": folder, "pairs": root / "pairs.parquet"}
+    paths = {"csv": root / "events.csv", "folder": folder, "pairs": root / "pairs.parquet"}
+    return {**paths, "prepared": trained["prepared"]}
 
 
 CASES = {
     "topk-csv": ("csv", ["top_k=3"]),
     "topk-folder-shard": ("folder", ["shard=1/3"]),
+    "topk-prepared": ("prepared", ["shard=0/2"]),
     "candidates": ("pairs", ["mode=candidates"]),
     "candidates-history": ("pairs", ["mode=candidates", "shard=0/2"]),
 }

@@ -79,7 +79,9 @@ def score_on_ray(plan: Plan, cfg: DictConfig) -> list[dict[str, Any]]:
                 "max_len": cfg.max_len,
             },
             num_cpus=1,
-            max_restarts=RAY_RETRIES,  # Ray Data's default is to restart a dying actor forever
+            # Ray Data's default restarts a dying actor forever: a worker that always dies would hang the
+            # job. (Passed as **ray_remote_args, deprecated in Ray 2.60 with no named parameter yet.)
+            max_restarts=RAY_RETRIES,
             max_task_retries=RAY_RETRIES,
         )
         found = scored.take_all()

@@ -83,6 +83,28 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         Path(out).write_text(json.dumps(report, indent=2) + "\n")
 
 
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory: pytest.TempPathFactory):
+    """One local two-CPU Ray cluster for the session (the engine=ray tests of prepare and score), whose
+    workers read failpoints from the folder it yields: a file `<task>-<i>` kills the worker of task
+    `<task>` on bucket or partition i once, `<task>-<i>.always` every time
+    (`recsys_mamba.data.tasks.failpoint`)."""
+    ray = pytest.importorskip("ray", reason="engine=ray needs the ray extra (pip install -e '.[dev]')")
+    from recsys_mamba.data.tasks import FAILPOINTS
+
+    failpoints = tmp_path_factory.mktemp("failpoints")
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": {FAILPOINTS: str(failpoints)}},
+    )
+    try:
+        yield failpoints
+    finally:
+        ray.shutdown()
+
+
 @pytest.fixture
 def tiny():
     """`tests.helpers.tiny_cfg`: the real train config, shrunk to tiny data and model, one short epoch."""

@@ -72,24 +72,35 @@ def run_prepare(overrides: list[str], out_dir: Path, log_dir: Path) -> dict[str,
         "overwrite=true",
         f"hydra.run.dir={log_dir}",
     ]
+    child = run_child(cmd)
+    manifest = load_manifest(out_dir)
+    events_in = manifest["steps"][0]["rows_in"]
+    return {
+        "wall_s": child["wall_s"],
+        "prepare_s": manifest["prepare_seconds"],
+        "cpu_s": child["cpu_s"],
+        "peak_rss_mib": child["peak_rss_mib"],
+        "events_in": events_in,
+        "n_interactions": manifest["n_interactions"],
+        "events_per_s": round(events_in / child["wall_s"]),
+    }
+
+
+def run_child(cmd: list[str]) -> dict[str, float]:
+    """Run `cmd` to its end: wall seconds, its CPU seconds and peak RSS (MiB, `os.wait4`: the child
+    alone, not processes it starts); a RecsysError with its output when it fails."""
     started = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - started
+    assert proc.stdout is not None and proc.stderr is not None
     out, err = proc.stdout.read().decode(), proc.stderr.read().decode()
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
+    if os.waitstatus_to_exitcode(status) != 0:
         raise RecsysError(f"benchmark child failed ({' '.join(cmd)}):\n{out}{err}")
-    manifest = load_manifest(out_dir)
-    events_in = manifest["steps"][0]["rows_in"]
     return {
         "wall_s": round(wall, 3),
-        "prepare_s": manifest["prepare_seconds"],
         "cpu_s": round(usage.ru_utime + usage.ru_stime, 2),
         "peak_rss_mib": round(usage.ru_maxrss / 1024, 1),  # Linux reports KiB
-        "events_in": events_in,
-        "n_interactions": manifest["n_interactions"],
-        "events_per_s": round(events_in / wall),
     }
 
 

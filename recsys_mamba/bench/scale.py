@@ -11,6 +11,13 @@ events per user on average), each prepared by `python -m recsys_mamba.prepare` i
 Per size: wall time end to end, events/s, child CPU time and peak RSS (`os.wait4`), the number of
 buckets, and whether the goals (`prepare.goals`) are met. Sizes run one after another, never at once.
 
+`score`: the scoring job's cost as its input grows. A tiny model is trained on a small log of the same
+generator (`score.train_events`), then a generated input of each size in `score.sizes` is scored by
+`python -m recsys_mamba.score` (mode=topk, engine=local) in a child: wall time, users/s and peak RSS,
+which streaming keeps flat in the input's size (`peak_rss_max_over_min`). The input of `score.ray_size`
+events is also scored with engine=ray and each of `score.ray_workers` workers (a local Ray the child
+starts): users/s and the speed-up over the first (the driver's RSS only: workers are other processes).
+
 `datamodule`: the training data's memory. A data set (`datamodule.data`, e.g. [data=ml1m]) is prepared
 once; then for each store in `datamodule.stores` a fresh child process sets up the `RecDataModule` on
 it and reads one training epoch: `mapped` (the memory-mapped store training uses), `memory` (the same
@@ -38,7 +45,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from recsys_mamba import checks
 from recsys_mamba.bench._harness import machine, write_result
-from recsys_mamba.bench.pipeline import generate_log, run_prepare
+from recsys_mamba.bench.pipeline import generate_log, run_child, run_prepare
 from recsys_mamba.config import hydra_entry
 from recsys_mamba.errors import RecsysError
 from recsys_mamba.schema import Bool, Check, Choice, Int, IntList, Num, PathTo, Rule, Schema, Seed, Subset
@@ -185,10 +192,85 @@ def section_datamodule(cfg: DictConfig, work: Path) -> dict[str, Any]:
     }
 
 
+def _train_scorer(work: Path, s: dict[str, Any]) -> Path:
+    """A tiny model trained on a small log of the same generator (the same item ids as the inputs it
+    scores): its checkpoint. What it scores does not matter here, only what scoring costs."""
+    log, _ = _log(work, s, int(s["train_events"]))
+    run, cache = work / "score-train", work / "score-cache"
+    cmd = [
+        sys.executable,
+        "-m",
+        "recsys_mamba.train",
+        "data=events",
+        f"data.path={log}",
+        "data.name=scalescore",
+    ]
+    cmd += [*s["data"], *s["train"], f"paths.output_dir={run}", f"paths.cache_dir={cache}"]
+    run_child([*cmd, f"hydra.run.dir={work / 'hydra'}"])
+    return run / "checkpoints" / "last.ckpt"
+
+
+def _score_case(ckpt: Path, log: Path, out: Path, work: Path, run: list[str]) -> dict[str, Any]:
+    """One `score` child on `log`: wall seconds, peak RSS (of the driver) and users/s."""
+    args = [f"ckpt_path={ckpt}", f"input={log}", f"output={out}", "progress=false", *run]
+    try:
+        child = run_child(
+            [sys.executable, "-m", "recsys_mamba.score", *args, f"hydra.run.dir={work / 'hydra'}"]
+        )
+        manifest = json.loads((out / "_SUCCESS").read_text())
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    return {
+        "command": "python -m recsys_mamba.score " + " ".join(a for a in args if not a.startswith("output=")),
+        **child,
+        "users": manifest["users"],
+        "parts": len(manifest["parts"]),
+        "users_per_s": round(manifest["users"] / child["wall_s"]),
+    }
+
+
+def section_score(cfg: DictConfig, work: Path) -> dict[str, Any]:
+    s = OmegaConf.to_container(cfg.score, resolve=True)
+    assert isinstance(s, dict)
+    ckpt = _train_scorer(work, s)
+    cases, ray_cases = [], []
+    for events in s["sizes"]:
+        log, generated = _log(work, s, int(events))
+        try:
+            case = {"events": int(events), **_score_case(ckpt, log, work / "scored", work, s["run"])}
+            if int(events) == int(s["ray_size"]):
+                for workers in s["ray_workers"]:
+                    run = [*s["run"], "engine=ray", f"workers={workers}"]
+                    found = _score_case(ckpt, log, work / "scored", work, run)
+                    ray_cases.append({"events": int(events), "workers": int(workers), **found})
+        finally:
+            log.unlink(missing_ok=True)
+        cases.append({**case, "generate_s": generated})
+        print(
+            f"score {events:,} events ({case['users']:,} users): {case['wall_s']:.1f} s end to end "
+            f"({case['users_per_s']:,} users/s), peak RSS {case['peak_rss_mib']:,.0f} MiB",
+            flush=True,
+        )
+    for case in ray_cases:
+        case["speedup_vs_first"] = round(case["users_per_s"] / ray_cases[0]["users_per_s"], 2)
+        print(
+            f"score engine=ray workers={case['workers']} {case['events']:,} events: {case['wall_s']:.1f} s "
+            f"({case['users_per_s']:,} users/s, x{case['speedup_vs_first']} of the first)",
+            flush=True,
+        )
+    rss = [c["peak_rss_mib"] for c in cases]
+    return {
+        "cases": cases,
+        "ray": ray_cases,
+        "peak_rss_max_over_min": round(max(rss) / min(rss), 2) if rss else None,
+    }
+
+
 # name -> section; a new section registers itself here and gets a block of its own in the config
 SECTIONS: dict[str, Callable[[DictConfig, Path], dict[str, Any]]] = {
     "prepare": section_prepare,
     "datamodule": section_datamodule,
+    "score": section_score,
 }
 
 
@@ -220,7 +302,7 @@ def _sections(cfg: DictConfig) -> None:
 
 
 def _overrides(cfg: DictConfig) -> None:
-    for key in ("prepare.data", "prepare.run", "datamodule.data"):
+    for key in ("prepare.data", "prepare.run", "datamodule.data", "score.data", "score.train", "score.run"):
         overrides = checks.select(cfg, key, None)
         if not isinstance(overrides, list) or not all(isinstance(o, str) and "=" in o for o in overrides):
             raise RecsysError(f"{key}={overrides!r} must be a list of key=value overrides")
@@ -244,6 +326,14 @@ BENCH_SCALE = Schema(
     Rule("datamodule.max_len", Int(1, 10**6, example=200)),
     Rule("datamodule.batch_size", Int(1, 10**7, example=128)),
     Rule("datamodule.stores", Subset(("mapped", "memory", "memory_int64"))),
+    Rule("score.sizes", IntList(1, 10**11, example="[2000000]")),
+    Rule("score.events_per_user", Int(1, example=100)),
+    Rule("score.n_items", Int(1, 10**9, example=20_000)),
+    Rule("score.seed", Seed()),
+    Rule("score.chunk", Int(1, 10**9, example=2_000_000)),
+    Rule("score.train_events", Int(1, 10**11, example=200_000)),
+    Rule("score.ray_size", Int(0, 10**11, example=2_000_000)),
+    Rule("score.ray_workers", IntList(1, 1 << 16, example="[1, 2]")),
     Check(_overrides),
 )
 

@@ -40,6 +40,29 @@ class Local:
         pass
 
 
+def connect() -> tuple[Any, bool]:
+    """The `ray` module, connected: to `$RAY_ADDRESS` when set, to a Ray already started in this process,
+    else to a new local one; and whether this call started it (then the caller shuts it down)."""
+    try:
+        import ray
+    except ImportError as err:
+        raise RecsysError(
+            "engine=ray needs Ray: pip install 'recsys-mamba[ray]' (or run with engine=local)"
+        ) from err
+    if ray.is_initialized():
+        return ray, False
+    address = os.environ.get("RAY_ADDRESS") or None
+    try:
+        ray.init(address=address, log_to_driver=False, include_dashboard=False)
+    except (ConnectionError, RuntimeError, ValueError) as err:
+        where = f"RAY_ADDRESS={address}" if address else "a local Ray cluster"
+        raise RecsysError(
+            f"engine=ray: cannot connect to {where} ({err}); start the cluster (ray start --head) "
+            "or fix RAY_ADDRESS, or run with engine=local"
+        ) from err
+    return ray, True
+
+
 def _run(fn: Callable[..., Any], *args: Any) -> Any:
     return fn(*args)
 
@@ -50,26 +73,9 @@ class Ray:
     name = "ray"
 
     def __init__(self, target: str) -> None:
-        try:
-            import ray
-        except ImportError as err:
-            raise RecsysError(
-                "engine=ray needs Ray: pip install 'recsys-mamba[ray]' (or run with engine=local)"
-            ) from err
-        self.ray, self.target = ray, target
-        self.started = False
-        if not ray.is_initialized():
-            address = os.environ.get("RAY_ADDRESS") or None
-            try:
-                ray.init(address=address, log_to_driver=False, include_dashboard=False)
-            except (ConnectionError, RuntimeError, ValueError) as err:
-                where = f"RAY_ADDRESS={address}" if address else "a local Ray cluster"
-                raise RecsysError(
-                    f"engine=ray: cannot connect to {where} ({err}); start the cluster (ray start --head) "
-                    "or fix RAY_ADDRESS, or run with engine=local"
-                ) from err
-            self.started = True
-        self.remote = ray.remote(max_retries=RAY_RETRIES, retry_exceptions=False)(_run)
+        self.ray, self.started = connect()
+        self.target = target
+        self.remote = self.ray.remote(max_retries=RAY_RETRIES, retry_exceptions=False)(_run)
 
     def map(self, fn: Callable[..., Any], calls: Sequence[tuple[Any, ...]]) -> Iterator[Any]:
         refs = [self.remote.options(name=f"{fn.__name__}").remote(fn, *args) for args in calls]

@@ -14,14 +14,24 @@ from recsys_mamba.sequences.vocabulary import Vocabulary
 
 _SHOW = 5  # rows named in an error message
 EVENT_COLUMNS = ("user_id", "item_id")
+# a frame read part by part (the streamed scoring job) carries each row's 1-based row of the whole
+# input here, so an error names the rows of the file, not of the part
+ROW = "_input_row"
 
 
 def _first_line(err: BaseException) -> str:
     return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
+def _numbered(df: pl.DataFrame) -> pl.DataFrame:
+    """`df` with its 1-based input rows in column "_r": `ROW` where it has one, else its own order."""
+    if ROW in df.columns:
+        return df.with_columns(pl.col(ROW).alias("_r"))
+    return df.with_row_index("_r", offset=1)
+
+
 def _rows(df: pl.DataFrame, mask: pl.Expr) -> list[int]:
-    return df.with_row_index("_r", offset=1).filter(mask).head(_SHOW)["_r"].to_list()
+    return _numbered(df).filter(mask).head(_SHOW)["_r"].to_list()
 
 
 def as_ids(df: pl.DataFrame, col: str, source: Path | str) -> pl.Series:
@@ -99,7 +109,7 @@ def timestamps(df: pl.DataFrame, source: Path | str) -> pl.Series:
         parsed = col.cast(pl.Int64, strict=False)  # UInt64 above 2**63 - 1 becomes null
     else:
         parsed = pl.lit(None, dtype=pl.Int64)
-    out = df.select(parsed.alias("timestamp"), raw.alias("_raw")).with_row_index("_r", offset=1)
+    out = _numbered(df).select(parsed.alias("timestamp"), raw.alias("_raw"), "_r")
     bad = out.filter(pl.col("timestamp").is_null()).head(_SHOW)
     if bad.height:
         n = out["timestamp"].null_count()

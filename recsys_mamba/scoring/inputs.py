@@ -50,17 +50,31 @@ def _read_parquet(path: Path) -> pl.DataFrame:
         raise RecsysError(f"input={path}: not a readable Parquet or .csv file ({_first_line(err)})") from None
 
 
+def source_kind(path: Path) -> str:
+    """ "prepared" (a folder with a manifest), "csv", or "parquet" (a file or a folder of files); a
+    clear error for a path that is not there."""
+    if not path.exists():
+        raise RecsysError(
+            f"input={path} does not exist; give the path of an event log, pairs file or prepared folder"
+        )
+    if path.is_dir() and (path / MANIFEST).is_file():
+        return "prepared"
+    return "csv" if path.suffix == ".csv" else "parquet"
+
+
+def parquet_files(folder: Path) -> list[Path]:
+    files = sorted(folder.glob("*.parquet"))
+    if not files:
+        raise RecsysError(f"input={folder} is a folder without .parquet files or a {MANIFEST}")
+    return files
+
+
 def read_table(path: str | Path, required: tuple[str, ...]) -> pl.DataFrame:
     """A Parquet file / folder of Parquet files, or a CSV, with at least the `required` columns,
     which must hold single values, none of them missing."""
     path = Path(path)
-    if not path.exists():
-        raise RecsysError(f"input={path} does not exist")
     if path.is_dir():
-        files = sorted(path.glob("*.parquet"))
-        if not files:
-            raise RecsysError(f"input={path} is a folder without .parquet files or a {MANIFEST}")
-        frames = [_read_parquet(f) for f in files]
+        frames = [_read_parquet(f) for f in parquet_files(path)]
         try:
             df = pl.concat(frames, how="diagonal_relaxed")
         except READ_ERRORS as err:
@@ -68,7 +82,7 @@ def read_table(path: str | Path, required: tuple[str, ...]) -> pl.DataFrame:
                 f"input={path}: its .parquet files have clashing column types ({_first_line(err)}); "
                 "give every part the same schema"
             ) from None
-    elif path.suffix == ".csv":
+    elif source_kind(path) == "csv":
         df = _read_csv(path)
     else:
         df = _read_parquet(path)
@@ -81,6 +95,19 @@ def read_table(path: str | Path, required: tuple[str, ...]) -> pl.DataFrame:
 def as_ids(df: pl.DataFrame, col: str, path: Path | str) -> pl.Series:
     """`col` as strings (`runs.events.as_ids`), errors naming input=`path`."""
     return events.as_ids(df, col, f"input={path}")
+
+
+def _event_columns(names: list[str]) -> list[pl.Expr]:
+    """user_id, item_id, timestamp, event_type of exploded prepared sequences (in `seq` order)."""
+    return [
+        pl.col("user_id").cast(pl.String),
+        pl.col("item_id").cast(pl.String),
+        pl.col("seq").alias("timestamp"),
+        pl.col("event_types")
+        .fill_null(0)
+        .replace_strict(list(range(len(names) + 1)), ["", *names], return_dtype=pl.String)
+        .alias("event_type"),
+    ]
 
 
 def prepared_events(folder: Path) -> pl.DataFrame:
@@ -102,14 +129,23 @@ def prepared_events(folder: Path) -> pl.DataFrame:
         .join(items, on="item_idx", how="left")
         .join(users, on="user_idx", how="left")
     )
-    return events.select(
-        pl.col("user_id").cast(pl.String),
-        pl.col("item_id").cast(pl.String),
-        pl.col("seq").alias("timestamp"),
-        pl.col("event_types")
-        .fill_null(0)
-        .replace_strict(list(range(len(names) + 1)), ["", *names], return_dtype=pl.String)
-        .alias("event_type"),
+    return events.select(_event_columns(names))
+
+
+def prepared_scan(folder: Path) -> pl.LazyFrame:
+    """`prepared_events` as a lazy frame whose `timestamp` is the position in the user's sequence
+    (the same order per user, and a filter on user_id reads only those users' sequences)."""
+    names = [str(n) for n in load_manifest(folder).get("event_types") or []]
+    seq = pl.scan_parquet(folder / SEQUENCES).select("user_idx", "items", "event_types")
+    users = pl.scan_parquet(folder / USER_MAP).with_columns(pl.col("user_id").cast(pl.String))
+    items = pl.scan_parquet(folder / "item_map.parquet").select("item_idx", "item_id")
+    return (
+        users.join(seq, on="user_idx", how="inner")
+        .with_columns(pl.int_ranges(pl.col("items").list.len()).alias("seq"))
+        .explode(["items", "event_types", "seq"])
+        .rename({"items": "item_idx"})
+        .join(items, on="item_idx", how="left", maintain_order="left")
+        .select(_event_columns(names))
     )
 
 
@@ -122,7 +158,7 @@ def read_events_typed(path: str | Path) -> tuple[pl.DataFrame, dict[str, pl.Data
     """`read_events`, and the type each id column had in the input (`id_type`): what the scores
     give ids back as (a prepared folder stores them as text)."""
     path = Path(path)
-    if path.is_dir() and (path / MANIFEST).is_file():
+    if source_kind(path) == "prepared":
         return prepared_events(path), {c: pl.String for c in EVENT_COLUMNS}
     df = read_table(path, EVENT_COLUMNS)
     types = {c: events.id_type(df[c], path.suffix == ".csv") for c in EVENT_COLUMNS}

@@ -7,28 +7,18 @@ from typing import Any
 
 import polars as pl
 from omegaconf import DictConfig
+from tqdm import tqdm
 
 from recsys_mamba import checks
+from recsys_mamba.data.engines import ENGINES
 from recsys_mamba.errors import RecsysError
 from recsys_mamba.runs import Run, load_run
-from recsys_mamba.runs.events import pair_frame, with_users
 from recsys_mamba.runs.inference import topk_from_states
 from recsys_mamba.schema import Bool, Check, Choice, Int, Num, PathTo, Rule, Schema
-from recsys_mamba.scoring import batch, inputs, parts
+from recsys_mamba.scoring import inputs, partitions, parts, ray_job
 from recsys_mamba.scoring.stream import StateStore
 
 MODES = ("topk", "candidates", "stream")
-
-
-def chunked(frame: pl.DataFrame, size: int) -> list[pl.DataFrame]:
-    return [frame.slice(i, size) for i in range(0, len(frame), size)] or []
-
-
-def _histories(run: Run, source: str, shard: str) -> tuple[pl.DataFrame, int, dict[str, pl.DataType]]:
-    """Per-user histories of `source`'s users in `shard`, unknown events, and `source`'s id types."""
-    events, types = inputs.read_events_typed(source)
-    users, unknown = inputs.histories(run.data, events)
-    return users.filter(inputs.shard_mask(users["user_id"], shard)), unknown, types
 
 
 def _ranked_id_types(run: Run, users: pl.Series, types: dict[str, pl.DataType]) -> dict[str, pl.DataType]:
@@ -40,45 +30,56 @@ def _ranked_id_types(run: Run, users: pl.Series, types: dict[str, pl.DataType]) 
     }
 
 
-def _topk(run: Run, cfg: DictConfig, out: Path, prefix: str) -> tuple[list, dict[str, Any]]:
-    users, unknown, types = _histories(run, cfg.input, cfg.shard)
-    types = _ranked_id_types(run, users["user_id"], types)
-    parts_ = parts.run_parts(
-        out,
-        prefix,
-        chunked(users, cfg.chunk_size),
-        lambda u: inputs.with_id_types(batch.topk_chunk(run, u, cfg.top_k, cfg.exclude_seen), types),
-        cfg.progress,
-        cfg.pause_s,
-    )
-    cold = int((users["items"].list.len() == 0).sum())
-    return parts_, {"users": len(users), "cold_users": cold, "unknown_history_items": unknown}
+def _in_shard(users: pl.DataFrame, shard: str) -> pl.DataFrame:
+    return users.filter(inputs.shard_mask(users["user_id"], shard))
 
 
-def _candidates(run: Run, cfg: DictConfig, out: Path, prefix: str) -> tuple[list, dict[str, Any]]:
-    raw = inputs.read_table(cfg.input, inputs.EVENT_COLUMNS)
-    text_file = Path(cfg.input).suffix == ".csv"
-    types = {c: inputs.id_type(raw[c], text_file) for c in inputs.EVENT_COLUMNS}
-    pairs = pair_frame(raw, f"input={cfg.input}")
-    pairs = pairs.filter(inputs.shard_mask(pairs["user_id"], cfg.shard))
-    users, unknown, _ = _histories(run, cfg.history or str(run.prepared_data().folder), cfg.shard)
-    users = with_users(users, pairs["user_id"])
-
-    def score(chunk: pl.DataFrame) -> pl.DataFrame:
-        scored = batch.candidate_chunk(
-            run, chunk, pairs.join(chunk.select("user_id"), on="user_id", how="semi")
+def _plan(run: Run, cfg: DictConfig, out: Path, prefix: str) -> tuple[partitions.Plan, dict[str, Any]]:
+    """The first pass over the input (one row per user) for topk and candidates: the plan of the
+    partitions every worker scores, and the manifest's counts."""
+    known = list(run.data.items.index)
+    scan = partitions.Scan.of(cfg.input)
+    found = partitions.user_table(scan, known)
+    users = _in_shard(found.table, cfg.shard)
+    history = None
+    if cfg.mode == "topk":
+        types = _ranked_id_types(run, users["user_id"], found.types)
+        cold = int((users["known"] == 0).sum())
+        info = {"users": len(users), "cold_users": cold, "unknown_history_items": found.unknown}
+    else:
+        history = partitions.Scan.of(cfg.history or str(run.prepared_data().folder))
+        past = partitions.user_table(history, known)
+        warm = past.table.filter(pl.col("known") > 0)["user_id"]
+        info = {
+            "users": len(users),
+            "cold_users": int((~users["user_id"].is_in(warm.implode())).sum()),
+            "unknown_candidate_items": int(users["events"].sum() - users["known"].sum()),
+            "unknown_history_items": past.unknown,
+        }
+        types = found.types  # the pairs' ids, as the input had them
+        # a partition holds its users' pairs and their histories: both count towards its size
+        past_events = past.table.select("user_id", pl.col("events").alias("past"))
+        users = users.join(past_events, on="user_id", how="left", maintain_order="left").with_columns(
+            pl.col("events") + pl.col("past").fill_null(0)
         )
-        return inputs.with_id_types(scored, types)  # the pairs' ids, as the input had them
+    settings = {k: cfg[k] for k in ("mode", "chunk_size", "top_k", "exclude_seen", "pause_s")}
+    cut = partitions.cut(users, cfg.chunk_size, cfg.partition_events)
+    where = str(out.absolute())  # as the Ray workers see it, wherever they start
+    plan = partitions.Plan(**settings, out=where, prefix=prefix, scan=scan, history=history, types=types)
+    plan.partitions = cut
+    return plan, info
 
-    parts_ = parts.run_parts(out, prefix, chunked(users, cfg.chunk_size), score, cfg.progress, cfg.pause_s)
-    known = set(run.data.items.index)
-    info = {
-        "users": len(users),
-        "cold_users": int((users["items"].list.len() == 0).sum()),
-        "unknown_candidate_items": int((~pairs["item_id"].is_in(list(known))).sum()),
-        "unknown_history_items": unknown,
-    }
-    return parts_, info
+
+def _partitioned(run: Run, cfg: DictConfig, out: Path, prefix: str) -> tuple[list, dict[str, Any]]:
+    """topk and candidates: the input streamed partition by partition, here or on Ray workers."""
+    plan, info = _plan(run, cfg, out, prefix)
+    if cfg.engine == "ray":
+        return ray_job.score_on_ray(plan, cfg), info
+    count = len(plan.partitions)
+    written = []
+    for index in tqdm(range(count), desc=prefix, unit="partition", disable=not cfg.progress):
+        written += partitions.score_partition(run, plan, index)
+    return written, info
 
 
 def _stream(run: Run, cfg: DictConfig, out: Path, prefix: str) -> tuple[list, dict[str, Any]]:
@@ -98,7 +99,8 @@ def _stream(run: Run, cfg: DictConfig, out: Path, prefix: str) -> tuple[list, di
         hidden = store.hidden(chunk["user_id"].to_list())
         return inputs.with_id_types(topk_from_states(run, hidden, chunk, cfg.top_k, cfg.exclude_seen), types)
 
-    parts_ = parts.run_parts(out, prefix, chunked(users, cfg.chunk_size), score, cfg.progress, cfg.pause_s)
+    chunks = partitions.chunked(users, cfg.chunk_size)
+    parts_ = parts.run_parts(out, prefix, chunks, score, cfg.progress, cfg.pause_s)
     info = {"users": len(users), "events": len(known), "unknown_items": unknown, "state": str(state_out)}
     return parts_, info
 
@@ -107,6 +109,15 @@ def _required(cfg: DictConfig) -> None:
     for key in ("ckpt_path", "input", "output"):
         if checks.select(cfg, key, default=None) in (None, ""):
             raise RecsysError(f"{key}=... is required, e.g. python -m recsys_mamba.score {key}=PATH")
+
+
+def _engine(cfg: DictConfig) -> None:
+    engine, mode = checks.select(cfg, "engine", default="local"), checks.select(cfg, "mode", None)
+    if engine == "ray" and mode == "stream":
+        raise RecsysError(
+            "engine=ray scores mode=topk and mode=candidates; mode=stream carries each user's state "
+            "from event to event in one process: run it with engine=local (and shard=I/N to split users)"
+        )
 
 
 # Every value of conf/score.yaml, checked before the model is loaded or any input read.
@@ -125,6 +136,10 @@ SCORE = Schema(
     Rule("progress", Bool()),
     Rule("pause_s", Num(minimum=0, maximum=3600, example=0.0)),
     Rule("shard", inputs.Shard()),
+    Rule("engine", Choice(ENGINES)),
+    Check(_engine),
+    Rule("partition_events", Int(1, 1 << 40, example=2_000_000)),
+    Rule("workers", Int(1, 1 << 16, example=2)),
     Rule("state_in", PathTo("file", optional=True)),
     Rule("state_out", PathTo("out_file", optional=True)),
 )
@@ -140,7 +155,7 @@ def score(cfg: DictConfig) -> Path:
     out = parts.prepare_output(cfg.output, cfg.shard)
     run = load_run(cfg.ckpt_path, cfg.prepared, cfg.max_len)
     prefix = parts.part_prefix(cfg.mode, cfg.shard)
-    job = {"topk": _topk, "candidates": _candidates, "stream": _stream}[cfg.mode]
+    job = {"topk": _partitioned, "candidates": _partitioned, "stream": _stream}[cfg.mode]
     written, info = job(run, cfg, out, prefix)
     settings = {k: cfg.get(k) for k in ("mode", "shard", "top_k", "exclude_seen", "chunk_size")}
     return parts.write_success(

@@ -16,6 +16,7 @@ from recsys_mamba.files import TMP_MARK, sweep_temporaries, write_atomic, write_
 
 RERUN_HINT = "free disk space or choose another output=, then rerun: finished parts are kept and skipped"
 
+
 def prepare_output(output: str | Path, shard: str = "0/1") -> Path:
     """The output folder, created; stale temporary files of this shard's killed run are removed (only
     this shard's: other shards may be writing theirs into the same folder right now)."""
@@ -37,6 +38,15 @@ def prepare_output(output: str | Path, shard: str = "0/1") -> Path:
     return out
 
 
+def part_path(out: Path, prefix: str, j: int) -> Path:
+    return out / f"{prefix}-{j:06d}.parquet"
+
+
+def part_info(path: Path) -> dict[str, Any]:
+    """A finished part as the `_SUCCESS` manifest lists it."""
+    return {"file": path.name, "rows": pl.scan_parquet(path).select(pl.len()).collect().item()}
+
+
 def run_parts(
     out: Path,
     prefix: str,
@@ -44,18 +54,19 @@ def run_parts(
     score: Callable[[Any], pl.DataFrame],
     progress: bool = True,
     pause_s: float = 0.0,
+    first: int = 0,
 ) -> list[dict[str, Any]]:
-    """Score each chunk into `<prefix>-<j>.parquet`, skipping parts a previous run finished."""
+    """Score each chunk into `<prefix>-<first + j>.parquet`, skipping parts a previous run finished."""
     import time
 
     parts = []
-    for j, chunk in enumerate(tqdm(chunks, desc=prefix, unit="part", disable=not progress)):
-        path = out / f"{prefix}-{j:06d}.parquet"
+    for j, chunk in enumerate(tqdm(chunks, desc=prefix, unit="part", disable=not progress), start=first):
+        path = part_path(out, prefix, j)
         if not path.is_file():
             frame = score(chunk)
             write_atomic(path, frame.write_parquet, hint=RERUN_HINT)
             time.sleep(pause_s)
-        parts.append({"file": path.name, "rows": pl.scan_parquet(path).select(pl.len()).collect().item()})
+        parts.append(part_info(path))
     return parts
 
 

@@ -60,3 +60,29 @@ def test_miniature_datamodule_section(tmp_path):
     for case in cases:
         assert case["peak_rss_mib"] > 0 and case["epoch_rss_mib"] > case["epoch_anon_mib"] > 0
     assert not (tmp_path / "work").exists()
+
+
+@pytest.mark.slow  # ~60 s: trains a model and starts a Ray
+def test_miniature_score_section(tmp_path):
+    """Trains a tiny model, scores two generated inputs locally and one with engine=ray (1 worker)."""
+    pytest.importorskip("ray")
+    cfg = _cfg(
+        tmp_path,
+        "sections=[score]",
+        "score.sizes=[3000,6000]",
+        "score.events_per_user=30",
+        "score.n_items=60",
+        "score.chunk=1000",
+        "score.train_events=3000",
+        "score.ray_size=3000",
+        "score.ray_workers=[1]",
+        "score.run=['chunk_size=16','partition_events=1000']",
+    )
+    result = scale.bench(cfg)["sections"]["score"]
+    assert [c["events"] for c in result["cases"]] == [3000, 6000]
+    for case in [*result["cases"], *result["ray"]]:
+        assert case["users"] > 0 and case["users_per_s"] > 0 and case["peak_rss_mib"] > 10
+    assert [c["workers"] for c in result["ray"]] == [1] and result["ray"][0]["speedup_vs_first"] == 1.0
+    assert result["peak_rss_max_over_min"] >= 1.0
+    assert not (tmp_path / "work").exists()
+    json.dumps(result)

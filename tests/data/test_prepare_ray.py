@@ -20,7 +20,6 @@ import pytest
 
 from recsys_mamba.bench.pipeline import generate_log
 from recsys_mamba.data import prepare
-from recsys_mamba.data.tasks import FAILPOINTS
 from recsys_mamba.errors import RecsysError
 from tests.data.conftest import ALL_COLUMNS, REPO, make_spec
 from tests.data.test_fuzz_pipeline import folder_bytes
@@ -29,19 +28,9 @@ ray = pytest.importorskip("ray", reason="engine=ray needs the ray extra (pip ins
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory):
-    """A local two-CPU Ray cluster whose workers read failpoints from a folder (`arm` creates them)."""
-    failpoints = tmp_path_factory.mktemp("failpoints")
-    ray.init(
-        num_cpus=2,
-        include_dashboard=False,
-        log_to_driver=False,
-        runtime_env={"env_vars": {FAILPOINTS: str(failpoints)}},
-    )
-    try:
-        yield failpoints
-    finally:
-        ray.shutdown()
+def cluster(ray_cluster: Path) -> Path:
+    """The session's local Ray cluster (tests/conftest.py); its failpoint folder."""
+    return ray_cluster
 
 
 @pytest.fixture(scope="module")

@@ -33,6 +33,7 @@ WORKLOADS = ("scan", "torch", "train_step")
 # spinning), which `import recsys_mamba` leaves alone because GOMP_SPINCOUNT is set.
 POLICIES: dict[str, dict[str, str]] = {
     "passive": {"OMP_WAIT_POLICY": "PASSIVE"},
+    "short": {"GOMP_SPINCOUNT": "10000"},  # spin about 0.1 ms, then sleep
     "spin": {"GOMP_SPINCOUNT": "300000"},
     "active": {"OMP_WAIT_POLICY": "ACTIVE"},
 }

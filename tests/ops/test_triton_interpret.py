@@ -40,6 +40,7 @@ interpreted = pytest.mark.skipif(not INTERPRETED, reason="runs in the TRITON_INT
         ((2, 8, 33, 3, 2), True, False),
         ((1, 12, 40, 3, 3), True, True),  # 4 channels a group: one masked block per group
         ((1, 3, 20, 130, 0), True, True),  # d_state > 128: BLOCK_N 256, chunks of 16, 2 channels a block
+        ((1, 3, 150, 40, 0), True, True),  # BLOCK_N 64: chunks of 64, 1-channel backward blocks
     ],
     ids=str,
 )

@@ -94,6 +94,12 @@ def _chunk_forward(u_ptr, delta_ptr, B_ptr, C_ptr, A, bias, row, bc_row, offs_d,
 
 
 @triton.jit
+def _from_chunk(mask, c, first, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """mask where chunk c >= first (as a tile: the interpreter takes no scalar in a mask)."""
+    return mask & (tl.full((BLOCK_D, BLOCK_N), c, tl.int32) >= first)
+
+
+@triton.jit
 def _put_dbc(ptrs, value, mask, shared_dbc):
     if shared_dbc != 0:
         tl.atomic_add(ptrs, value, mask=mask, sem="relaxed")
@@ -109,7 +115,7 @@ def _put_dbc(ptrs, value, mask, shared_dbc):
 _FWD_SCALARS = ["dim", "L", "N", "dpg", "groups", "n_chunks", "blocks_per_group",
                 "has_d", "has_z", "has_bias", "has_h0", "softplus"]
 _BWD_SCALARS = ["dim", "L", "N", "dpg", "groups", "n_chunks", "blocks_per_group",
-                "has_d", "has_z", "has_bias", "has_dlast", "softplus", "shared_dbc"]
+                "has_d", "has_z", "has_bias", "has_h0", "has_dlast", "softplus", "shared_dbc"]
 
 
 @triton.jit(do_not_specialize=_FWD_SCALARS)
@@ -129,8 +135,9 @@ def _scan_fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_p
     row = pid_b * dim * L
     bc_row = (pid_b * groups + g) * N * L
     for c in range(n_chunks):
+        # Chunk 0 starts from the initial state (or zeros), which the backward reads itself.
         ckpt_off = ((pid_b * dim + offs_d[:, None]) * n_chunks + c) * N + offs_n[None, :]
-        tl.store(ckpt_ptr + ckpt_off, h, mask=mask_dn)
+        tl.store(ckpt_ptr + ckpt_off, h, mask=_from_chunk(mask_dn, c, 1, BLOCK_D, BLOCK_N))
         t = c * K + offs_k
         mask_dt = mask_d[:, None] & (t < L)[None, :]
         mask_nt = (offs_n < N)[:, None] & (t < L)[None, :]
@@ -148,10 +155,10 @@ def _scan_fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_p
 
 
 @triton.jit(do_not_specialize=_BWD_SCALARS)
-def _scan_bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, ckpt_ptr,
+def _scan_bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr, ckpt_ptr,
                      dout_ptr, dlast_ptr, du_ptr, ddelta_ptr, dz_ptr, dA_ptr, dD_ptr, dB_ptr, dC_ptr,
                      dh0_ptr, dim, L, N, dpg, groups, n_chunks, blocks_per_group,
-                     has_d, has_z, has_bias, has_dlast, softplus, shared_dbc,
+                     has_d, has_z, has_bias, has_h0, has_dlast, softplus, shared_dbc,
                      BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, K: tl.constexpr):
     pid_b = tl.program_id(0)
     pid_d = tl.program_id(1)
@@ -178,7 +185,10 @@ def _scan_bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_p
         mask_dt = mask_d[:, None] & (t < L)[None, :]
         mask_nt = (offs_n < N)[:, None] & (t < L)[None, :]
         ckpt_off = ((pid_b * dim + offs_d[:, None]) * n_chunks + c) * N + offs_n[None, :]
-        h0 = tl.load(ckpt_ptr + ckpt_off, mask=mask_dn, other=0.0)
+        h0 = tl.load(ckpt_ptr + ckpt_off, mask=_from_chunk(mask_dn, c, 1, BLOCK_D, BLOCK_N), other=0.0)
+        if has_h0 != 0:
+            h0 += tl.load(h0_ptr + state_off, mask=mask_dn & ~_from_chunk(mask_dn, c, 1, BLOCK_D, BLOCK_N),
+                          other=0.0)
         dt, u, Bt, Ct, a, b, hs = _chunk_forward(u_ptr, delta_ptr, B_ptr, C_ptr, A, bias, row, bc_row,
                                                  offs_d, offs_n, t, mask_dt, mask_nt, h0, L, softplus)
         ptr_dt = row + offs_d[:, None] * L + t[None, :]
@@ -220,7 +230,8 @@ def _scan_bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_p
         first = (offs_k == 0)[None, None, :]
         G_carry = tl.sum(tl.where(first, G, 0.0), axis=2)
         a_first = tl.sum(tl.where(first, a, 0.0), axis=2)
-    tl.store(dh0_ptr + state_off, a_first * G_carry, mask=mask_dn)
+    if has_h0 != 0:
+        tl.store(dh0_ptr + state_off, a_first * G_carry, mask=mask_dn)
     tl.store(dA_ptr + state_off, dA_acc, mask=mask_dn)
     tl.store(dD_ptr + pid_b * dim + offs_d, dD_acc, mask=mask_d)
 
@@ -237,7 +248,7 @@ MAX_D_STATE = 256  # the largest d_state the kernels take (mamba-ssm's selective
 # BLOCK_N 64 takes chunks of 64 for half the channels per block (same tile, half the checkpoints).
 _CONFIGS: dict[int, tuple[int, int, int, int, int]] = {
     #     K  fwd: D, warps  bwd: D, warps
-    2: (32, 16, 4, 16, 8),
+    2: (32, 16, 4, 16, 4),
     4: (32, 16, 8, 16, 8),
     8: (32, 16, 4, 16, 8),
     16: (32, 16, 8, 8, 8),
@@ -311,14 +322,13 @@ class _ScanFn(torch.autograd.Function):
             int(initial_state is not None), int(softplus),
             BLOCK_D=cfg.fwd_block_d, BLOCK_N=cfg.block_n, K=cfg.chunk, num_warps=cfg.fwd_warps,
         )
-        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, ckpt)
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, initial_state, ckpt)
         ctx.softplus = softplus
-        ctx.has_h0 = initial_state is not None
         return out, last
 
     @staticmethod
     def backward(ctx, dout, dlast):
-        u, delta, A, B, C, D, z, delta_bias, ckpt = ctx.saved_tensors
+        u, delta, A, B, C, D, z, delta_bias, h0, ckpt = ctx.saved_tensors
         nb, dim, L = u.shape
         groups, N = B.shape[1], A.shape[1]
         cfg = launch_config(N)
@@ -334,22 +344,22 @@ class _ScanFn(torch.autograd.Function):
         dD = torch.empty(nb, dim, **f32)
         shared_dbc = not torch.are_deterministic_algorithms_enabled()
         dB, dC = _dbc_buffers(groups if shared_dbc else n_dblocks, nb, N, L, shared_dbc, u.device)
-        dh0 = torch.empty(nb, dim, N, **f32)
+        dh0 = None if h0 is None else torch.empty(nb, dim, N, **f32)
         act_dummy, f32_dummy = u.new_empty(1), torch.empty(1, **f32)
         _scan_bwd_kernel[(nb, n_dblocks)](
             u, delta, A, B, C, f32_dummy if D is None else D, act_dummy if z is None else z,
-            f32_dummy if delta_bias is None else delta_bias, ckpt, dout,
+            f32_dummy if delta_bias is None else delta_bias, f32_dummy if h0 is None else h0, ckpt, dout,
             f32_dummy if dlast is None else dlast,
-            du, ddelta, f32_dummy if dz is None else dz, dA, dD, dB, dC, dh0,
+            du, ddelta, f32_dummy if dz is None else dz, dA, dD, dB, dC, f32_dummy if dh0 is None else dh0,
             dim, L, N, dpg, groups, ckpt.shape[2], bpg,
-            int(D is not None), int(z is not None), int(delta_bias is not None), int(dlast is not None),
-            int(ctx.softplus), int(shared_dbc),
+            int(D is not None), int(z is not None), int(delta_bias is not None), int(h0 is not None),
+            int(dlast is not None), int(ctx.softplus), int(shared_dbc),
             BLOCK_D=cfg.bwd_block_d, BLOCK_N=cfg.block_n, K=cfg.chunk, num_warps=cfg.bwd_warps,
         )
         dB, dC = _per_group(dB, groups), _per_group(dC, groups)
         return (du, ddelta, dA.sum(0), dB, dC, None if D is None else dD.sum(0), dz,
                 None if delta_bias is None else ddelta.sum((0, 2)),
-                dh0 if ctx.has_h0 else None, None)
+                dh0, None)
 
 
 def selective_scan_triton(args: ScanArgs) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:

@@ -68,7 +68,7 @@ def kernel_traffic(kernel: str, shape: ScanShape, act_bytes: int, flags: Flags) 
     """Bytes per pointer argument of one launch of `kernel` ("fwd" or "bwd"); absent tensors omitted."""
     b, d, L, N, G = shape.batch, shape.dim, shape.length, shape.d_state, shape.groups
     cfg = launch_config(N)
-    n_chunks = triton.cdiv(L, cfg.chunk)
+    ckpts = triton.cdiv(L, cfg.chunk) - 1  # every chunk start but the first (the initial state or zeros)
     block_d = cfg.fwd_block_d if kernel == "fwd" else cfg.bwd_block_d
     programs = b * G * triton.cdiv(d // G, block_d)
     e = act_bytes
@@ -91,13 +91,16 @@ def kernel_traffic(kernel: str, shape: ScanShape, act_bytes: int, flags: Flags) 
             t["z_ptr"] = Access(read=per_channel * L * e)
         t["out_ptr"] = Access(written=per_channel * L * e)
         t["last_ptr"] = Access(written=per_channel * N * FP32)
-        t["ckpt_ptr"] = Access(written=per_channel * n_chunks * N * FP32)
-        return t
+        t["ckpt_ptr"] = Access(written=per_channel * ckpts * N * FP32)
+        return _touched(t)
     if kernel != "bwd":
         raise ValueError(f"kernel must be 'fwd' or 'bwd', got {kernel!r}")
     # delta: the chunk, its t + 1 shift (t + 1 < L), and the raw value again for softplus'(x)
     t["delta_ptr"] = Access(read=per_channel * (L + (L - 1) + (L if flags.softplus else 0)) * e)
-    t["ckpt_ptr"] = Access(read=per_channel * n_chunks * N * FP32)
+    t["ckpt_ptr"] = Access(read=per_channel * ckpts * N * FP32)
+    if flags.initial_state:
+        t["h0_ptr"] = Access(read=per_channel * N * FP32)
+        t["dh0_ptr"] = Access(written=per_channel * N * FP32)
     t["dout_ptr"] = Access(read=per_channel * L * e)
     if flags.dlast:
         t["dlast_ptr"] = Access(read=per_channel * N * FP32)
@@ -111,8 +114,12 @@ def kernel_traffic(kernel: str, shape: ScanShape, act_bytes: int, flags: Flags) 
     rows = programs * N * L * FP32  # each program's (N, L) slice of dB or dC
     dbc = Access(written=rows) if flags.deterministic else Access(read=rows, written=rows)  # RMW
     t["dB_ptr"] = t["dC_ptr"] = dbc
-    t["dh0_ptr"] = Access(written=per_channel * N * FP32)
-    return t
+    return _touched(t)
+
+
+def _touched(t: dict[str, Access]) -> dict[str, Access]:
+    """Without the arguments the launch never reads or writes (no checkpoints when L <= K)."""
+    return {k: a for k, a in t.items() if a.read or a.written}
 
 
 def _total(t: dict[str, Access]) -> int:

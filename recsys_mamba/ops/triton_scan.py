@@ -94,9 +94,10 @@ def _chunk_forward(u_ptr, delta_ptr, B_ptr, C_ptr, A, bias, row, bc_row, offs_d,
 
 
 @triton.jit
-def _from_chunk(mask, c, first, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
-    """mask where chunk c >= first (as a tile: the interpreter takes no scalar in a mask)."""
-    return mask & (tl.full((BLOCK_D, BLOCK_N), c, tl.int32) >= first)
+def _chunk_tile(c, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The chunk index as a (BLOCK_D, BLOCK_N) tile, to mask a state with (the interpreter takes no
+    scalar in a mask)."""
+    return tl.full((BLOCK_D, BLOCK_N), c, tl.int32)
 
 
 @triton.jit
@@ -137,7 +138,7 @@ def _scan_fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_p
     for c in range(n_chunks):
         # Chunk 0 starts from the initial state (or zeros), which the backward reads itself.
         ckpt_off = ((pid_b * dim + offs_d[:, None]) * n_chunks + c) * N + offs_n[None, :]
-        tl.store(ckpt_ptr + ckpt_off, h, mask=_from_chunk(mask_dn, c, 1, BLOCK_D, BLOCK_N))
+        tl.store(ckpt_ptr + ckpt_off, h, mask=mask_dn & (_chunk_tile(c, BLOCK_D, BLOCK_N) > 0))
         t = c * K + offs_k
         mask_dt = mask_d[:, None] & (t < L)[None, :]
         mask_nt = (offs_n < N)[:, None] & (t < L)[None, :]
@@ -185,10 +186,10 @@ def _scan_bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_p
         mask_dt = mask_d[:, None] & (t < L)[None, :]
         mask_nt = (offs_n < N)[:, None] & (t < L)[None, :]
         ckpt_off = ((pid_b * dim + offs_d[:, None]) * n_chunks + c) * N + offs_n[None, :]
-        h0 = tl.load(ckpt_ptr + ckpt_off, mask=_from_chunk(mask_dn, c, 1, BLOCK_D, BLOCK_N), other=0.0)
+        c_tile = _chunk_tile(c, BLOCK_D, BLOCK_N)
+        h0 = tl.load(ckpt_ptr + ckpt_off, mask=mask_dn & (c_tile > 0), other=0.0)
         if has_h0 != 0:
-            h0 += tl.load(h0_ptr + state_off, mask=mask_dn & ~_from_chunk(mask_dn, c, 1, BLOCK_D, BLOCK_N),
-                          other=0.0)
+            h0 += tl.load(h0_ptr + state_off, mask=mask_dn & (c_tile == 0), other=0.0)
         dt, u, Bt, Ct, a, b, hs = _chunk_forward(u_ptr, delta_ptr, B_ptr, C_ptr, A, bias, row, bc_row,
                                                  offs_d, offs_n, t, mask_dt, mask_nt, h0, L, softplus)
         ptr_dt = row + offs_d[:, None] * L + t[None, :]

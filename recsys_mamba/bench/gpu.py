@@ -9,8 +9,9 @@ section so that a run cut short still leaves what it measured. Sections, in orde
 2. correctness: `selective_scan(backend="triton")` forward and backward on CUDA against `ops.ref` in
    float64 on the same (dtype-rounded) inputs, for every launch config's smallest and largest d_state
    (so every BLOCK_N, i.e. every kernel variant of the dtype) with all optional inputs, with none, and
-   with grouped B/C; fp32 and bf16 by default. Each tensor passes when every element is within
-   atol + rtol * |want|.
+   with grouped B/C (once more under torch.use_deterministic_algorithms, where the backward stores
+   dB/dC partial sums instead of adding them with atomics); fp32 and bf16 by default. Each tensor
+   passes when every element is within atol + rtol * |want|.
 3. scan: forward (no grad) and forward + backward medians of backend="triton" beside mamba-ssm's
    `selective_scan_fn` when it imports, else beside `ref` (up to `ref_max_length`).
 4. train: one training step (encode + mean(hidden^2) + backward, as `bench encoders`) of each encoder
@@ -24,10 +25,11 @@ the tests run them on CPU.
 
 from __future__ import annotations
 
+import contextlib
 import platform
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -175,6 +177,18 @@ def compare(
     return {"passed": ok, "tensors": worst}
 
 
+@contextlib.contextmanager
+def _deterministic(on: bool) -> Iterator[None]:
+    """torch's deterministic mode on or off for the block (warn_only: only the scan's choice matters)."""
+    before = torch.are_deterministic_algorithms_enabled()
+    warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(on, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before, warn_only=warn)
+
+
 def correctness_section(cfg: DictConfig, device: torch.device, backend: str, budget: Budget) -> dict:
     from recsys_mamba.ops.triton_aot import d_state_representatives
 
@@ -184,17 +198,19 @@ def correctness_section(cfg: DictConfig, device: torch.device, backend: str, bud
     cases = []
     for dtype_name in c.dtypes:
         for n in d_states:
-            cases.append((dtype_name, n, 0, OPTIONAL, True))
-            cases.append((dtype_name, n, 0, (), False))
-        cases.append((dtype_name, 16, int(c.groups), OPTIONAL, True))
+            cases.append((dtype_name, n, 0, OPTIONAL, True, False))
+            cases.append((dtype_name, n, 0, (), False, False))
+        for deterministic in (False, True):
+            cases.append((dtype_name, 16, int(c.groups), OPTIONAL, True, deterministic))
     rows, skipped = [], []
-    for dtype_name, n, groups, present, softplus in cases:
+    for dtype_name, n, groups, present, softplus, deterministic in cases:
         case = {
             "dtype": dtype_name,
             "d_state": n,
             "groups": groups,
             "optional": list(present),
             "softplus": softplus,
+            "deterministic": deterministic,
         }
         if budget.spent():
             skipped.append(case)
@@ -205,7 +221,8 @@ def correctness_section(cfg: DictConfig, device: torch.device, backend: str, bud
         lo = {k: (v.to(dtype) if k in ("u", "delta", "B", "C", "z") else v).to(device) for k, v in x.items()}
         start = time.perf_counter()
         want = _run_scan({k: v.double() for k, v in lo.items()}, "ref", softplus)
-        got = _run_scan(lo, backend, softplus)
+        with _deterministic(deterministic):
+            got = _run_scan(lo, backend, softplus)
         tol = c.tolerances[dtype_name]
         rows.append(
             case
@@ -538,7 +555,8 @@ def summary(result: dict) -> str:
             bad = {
                 k: v for k, v in r["tensors"].items() if v.get("worst_ratio", 2) > 1 or not v.get("finite")
             }
-            lines.append(f"  FAIL {r['dtype']} d_state={r['d_state']} groups={r['groups']}: {bad}")
+            det = " deterministic" if r["deterministic"] else ""
+            lines.append(f"  FAIL {r['dtype']} d_state={r['d_state']} groups={r['groups']}{det}: {bad}")
     sc = s["scan"]
     lines.append(
         f"| scan | dtype | L | batch | fwd ms | fwd+bwd ms | fwd vs {sc['baseline']} | "

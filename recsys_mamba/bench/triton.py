@@ -6,7 +6,7 @@ Per variant and target: registers per thread, spill stores / loads and stack byt
 generated PTX, and shared memory from Triton's metadata.
 
 Beside them, a memory roofline for one launch (`roofline`): the bytes each kernel moves per token
-(`ops.triton_traffic`, a count checked against the interpreter's loads and stores), an estimated DRAM
+(`ops.triton_traffic`, a count checked against the interpreter's loads, stores and atomics), an estimated DRAM
 share, and the bandwidth bound (each input read once, each output written once), turned into times at
 H100 SXM's 3.35 TB/s. Those times are estimates from byte counts, not measurements, and count memory only.
 """
@@ -62,6 +62,7 @@ BENCH_TRITON = Schema(
     Relation(("roofline.dim", "roofline.groups"), lambda d, g: d % g == 0, "{k1}={v1} must divide {k0}={v0}"),
     Check(_optional),
     Rule("roofline.softplus", Bool()),
+    Rule("roofline.deterministic", Bool()),
     Rule("goal_ratio", Num(minimum=1.0, example=1.5)),
     Rule("output_json", PathTo("out_file")),
 )
@@ -93,6 +94,7 @@ def _roofline_row(variant: Any, cfg: DictConfig) -> dict:
         initial_state="initial_state" in present,
         dlast=True,
         softplus=bool(rf.softplus),
+        deterministic=bool(rf.deterministic),
     )
     block_n = variant.constexpr("BLOCK_N")
     shape = ScanShape(int(rf.batch), int(rf.dim), int(rf.length), block_n, int(rf.groups))
@@ -182,10 +184,13 @@ def benchmark(cfg: DictConfig) -> dict:
             "recorded launch; registers, spills and stack from ptxas -v (Triton's own run), "
             "shared memory from Triton's metadata",
             "roofline": "ESTIMATE, not a measurement: bytes per token from ops.triton_traffic (per-argument "
-            "counts checked against the interpreter's loads and stores); DRAM estimate = issued "
-            "less re-reads an L2 serves (B/C per channel block, delta's second and third reads, "
-            "per-row parameters); bound = each input read once, each output written once; "
-            "times = bytes / bandwidth; memory only, the exponentials and scans are not modelled",
+            "counts checked against the interpreter's loads, stores and atomics; an atomic add counts "
+            "as a read and a write), plus the zero fill of dB/dC the atomics add into; DRAM estimate = "
+            "issued less what an L2 serves (B/C re-read per channel block, delta's second and third "
+            "reads, per-row parameters, the dB/dC atomics: one write each); bound = each input read "
+            "once, each output written once; "
+            "times = bytes / bandwidth; DRAM only: neither the exponentials and scans nor L2's "
+            "throughput for the atomics (their bytes are in issued) are modelled",
             "bandwidth_bytes_per_s": H100_SXM_BANDWIDTH,
             "bandwidth_source": "NVIDIA H100 Tensor Core GPU datasheet: H100 SXM, GPU memory bandwidth "
             "3.35 TB/s",
@@ -197,6 +202,7 @@ def benchmark(cfg: DictConfig) -> dict:
             "groups": cfg.roofline.groups,
             "optional": list(cfg.roofline.optional or []),
             "softplus": bool(cfg.roofline.softplus),
+            "deterministic": bool(cfg.roofline.deterministic),
             "d_state": "each variant's BLOCK_N",
         },
         "rows": rows,
@@ -243,7 +249,8 @@ def format_table(result: dict) -> str:
     lines.append(
         f"roofline (ESTIMATE from byte counts, not measured): batch {rl['batch']}, dim {rl['dim']}, "
         f"L {rl['length']}, groups {rl['groups']}, d_state = BLOCK_N, optional {rl['optional']}, "
-        f"softplus {rl['softplus']}; H100 SXM HBM3 3.35 TB/s (NVIDIA datasheet); memory only"
+        f"softplus {rl['softplus']}, deterministic {rl['deterministic']}; "
+        "H100 SXM HBM3 3.35 TB/s (NVIDIA datasheet); memory only"
     )
     for name, goal in result["goals"].items():
         detail = {k: v for k, v in goal.items() if k != "status" and v}

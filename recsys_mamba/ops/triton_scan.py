@@ -8,6 +8,12 @@ each chunk's forward from its checkpoint, then gets dL/dh_t with a reverse scan 
 G_t = C_t dy_t + a_{t+1} G_{t+1}, walking chunks from last to first. Loads are cast to fp32, so
 fp16/bf16 inputs accumulate in fp32. Set TRITON_INTERPRET=1 before importing triton to run on CPU.
 
+dB and dC sum over the channels of a B/C group, which several programs share. By default the programs
+add into one fp32 output with atomics, as mamba-ssm's backward does: the summation order varies from
+run to run (fp32 rounding only). Under `torch.use_deterministic_algorithms(True)` each channel block
+stores its own partial sums instead and the host adds them up in a fixed order, at the cost of
+(channel blocks per group) times the output's bytes written.
+
 The binaries the code can launch are few on purpose: one per kernel, activation dtype (fp32, fp16,
 bf16) and BLOCK_N, with BLOCK_D, K and num_warps fixed by `launch_config(d_state)`. The optional
 inputs are runtime flags, no scalar is specialised, and the wrapper hands the kernels contiguous,
@@ -87,6 +93,21 @@ def _chunk_forward(u_ptr, delta_ptr, B_ptr, C_ptr, A, bias, row, bc_row, offs_d,
     return dt, u, Bt, Ct, a, b, h
 
 
+@triton.jit
+def _chunk_tile(c, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The chunk index as a (BLOCK_D, BLOCK_N) tile, to mask a state with (the interpreter takes no
+    scalar in a mask)."""
+    return tl.full((BLOCK_D, BLOCK_N), c, tl.int32)
+
+
+@triton.jit
+def _put_dbc(ptrs, value, mask, shared_dbc):
+    if shared_dbc != 0:
+        tl.atomic_add(ptrs, value, mask=mask, sem="relaxed")
+    else:
+        tl.store(ptrs, value, mask=mask)
+
+
 # Scalars are runtime arguments that Triton must not specialise: by default it compiles a separate
 # binary for every int equal to 1 and every multiple of 16, and constexpr presence flags would double
 # the binaries each (2^5 forward variants per block size and dtype). The flags become uniform branches
@@ -95,7 +116,7 @@ def _chunk_forward(u_ptr, delta_ptr, B_ptr, C_ptr, A, bias, row, bc_row, offs_d,
 _FWD_SCALARS = ["dim", "L", "N", "dpg", "groups", "n_chunks", "blocks_per_group",
                 "has_d", "has_z", "has_bias", "has_h0", "softplus"]
 _BWD_SCALARS = ["dim", "L", "N", "dpg", "groups", "n_chunks", "blocks_per_group",
-                "has_d", "has_z", "has_bias", "has_dlast", "softplus"]
+                "has_d", "has_z", "has_bias", "has_h0", "has_dlast", "softplus", "shared_dbc"]
 
 
 @triton.jit(do_not_specialize=_FWD_SCALARS)
@@ -115,8 +136,9 @@ def _scan_fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_p
     row = pid_b * dim * L
     bc_row = (pid_b * groups + g) * N * L
     for c in range(n_chunks):
+        # Chunk 0 starts from the initial state (or zeros), which the backward reads itself.
         ckpt_off = ((pid_b * dim + offs_d[:, None]) * n_chunks + c) * N + offs_n[None, :]
-        tl.store(ckpt_ptr + ckpt_off, h, mask=mask_dn)
+        tl.store(ckpt_ptr + ckpt_off, h, mask=mask_dn & (_chunk_tile(c, BLOCK_D, BLOCK_N) > 0))
         t = c * K + offs_k
         mask_dt = mask_d[:, None] & (t < L)[None, :]
         mask_nt = (offs_n < N)[:, None] & (t < L)[None, :]
@@ -134,10 +156,10 @@ def _scan_fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_p
 
 
 @triton.jit(do_not_specialize=_BWD_SCALARS)
-def _scan_bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, ckpt_ptr,
+def _scan_bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr, ckpt_ptr,
                      dout_ptr, dlast_ptr, du_ptr, ddelta_ptr, dz_ptr, dA_ptr, dD_ptr, dB_ptr, dC_ptr,
                      dh0_ptr, dim, L, N, dpg, groups, n_chunks, blocks_per_group,
-                     has_d, has_z, has_bias, has_dlast, softplus,
+                     has_d, has_z, has_bias, has_h0, has_dlast, softplus, shared_dbc,
                      BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, K: tl.constexpr):
     pid_b = tl.program_id(0)
     pid_d = tl.program_id(1)
@@ -151,8 +173,10 @@ def _scan_bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_p
     G_carry = _load_state(dlast_ptr, state_off, mask_dn, has_dlast, BLOCK_D, BLOCK_N)
     row = pid_b * dim * L
     bc_row = (pid_b * groups + g) * N * L
-    # dB/dC partial sums per channel block (summed on the host): no atomics, deterministic.
-    dbc_row = ((pid_d * tl.num_programs(0) + pid_b) * N) * L
+    # dB/dC: with shared_dbc, every channel block of a group adds into the group's row with fp32 atomics
+    # (one output, summation order unspecified); without, each block stores its own row of partial sums
+    # for the host to add up (deterministic, but (channel blocks) x B's bytes written).
+    dbc_row = ((tl.where(shared_dbc != 0, g, pid_d) * tl.num_programs(0) + pid_b) * N) * L
     dA_acc = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
     dD_acc = tl.zeros((BLOCK_D,), tl.float32)
     a_first = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
@@ -162,7 +186,10 @@ def _scan_bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_p
         mask_dt = mask_d[:, None] & (t < L)[None, :]
         mask_nt = (offs_n < N)[:, None] & (t < L)[None, :]
         ckpt_off = ((pid_b * dim + offs_d[:, None]) * n_chunks + c) * N + offs_n[None, :]
-        h0 = tl.load(ckpt_ptr + ckpt_off, mask=mask_dn, other=0.0)
+        c_tile = _chunk_tile(c, BLOCK_D, BLOCK_N)
+        h0 = tl.load(ckpt_ptr + ckpt_off, mask=mask_dn & (c_tile > 0), other=0.0)
+        if has_h0 != 0:
+            h0 += tl.load(h0_ptr + state_off, mask=mask_dn & (c_tile == 0), other=0.0)
         dt, u, Bt, Ct, a, b, hs = _chunk_forward(u_ptr, delta_ptr, B_ptr, C_ptr, A, bias, row, bc_row,
                                                  offs_d, offs_n, t, mask_dt, mask_nt, h0, L, softplus)
         ptr_dt = row + offs_d[:, None] * L + t[None, :]
@@ -199,12 +226,13 @@ def _scan_bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_p
         dA_acc += tl.sum(gah * dt[:, None, :], axis=2)
         dD_acc += tl.sum(dy * u, axis=1)
         ptr_nt = dbc_row + offs_n[:, None] * L + t[None, :]
-        tl.store(dB_ptr + ptr_nt, tl.sum(G * (dt * u)[:, None, :], axis=0), mask=mask_nt)
-        tl.store(dC_ptr + ptr_nt, tl.sum(hs * dy[:, None, :], axis=0), mask=mask_nt)
+        _put_dbc(dB_ptr + ptr_nt, tl.sum(G * (dt * u)[:, None, :], axis=0), mask_nt, shared_dbc)
+        _put_dbc(dC_ptr + ptr_nt, tl.sum(hs * dy[:, None, :], axis=0), mask_nt, shared_dbc)
         first = (offs_k == 0)[None, None, :]
         G_carry = tl.sum(tl.where(first, G, 0.0), axis=2)
         a_first = tl.sum(tl.where(first, a, 0.0), axis=2)
-    tl.store(dh0_ptr + state_off, a_first * G_carry, mask=mask_dn)
+    if has_h0 != 0:
+        tl.store(dh0_ptr + state_off, a_first * G_carry, mask=mask_dn)
     tl.store(dA_ptr + state_off, dA_acc, mask=mask_dn)
     tl.store(dD_ptr + pid_b * dim + offs_d, dD_acc, mask=mask_d)
 
@@ -216,15 +244,17 @@ MAX_D_STATE = 256  # the largest d_state the kernels take (mamba-ssm's selective
 # holds (BLOCK_D, BLOCK_N, K) fp32 tiles in registers; the backward keeps about twice as many alive, so
 # it gets half the channels or twice the warps. Every row compiles without register spills for sm_80
 # and sm_90 in fp32, fp16 and bf16: `python -m recsys_mamba.bench triton` prints ptxas's figures, and
-# tests/ops/test_triton_compile.py fails on a spill.
+# tests/ops/test_triton_compile.py fails on a spill. Checkpoints cost d_state x 4 / K bytes per channel
+# and token each way, the kernels' largest excess over their bandwidth bound once dB/dC are atomics:
+# BLOCK_N 64 takes chunks of 64 for half the channels per block (same tile, half the checkpoints).
 _CONFIGS: dict[int, tuple[int, int, int, int, int]] = {
     #     K  fwd: D, warps  bwd: D, warps
-    2: (32, 16, 4, 16, 8),
+    2: (32, 16, 4, 16, 4),
     4: (32, 16, 8, 16, 8),
     8: (32, 16, 4, 16, 8),
     16: (32, 16, 8, 8, 8),
     32: (32, 8, 8, 4, 8),
-    64: (32, 4, 8, 2, 8),
+    64: (64, 2, 8, 1, 8),
     128: (32, 2, 8, 1, 8),
     256: (16, 2, 8, 1, 8),
 }
@@ -254,6 +284,22 @@ def _aligned(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.data_ptr() % 16 == 0 else t.clone()
 
 
+def _dbc_buffers(rows: int, nb: int, N: int, L: int, shared: bool,
+                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """dB and dC as the backward writes them: rows of (batch, N, L), zeroed where atomics add into them."""
+    new = torch.zeros if shared else torch.empty  # partial-sum rows are stored whole, every element
+    return (new(rows, nb, N, L, device=device, dtype=torch.float32),
+            new(rows, nb, N, L, device=device, dtype=torch.float32))
+
+
+def _per_group(rows: torch.Tensor, groups: int) -> torch.Tensor:
+    """(rows, batch, N, L) -> (batch, groups, N, L): a group's partial-sum rows added up (blocks never
+    straddle groups), or the rows themselves when the blocks shared them."""
+    per = rows.shape[0] // groups
+    rows = rows.view(groups, per, *rows.shape[1:])
+    return (rows[:, 0] if per == 1 else rows.sum(1)).transpose(0, 1)
+
+
 class _ScanFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, softplus):
@@ -277,14 +323,13 @@ class _ScanFn(torch.autograd.Function):
             int(initial_state is not None), int(softplus),
             BLOCK_D=cfg.fwd_block_d, BLOCK_N=cfg.block_n, K=cfg.chunk, num_warps=cfg.fwd_warps,
         )
-        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, ckpt)
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, initial_state, ckpt)
         ctx.softplus = softplus
-        ctx.has_h0 = initial_state is not None
         return out, last
 
     @staticmethod
     def backward(ctx, dout, dlast):
-        u, delta, A, B, C, D, z, delta_bias, ckpt = ctx.saved_tensors
+        u, delta, A, B, C, D, z, delta_bias, h0, ckpt = ctx.saved_tensors
         nb, dim, L = u.shape
         groups, N = B.shape[1], A.shape[1]
         cfg = launch_config(N)
@@ -298,26 +343,24 @@ class _ScanFn(torch.autograd.Function):
         dz = torch.empty(u.shape, **f32) if z is not None else None
         dA = torch.empty(nb, dim, N, **f32)
         dD = torch.empty(nb, dim, **f32)
-        dB = torch.zeros(n_dblocks, nb, N, L, **f32)
-        dC = torch.zeros(n_dblocks, nb, N, L, **f32)
-        dh0 = torch.empty(nb, dim, N, **f32)
+        shared_dbc = not torch.are_deterministic_algorithms_enabled()
+        dB, dC = _dbc_buffers(groups if shared_dbc else n_dblocks, nb, N, L, shared_dbc, u.device)
+        dh0 = None if h0 is None else torch.empty(nb, dim, N, **f32)
         act_dummy, f32_dummy = u.new_empty(1), torch.empty(1, **f32)
         _scan_bwd_kernel[(nb, n_dblocks)](
             u, delta, A, B, C, f32_dummy if D is None else D, act_dummy if z is None else z,
-            f32_dummy if delta_bias is None else delta_bias, ckpt, dout,
+            f32_dummy if delta_bias is None else delta_bias, f32_dummy if h0 is None else h0, ckpt, dout,
             f32_dummy if dlast is None else dlast,
-            du, ddelta, f32_dummy if dz is None else dz, dA, dD, dB, dC, dh0,
+            du, ddelta, f32_dummy if dz is None else dz, dA, dD, dB, dC, f32_dummy if dh0 is None else dh0,
             dim, L, N, dpg, groups, ckpt.shape[2], bpg,
-            int(D is not None), int(z is not None), int(delta_bias is not None), int(dlast is not None),
-            int(ctx.softplus),
+            int(D is not None), int(z is not None), int(delta_bias is not None), int(h0 is not None),
+            int(dlast is not None), int(ctx.softplus), int(shared_dbc),
             BLOCK_D=cfg.bwd_block_d, BLOCK_N=cfg.block_n, K=cfg.chunk, num_warps=cfg.bwd_warps,
         )
-        # Channel blocks -> groups: blocks never straddle groups, so sum each group's blocks.
-        dB = dB.view(groups, bpg, nb, N, L).sum(1).transpose(0, 1)
-        dC = dC.view(groups, bpg, nb, N, L).sum(1).transpose(0, 1)
+        dB, dC = _per_group(dB, groups), _per_group(dC, groups)
         return (du, ddelta, dA.sum(0), dB, dC, None if D is None else dD.sum(0), dz,
                 None if delta_bias is None else ddelta.sum((0, 2)),
-                dh0 if ctx.has_h0 else None, None)
+                dh0, None)
 
 
 def selective_scan_triton(args: ScanArgs) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:

@@ -10,9 +10,14 @@ Three totals come out of it:
 - DRAM (estimate): issued, less reads that repeat an address the same launch has already read and that
   a 50 MB L2 keeps for typical shapes: B and C rows read by each channel block of a batch row, the
   backward's second and third reads of delta (its t + 1 shift and the raw value for the softplus
-  derivative), and A / D / delta_bias read by every batch row;
+  derivative), and A / D / delta_bias read by every batch row; and less the backward's dB/dC atomics,
+  which L2 performs: the (batch, groups, N, L) outputs they add into (1.6 MB at MambaMixer's launch)
+  reach DRAM as one write each;
 - compulsory: each input read once and each output written once, at the sizes of the op's result
   (dB and dC once per group, dA once): the traffic of an ideal kernel, the bandwidth bound.
+The backward's atomics need zeroed outputs: that fill (torch.zeros, its own launch, one write of
+dB and dC) is counted in issued and DRAM too. Under torch.use_deterministic_algorithms the backward
+stores per-channel-block partial sums instead (`Flags.deterministic`), all counted as DRAM writes.
 Times are these bytes over H100 SXM's HBM3 bandwidth: estimates from a model, not measurements, and
 memory only (the exponentials and the scans' shuffles are not modelled, so a kernel can be slower).
 """
@@ -50,6 +55,7 @@ class Flags:
     initial_state: bool = False
     dlast: bool = True  # the backward always gets one: autograd materialises an unused last_state's grad
     softplus: bool = True
+    deterministic: bool = False  # dB/dC as stored partial sums, not atomics (torch's deterministic mode)
 
 
 @dataclass(frozen=True)
@@ -62,7 +68,7 @@ def kernel_traffic(kernel: str, shape: ScanShape, act_bytes: int, flags: Flags) 
     """Bytes per pointer argument of one launch of `kernel` ("fwd" or "bwd"); absent tensors omitted."""
     b, d, L, N, G = shape.batch, shape.dim, shape.length, shape.d_state, shape.groups
     cfg = launch_config(N)
-    n_chunks = triton.cdiv(L, cfg.chunk)
+    ckpts = triton.cdiv(L, cfg.chunk) - 1  # every chunk start but the first (the initial state or zeros)
     block_d = cfg.fwd_block_d if kernel == "fwd" else cfg.bwd_block_d
     programs = b * G * triton.cdiv(d // G, block_d)
     e = act_bytes
@@ -85,13 +91,16 @@ def kernel_traffic(kernel: str, shape: ScanShape, act_bytes: int, flags: Flags) 
             t["z_ptr"] = Access(read=per_channel * L * e)
         t["out_ptr"] = Access(written=per_channel * L * e)
         t["last_ptr"] = Access(written=per_channel * N * FP32)
-        t["ckpt_ptr"] = Access(written=per_channel * n_chunks * N * FP32)
-        return t
+        t["ckpt_ptr"] = Access(written=per_channel * ckpts * N * FP32)
+        return _touched(t)
     if kernel != "bwd":
         raise ValueError(f"kernel must be 'fwd' or 'bwd', got {kernel!r}")
     # delta: the chunk, its t + 1 shift (t + 1 < L), and the raw value again for softplus'(x)
     t["delta_ptr"] = Access(read=per_channel * (L + (L - 1) + (L if flags.softplus else 0)) * e)
-    t["ckpt_ptr"] = Access(read=per_channel * n_chunks * N * FP32)
+    t["ckpt_ptr"] = Access(read=per_channel * ckpts * N * FP32)
+    if flags.initial_state:
+        t["h0_ptr"] = Access(read=per_channel * N * FP32)
+        t["dh0_ptr"] = Access(written=per_channel * N * FP32)
     t["dout_ptr"] = Access(read=per_channel * L * e)
     if flags.dlast:
         t["dlast_ptr"] = Access(read=per_channel * N * FP32)
@@ -102,18 +111,33 @@ def kernel_traffic(kernel: str, shape: ScanShape, act_bytes: int, flags: Flags) 
     t["ddelta_ptr"] = Access(written=per_channel * L * FP32)
     t["dA_ptr"] = Access(written=per_channel * N * FP32)
     t["dD_ptr"] = Access(written=per_channel * FP32)
-    t["dB_ptr"] = Access(written=programs * N * L * FP32)  # per-channel-block partial sums
-    t["dC_ptr"] = Access(written=programs * N * L * FP32)
-    t["dh0_ptr"] = Access(written=per_channel * N * FP32)
-    return t
+    rows = programs * N * L * FP32  # each program's (N, L) slice of dB or dC
+    dbc = Access(written=rows) if flags.deterministic else Access(read=rows, written=rows)  # RMW
+    t["dB_ptr"] = t["dC_ptr"] = dbc
+    return _touched(t)
+
+
+def _touched(t: dict[str, Access]) -> dict[str, Access]:
+    """Without the arguments the launch never reads or writes (no checkpoints when L <= K)."""
+    return {k: a for k, a in t.items() if a.read or a.written}
 
 
 def _total(t: dict[str, Access]) -> int:
     return sum(a.read + a.written for a in t.values())
 
 
+def _dbc_bytes(shape: ScanShape) -> int:
+    """One of dB, dC at the op's result size, (batch, groups, N, L) fp32."""
+    return shape.batch * shape.groups * shape.d_state * shape.length * FP32
+
+
+def fill_bytes(kernel: str, shape: ScanShape, flags: Flags) -> int:
+    """Bytes the launch's zero fills write beforehand: dB and dC for the backward's atomics."""
+    return 2 * _dbc_bytes(shape) if kernel == "bwd" and not flags.deterministic else 0
+
+
 def dram_estimate(kernel: str, shape: ScanShape, act_bytes: int, flags: Flags) -> int:
-    """Issued bytes less the re-reads a large L2 serves (see the module docstring)."""
+    """Issued bytes less what a large L2 serves, plus the zero fills (see the module docstring)."""
     t = kernel_traffic(kernel, shape, act_bytes, flags)
     b, d, L, N, G = shape.batch, shape.dim, shape.length, shape.d_state, shape.groups
     once = {
@@ -121,7 +145,11 @@ def dram_estimate(kernel: str, shape: ScanShape, act_bytes: int, flags: Flags) -
         "B_ptr": b * G * N * L * act_bytes, "C_ptr": b * G * N * L * act_bytes,
         "delta_ptr": b * d * L * act_bytes,
     }
-    return _total(t) - sum(t[k].read - v for k, v in once.items() if k in t)
+    rereads = sum(t[k].read - v for k, v in once.items() if k in t)
+    in_l2 = 0
+    if kernel == "bwd" and not flags.deterministic:
+        in_l2 = sum(t[k].read + t[k].written - _dbc_bytes(shape) for k in ("dB_ptr", "dC_ptr"))
+    return _total(t) - rereads - in_l2 + fill_bytes(kernel, shape, flags)
 
 
 def compulsory_bytes(kernel: str, shape: ScanShape, act_bytes: int, flags: Flags) -> int:
@@ -154,7 +182,7 @@ class Roofline:
 def roofline(kernel: str, shape: ScanShape, act_bytes: int, flags: Flags,
              bandwidth: float = H100_SXM_BANDWIDTH) -> Roofline:
     tokens = shape.batch * shape.length
-    issued = _total(kernel_traffic(kernel, shape, act_bytes, flags))
+    issued = _total(kernel_traffic(kernel, shape, act_bytes, flags)) + fill_bytes(kernel, shape, flags)
     dram = dram_estimate(kernel, shape, act_bytes, flags)
     need = compulsory_bytes(kernel, shape, act_bytes, flags)
     return Roofline(issued / tokens, dram / tokens, need / tokens, dram / bandwidth * 1e6,

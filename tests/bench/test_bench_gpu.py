@@ -69,8 +69,9 @@ def test_every_section_on_cpu(tmp_path):
     assert [list(json.loads(w)["sections"]) for w in written] == [
         ["correctness"], ["correctness", "scan"], ["correctness", "scan", "train"]]
     c = result["sections"]["correctness"]
-    # (2 dtypes) x (2 d_states x {all options, none} + grouped)
-    assert len(c["rows"]) == 10 and c["failed"] == 0 and c["passed"] == 10 and not c["skipped"]
+    # (2 dtypes) x (2 d_states x {all options, none} + grouped, with and without deterministic mode)
+    assert len(c["rows"]) == 12 and c["failed"] == 0 and c["passed"] == 12 and not c["skipped"]
+    assert [r["deterministic"] for r in c["rows"] if r["groups"]] == [False, True] * 2
     row = c["rows"][0]
     assert row["dtype"] == "fp32" and row["optional"] == list(gpu.OPTIONAL)
     assert set(row["tensors"]) == {"out", "last", "du", "ddelta", "dA", "dB", "dC", "dD", "dz",
@@ -97,7 +98,7 @@ def test_every_section_on_cpu(tmp_path):
     assert all(r["repeats"] == 2 and r["train_tok_s"] > 0 for r in tr["rows"])
     assert [r["length"] for r in tr["ratios"]] == [8, 16]
     text = gpu.summary(result)
-    assert "correctness vs float64 ref: 10 passed, 0 failed" in text and "| mamba | 8 | 4 |" in text
+    assert "correctness vs float64 ref: 12 passed, 0 failed" in text and "| mamba | 8 | 4 |" in text
 
 
 def test_budgets_stop_the_sections(tmp_path):
@@ -106,7 +107,7 @@ def test_budgets_stop_the_sections(tmp_path):
     result = gpu.run(cfg, torch.device("cpu"), backend="cpu")
     assert time.monotonic() - start < 10
     s = result["sections"]
-    assert s["correctness"]["rows"] == [] and len(s["correctness"]["skipped"]) == 10
+    assert s["correctness"]["rows"] == [] and len(s["correctness"]["skipped"]) == 12
     assert s["scan"]["rows"] == [] and len(s["scan"]["skipped"]) == 8
     assert s["train"]["rows"] == [] and len(s["train"]["skipped"]) == 4
     assert all("budget" in x["reason"] for x in s["scan"]["skipped"] + s["train"]["skipped"]

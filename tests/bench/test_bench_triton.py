@@ -71,3 +71,22 @@ def test_bad_config_names_the_key(override, key):
 def test_default_config_is_valid():
     bench_triton.validate_config(compose("bench_triton", ["output_json=/tmp/x.json"],
                                          return_hydra_config=False))
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_backward_bytes_at_d_state_16_against_a_hand_count(deterministic):
+    from recsys_mamba.ops.triton_traffic import Flags, ScanShape, roofline
+
+    # bf16, batch 64, dim 128, L 200, d_state 16, D, z, delta_bias, softplus, dlast; per token: u, delta,
+    # dout, z read (2 bytes x 128 channels each); du, ddelta, dz written (fp32); B, C read; 6 checkpoints
+    # of 128 x 16 fp32 per sequence read (7 chunks, the first starts from zeros); dlast read, dA and dD
+    # written per sequence; A, D, delta_bias read once per launch. dB and dC: with atomics, zero-filled
+    # then written back once each; deterministic, 16 channel blocks of 8 each store a (16, 200) row of
+    # partial sums per sequence.
+    tokens = 64 * 200
+    common = (4 * 256 + 3 * 128 * 4 + 2 * 16 * 2 + 128 * 16 * 4 * 6 / 200 + 2 * 128 * 16 * 4 / 200
+              + 128 * 4 / 200 + (128 * 16 + 2 * 128) * 4 / tokens)
+    dbc = 2 * 16 * 4 * (16 if deterministic else 2)
+    r = roofline("bwd", ScanShape(64, 128, 200, 16), 2, Flags(deterministic=deterministic))
+    assert math.isclose(r.dram_per_token, common + dbc)
+    assert (r.ratio <= 1.5) is not deterministic  # the goal, met by the atomics

@@ -36,12 +36,13 @@ def test_one_variant_per_kernel_dtype_and_block_n():
         sig = dict(v.signature)
         # no scalar is specialised (no "constexpr" ints equal to 1, no divisibility attributes on them)
         scalars = [name for name, ty in sig.items() if not ty.startswith("*") and ty != "constexpr"]
-        assert all(sig[name] == "i32" for name in scalars) and len(scalars) == 12
+        assert all(sig[name] == "i32" for name in scalars)
+        assert len(scalars) == (12 if v.short == "fwd" else 14)  # the backward's has_h0, shared_dbc
         assert {name for name, ty in sig.items() if ty == "constexpr"} == {"BLOCK_D", "BLOCK_N", "K"}
         pointer_indices = {i for i, (_, ty) in enumerate(v.signature) if ty.startswith("*")}
         assert {i for i, _ in v.attrs} == pointer_indices  # every pointer 16-byte aligned, nothing else
         # state, checkpoints and gradients are fp32; activations in the variant's dtype
-        for name in ("A_ptr", "D_ptr", "bias_ptr", "ckpt_ptr"):
+        for name in ("A_ptr", "D_ptr", "bias_ptr", "h0_ptr", "ckpt_ptr"):
             assert sig[name] == "*fp32"
         for name in ("u_ptr", "delta_ptr", "B_ptr", "C_ptr", "z_ptr"):
             assert sig[name] == f"*{v.dtype}"

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 import torch
-from ops_scan_cases import assert_matches_ref, assert_plain_grads_match, make_inputs
+from ops_scan_cases import assert_matches_ref, assert_plain_grads_match, make_inputs, run
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -40,6 +40,7 @@ interpreted = pytest.mark.skipif(not INTERPRETED, reason="runs in the TRITON_INT
         ((2, 8, 33, 3, 2), True, False),
         ((1, 12, 40, 3, 3), True, True),  # 4 channels a group: one masked block per group
         ((1, 3, 20, 130, 0), True, True),  # d_state > 128: BLOCK_N 256, chunks of 16, 2 channels a block
+        ((1, 3, 150, 40, 0), True, True),  # BLOCK_N 64: chunks of 64, 1-channel backward blocks
     ],
     ids=str,
 )
@@ -61,6 +62,25 @@ def test_triton_half_inputs():
 @interpreted
 def test_triton_no_optional_inputs():
     assert_plain_grads_match("triton")
+
+
+@pytest.fixture
+def deterministic():
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(before)
+
+
+@interpreted
+def test_deterministic_mode_sums_stored_partials(deterministic):
+    x = make_inputs(1, 40, 20, 5, 2)  # 20 channels a group: two backward channel blocks add into dB, dC
+    assert_matches_ref("triton", x, True)
+    det = run("triton", x, True)
+    torch.use_deterministic_algorithms(False)
+    atomic = run("triton", x, True)
+    for name in det:
+        torch.testing.assert_close(det[name], atomic[name], rtol=1e-5, atol=1e-6)
 
 
 def _tally_loads_and_stores(monkeypatch, call):
@@ -87,6 +107,7 @@ def _tally_loads_and_stores(monkeypatch, call):
         assert (hits[live] == 1).all(), "an access fell outside every argument"
 
     real_load, real_store = InterpreterBuilder.create_masked_load, InterpreterBuilder.create_masked_store
+    real_rmw = InterpreterBuilder.create_atomic_rmw
 
     def load(self, ptrs, mask, other, cache_policy, is_volatile):
         count(ptrs, mask, 0)
@@ -95,6 +116,11 @@ def _tally_loads_and_stores(monkeypatch, call):
     def store(self, ptrs, value, mask, cache_policy):
         count(ptrs, mask, 1)
         return real_store(self, ptrs, value, mask, cache_policy)
+
+    def rmw(self, op, ptrs, value, mask, sem, scope):  # an atomic add reads and writes its address
+        count(ptrs, mask, 0)
+        count(ptrs, mask, 1)
+        return real_rmw(self, op, ptrs, value, mask, sem, scope)
 
     class Watched:
         def __init__(self, kernel, short):
@@ -113,6 +139,7 @@ def _tally_loads_and_stores(monkeypatch, call):
 
     monkeypatch.setattr(InterpreterBuilder, "create_masked_load", load)
     monkeypatch.setattr(InterpreterBuilder, "create_masked_store", store)
+    monkeypatch.setattr(InterpreterBuilder, "create_atomic_rmw", rmw)
     monkeypatch.setattr(triton_scan, "_scan_fwd_kernel", Watched(triton_scan._scan_fwd_kernel, "fwd"))
     monkeypatch.setattr(triton_scan, "_scan_bwd_kernel", Watched(triton_scan._scan_bwd_kernel, "bwd"))
     call()
@@ -121,15 +148,16 @@ def _tally_loads_and_stores(monkeypatch, call):
 
 @interpreted
 @pytest.mark.parametrize(
-    ("shape", "extras", "with_h0", "dtype"),
+    ("shape", "extras", "with_h0", "dtype", "det"),
     [
-        ((2, 20, 40, 5, 0), True, True, torch.float32),  # two channel blocks, two chunks, tails
-        ((1, 12, 40, 3, 3), False, False, torch.bfloat16),  # groups; no D, z, delta_bias, state
-        ((1, 5, 9, 40, 0), True, False, torch.float16),  # BLOCK_N 64
+        ((2, 20, 40, 5, 0), True, True, torch.float32, False),  # two channel blocks, two chunks, tails
+        ((2, 20, 40, 5, 0), True, True, torch.float32, True),  # the same, dB/dC as stored partial sums
+        ((1, 12, 40, 3, 3), False, False, torch.bfloat16, False),  # groups; no D, z, delta_bias, state
+        ((1, 5, 9, 40, 0), True, False, torch.float16, False),  # BLOCK_N 64
     ],
     ids=str,
 )
-def test_traffic_model_counts_the_kernels_loads_and_stores(monkeypatch, shape, extras, with_h0, dtype):
+def test_traffic_model_counts_the_kernels_loads_and_stores(monkeypatch, shape, extras, with_h0, dtype, det):
     from recsys_mamba.ops import selective_scan
     from recsys_mamba.ops.triton_traffic import Access, Flags, ScanShape, kernel_traffic
 
@@ -144,8 +172,14 @@ def test_traffic_model_counts_the_kernels_loads_and_stores(monkeypatch, shape, e
         out = selective_scan(**leaves, delta_softplus=extras, backend="triton")
         out.float().sum().backward()
 
-    tally = _tally_loads_and_stores(monkeypatch, call)
-    flags = Flags(D=extras, z=extras, delta_bias=extras, initial_state=with_h0, dlast=True, softplus=extras)
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(det)
+    try:
+        tally = _tally_loads_and_stores(monkeypatch, call)
+    finally:
+        torch.use_deterministic_algorithms(before)
+    flags = Flags(D=extras, z=extras, delta_bias=extras, initial_state=with_h0, dlast=True, softplus=extras,
+                  deterministic=det)
     scan_shape = ScanShape(batch, dim, length, d_state, max(1, groups))
     for kernel in ("fwd", "bwd"):
         model = kernel_traffic(kernel, scan_shape, torch.finfo(dtype).bits // 8, flags)

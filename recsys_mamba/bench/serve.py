@@ -22,6 +22,7 @@ server (2 on the reference machine), so the figures are a floor for a server wit
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import os
@@ -333,6 +334,8 @@ async def rate_run(url: str, rows: list[dict], rate: float, cfg: DictConfig) -> 
 
     limits = httpx.Limits(max_connections=int(c.max_in_flight))
     async with httpx.AsyncClient(base_url=url, timeout=30.0, limits=limits) as http:
+        before = (await http.get("/metrics")).text
+        pauses = CollectorPauses()
         tasks = []
         start = time.perf_counter()
         for i in range(n):
@@ -342,6 +345,8 @@ async def rate_run(url: str, rows: list[dict], rate: float, cfg: DictConfig) -> 
             tasks.append(asyncio.create_task(interaction(http, rows[i])))
         await asyncio.gather(*tasks)
         wall = time.perf_counter() - start
+        pauses.stop()
+        after = (await http.get("/metrics")).text
     return {
         "rate": rate,
         "interactions": n,
@@ -350,7 +355,69 @@ async def rate_run(url: str, rows: list[dict], rate: float, cfg: DictConfig) -> 
         "event": percentiles(events_s),
         "top10": percentiles(top_s),
         "event_to_top10": percentiles(both_s),
+        "server": server_split(before, after),
+        "client_gc": pauses.summary(),
     }
+
+
+class CollectorPauses:
+    """The load generator's own garbage-collector pauses while it runs (they delay its timers and its
+    reading of answers, so they count in the latencies it measures)."""
+
+    def __init__(self) -> None:
+        self.seconds: list[float] = []
+        self._start = 0.0
+        gc.callbacks.append(self)
+
+    def __call__(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._start = time.perf_counter()
+        else:
+            self.seconds.append(time.perf_counter() - self._start)
+
+    def stop(self) -> None:
+        gc.callbacks.remove(self)
+
+    def summary(self) -> dict[str, Any]:
+        ms = np.asarray(self.seconds) * 1e3
+        return {"n": len(ms), "over_5ms": int((ms > 5).sum()), "max_ms": float(ms.max()) if len(ms) else 0.0}
+
+
+def _buckets(text: str) -> dict[str, dict[float, float]]:
+    """Cumulative bucket counts of the service's latency histograms, by series ("route /events",
+    "stage commit", "gc 2")."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    names = {
+        "recsys_request_seconds": "route", "recsys_stage_seconds": "stage", "recsys_gc_pause_seconds": "gc"
+    }
+    out: dict[str, dict[float, float]] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name not in names:
+            continue
+        for sample in family.samples:
+            if sample.name.endswith("_bucket"):
+                label = next(v for k, v in sample.labels.items() if k != "le")
+                series = out.setdefault(f"{names[family.name]} {label}", {})
+                series[float(sample.labels["le"])] = sample.value
+    return out
+
+
+def server_split(before: str, after: str, slow_s: float = 0.02) -> dict[str, dict[str, Any]]:
+    """What the service's own histograms saw during a phase (`after` less `before`): per request route,
+    event stage (queue, step, commit, wake) and collector generation, the count, how many took over
+    `slow_s`, and the bucket bound under which 99% fell: the tail's share that is server work."""
+    start = _buckets(before)
+    out: dict[str, dict[str, Any]] = {}
+    for series, counts in sorted(_buckets(after).items()):
+        delta = {le: n - start.get(series, {}).get(le, 0.0) for le, n in counts.items()}
+        total = delta[float("inf")]
+        if not total:
+            continue
+        slow = total - max((n for le, n in delta.items() if le <= slow_s), default=0.0)
+        p99 = min(le for le, n in delta.items() if n >= 0.99 * total)
+        out[series] = {"n": int(total), f"over_{slow_s * 1e3:g}ms": int(slow), "p99_le_ms": p99 * 1e3}
+    return out
 
 
 async def load(bundle: Path, events: pl.DataFrame, cfg: DictConfig, folder: Path) -> dict[str, Any]:

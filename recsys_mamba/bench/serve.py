@@ -37,6 +37,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, urlparse
 
 import numpy as np
 import polars as pl
@@ -44,12 +45,16 @@ import torch
 from omegaconf import DictConfig
 
 from recsys_mamba.bench._harness import machine, seconds, set_threads, write_result
+from recsys_mamba.bench._http import LoopbackClient
 from recsys_mamba.config import hydra_entry
 from recsys_mamba.errors import RecsysError
 from recsys_mamba.files import write_text_atomic
 from recsys_mamba.schema import Bool, Choice, Int, IntList, Num, PathTo, Rule, Schema, Seed, Subset
 
-GOALS = {"step_growth": 1.2, "p99_event_to_top10_ms": 20.0, "at_rate": 100, "ingest_events_per_s": 1000.0}
+# The latency goal is at 100 requests/s: 50 interactions/s of the rate phases (an event, then a top-10).
+GOALS = {
+    "step_growth": 1.2, "p99_event_to_top10_ms": 20.0, "at_requests_per_s": 100, "ingest_events_per_s": 1000.0
+}
 
 
 # ---- (a) per-event cost ----------------------------------------------------------------------------
@@ -308,33 +313,36 @@ async def ingest(url: str, rows: list[dict], cfg: DictConfig) -> dict[str, Any]:
 
 
 async def rate_run(url: str, rows: list[dict], rate: float, cfg: DictConfig) -> dict[str, Any]:
-    """Open loop at `rate` interactions/s: each posts one event and then fetches that user's top-10."""
-    import httpx
-
+    """Open loop at `rate` interactions/s: each posts one event and then fetches that user's top-10
+    (two requests: `rate` interactions/s are 2 x `rate` requests/s)."""
     c = cfg.rates
     n = min(len(rows), int(c.max_requests), int(rate * float(c.seconds)))
     events_s: list[float] = []
     top_s: list[float] = []
     both_s: list[float] = []
     errors = 0
+    http = latency_client(url, str(c.client), int(c.max_in_flight))
 
-    async def interaction(http: httpx.AsyncClient, row: dict) -> None:
+    async def interaction(row: dict) -> None:
         nonlocal errors
         start = time.perf_counter()
-        r = await http.post("/events", json={"events": [row]})
+        r = await http.request("POST", "/events", {"events": [row]})
         mid = time.perf_counter()
-        t = await http.get(f"/recommendations/{row['user_id']}", params={"k": 10})
+        t = await http.request("GET", f"/recommendations/{quote(str(row['user_id']), safe='')}?k=10")
         end = time.perf_counter()
-        if r.status_code != 200 or t.status_code != 200:
+        if r[0] != 200 or t[0] != 200:
             errors += 1
             return
         events_s.append(mid - start)
         top_s.append(end - mid)
         both_s.append(end - start)
 
-    limits = httpx.Limits(max_connections=int(c.max_in_flight))
-    async with httpx.AsyncClient(base_url=url, timeout=30.0, limits=limits) as http:
-        before = (await http.get("/metrics")).text
+    async with http:
+        before = (await http.request("GET", "/metrics"))[1].decode()
+        # The replay's rows, the model and the frames stay alive all phase: out of the collector's
+        # reach, a full collection is not a pause of 100 ms or more in the middle of the timings.
+        gc.collect()
+        gc.freeze()
         pauses = CollectorPauses()
         tasks = []
         start = time.perf_counter()
@@ -342,13 +350,16 @@ async def rate_run(url: str, rows: list[dict], rate: float, cfg: DictConfig) -> 
             delay = start + i / rate - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(interaction(http, rows[i])))
+            tasks.append(asyncio.create_task(interaction(rows[i])))
         await asyncio.gather(*tasks)
         wall = time.perf_counter() - start
         pauses.stop()
-        after = (await http.get("/metrics")).text
+        gc.unfreeze()
+        after = (await http.request("GET", "/metrics"))[1].decode()
     return {
         "rate": rate,
+        "requests_per_s": 2 * rate,
+        "client": str(c.client),
         "interactions": n,
         "achieved_rate": n / wall,
         "errors": errors,
@@ -358,6 +369,33 @@ async def rate_run(url: str, rows: list[dict], rate: float, cfg: DictConfig) -> 
         "server": server_split(before, after),
         "client_gc": pauses.summary(),
     }
+
+
+class HttpxClient:
+    """httpx behind `LoopbackClient`'s interface (rates.client=httpx: the generator it replaced)."""
+
+    def __init__(self, url: str, max_connections: int) -> None:
+        import httpx
+
+        limits = httpx.Limits(max_connections=max_connections)
+        self.http = httpx.AsyncClient(base_url=url, timeout=30.0, limits=limits)
+
+    async def request(self, method: str, path: str, payload: Any = None) -> tuple[int, bytes]:
+        r = await self.http.request(method, path, json=payload)
+        return r.status_code, r.content
+
+    async def __aenter__(self) -> HttpxClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.http.aclose()
+
+
+def latency_client(url: str, kind: str, max_connections: int) -> LoopbackClient | HttpxClient:
+    if kind == "httpx":
+        return HttpxClient(url, max_connections)
+    parsed = urlparse(url)
+    return LoopbackClient(str(parsed.hostname), int(parsed.port or 80), max_connections)
 
 
 class CollectorPauses:
@@ -406,7 +444,7 @@ def _buckets(text: str) -> dict[str, dict[float, float]]:
 def server_split(before: str, after: str, slow_s: float = 0.02) -> dict[str, dict[str, Any]]:
     """What the service's own histograms saw during a phase (`after` less `before`): per request route,
     event stage (queue, step, commit, wake) and collector generation, the count, how many took over
-    `slow_s`, and the bucket bound under which 99% fell: the tail's share that is server work."""
+    `slow_s`, and the bucket bounds under which 50% and 99% fell: the tail's share that is server work."""
     start = _buckets(before)
     out: dict[str, dict[str, Any]] = {}
     for series, counts in sorted(_buckets(after).items()):
@@ -415,8 +453,11 @@ def server_split(before: str, after: str, slow_s: float = 0.02) -> dict[str, dic
         if not total:
             continue
         slow = total - max((n for le, n in delta.items() if le <= slow_s), default=0.0)
-        p99 = min(le for le, n in delta.items() if n >= 0.99 * total)
-        out[series] = {"n": int(total), f"over_{slow_s * 1e3:g}ms": int(slow), "p99_le_ms": p99 * 1e3}
+        p50, p99 = (min(le for le, n in delta.items() if n >= q * total) for q in (0.5, 0.99))
+        out[series] = {
+            "n": int(total), f"over_{slow_s * 1e3:g}ms": int(slow),
+            "p50_le_ms": p50 * 1e3, "p99_le_ms": p99 * 1e3,
+        }
     return out
 
 
@@ -565,10 +606,11 @@ def goals(result: dict[str, Any]) -> dict[str, Any]:
         load_ = model.get("load")
         if not load_:
             continue
-        at = [r for r in load_["rates"] if r["rate"] == GOALS["at_rate"]]
+        at = [r for r in load_["rates"] if 2 * r["rate"] == GOALS["at_requests_per_s"]]
         if at and at[0]["event_to_top10"]["p99_ms"] is not None:
             p99 = at[0]["event_to_top10"]["p99_ms"]
-            out[f"{name}_p99_event_to_top10_ms_at_100"] = {"value": p99, "goal": 20.0, "met": p99 <= 20.0}
+            key = f"{name}_p99_event_to_top10_ms_at_100_requests_per_s"
+            out[key] = {"value": p99, "goal": 20.0, "met": p99 <= 20.0}
         eps = load_["ingest"]["events_per_s"]
         out[f"{name}_ingest_events_per_s"] = {"value": eps, "goal": 1000.0, "met": eps >= 1000.0}
     if "faults" in result:
@@ -614,7 +656,8 @@ def markdown(result: dict[str, Any]) -> str:
         for r in load_["rates"]:
             e, t, b = r["event"], r["top10"], r["event_to_top10"]
             lines.append(
-                f"| {name} | {r['rate']:g}/s | {r['interactions']:,} | {r['achieved_rate']:.0f} | - | "
+                f"| {name} | {r['rate']:g}/s ({2 * r['rate']:g} requests/s) | {r['interactions']:,} | "
+                f"{r['achieved_rate']:.0f} | - | "
                 f"{_ms(e['p50_ms'])} / {_ms(e['p99_ms'])} | {_ms(t['p50_ms'])} / {_ms(t['p99_ms'])} | "
                 f"{_ms(b['p50_ms'])} / {_ms(b['p99_ms'])} |"
             )
@@ -664,6 +707,7 @@ BENCH_SERVE = Schema(
     Rule("rates.seconds", Num(0.1, 3600.0)),
     Rule("rates.max_requests", Int(1)),
     Rule("rates.max_in_flight", Int(1, 10_000)),
+    Rule("rates.client", Choice(("raw", "httpx"))),
     Rule("faults.enabled", Bool()),
     Rule("faults.kills", Int(0, 1000, example=10)),
     Rule("faults.users", Int(1, 100_000, example=32)),

@@ -19,6 +19,13 @@ class Connection:
         self.reusable = True
 
     async def exchange(self, head: bytes, body: bytes) -> tuple[int, bytes]:
+        try:
+            return await self._exchange(head, body)
+        except BaseException:
+            self.close()
+            raise
+
+    async def _exchange(self, head: bytes, body: bytes) -> tuple[int, bytes]:
         self.writer.write(head + body)
         lines = (await self.reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
         status = int(lines[0].split(" ", 2)[1])
@@ -51,19 +58,24 @@ class LoopbackClient:
             + "\r\n"
         ).encode("latin-1")
         async with self._slots:
-            conn = self._idle.pop() if self._idle else Connection(
-                *await asyncio.open_connection(self.host, self.port)
-            )
-            try:
-                status, data = await conn.exchange(head, body)
-            except BaseException:
-                conn.close()
-                raise
-            if conn.reusable:
-                self._idle.append(conn)
-            else:
-                conn.close()
-            return status, data
+            if self._idle:
+                conn = self._idle.pop()
+                try:
+                    return self._done(conn, await conn.exchange(head, body))
+                except (asyncio.IncompleteReadError, ConnectionError) as err:
+                    # The server closed the idle connection (its keep-alive timeout) before reading
+                    # the request: safe to send again on a new one, as any HTTP client does.
+                    if isinstance(err, asyncio.IncompleteReadError) and err.partial:
+                        raise
+            conn = Connection(*await asyncio.open_connection(self.host, self.port))
+            return self._done(conn, await conn.exchange(head, body))
+
+    def _done(self, conn: Connection, answer: tuple[int, bytes]) -> tuple[int, bytes]:
+        if conn.reusable:
+            self._idle.append(conn)
+        else:
+            conn.close()
+        return answer
 
     async def close(self) -> None:
         for conn in self._idle:

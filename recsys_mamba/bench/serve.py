@@ -8,8 +8,11 @@ from outside, on loopback, for each configured model bundle (mamba and sasrec).
 (b) Load: the service runs as a subprocess over a fresh SQLite store; an async httpx client replays
     events (the ML-1M test period when the ratings file is there, else synthetic events). Ingest: N
     concurrent clients post batches of events, every acknowledgement durable: sustained events/s and
-    request latency. Then, at each of the rising request rates (open loop), one event is posted for a
-    user and that user's top-10 fetched: p50/p99 of the event, of the top-10, and of the two together.
+    request latency. Then, at each of the rising rates (open loop; an interaction is one event posted
+    for a user and that user's top-10 fetched, two requests): p50/p99 of the event, of the top-10, and
+    of the two together, timed by a minimal HTTP/1.1 client (`bench._http`: httpx's CPU per request
+    made the generator the bottleneck), beside the service's own split of the time (`/metrics`: queue,
+    step, commit, wake) and the collector pauses of both sides.
 (c) Faults: clients stream users' events with event ids (retrying until acknowledged) while the
     server is killed with SIGKILL and restarted, `kills` times. After each kill the store must hold
     every event acknowledged before it; at the end every user's stored state must equal a replay of

@@ -45,14 +45,14 @@ from urllib.parse import quote, urlparse
 import numpy as np
 import polars as pl
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, ListConfig
 
 from recsys_mamba.bench._harness import machine, seconds, set_threads, write_result
 from recsys_mamba.bench._http import LoopbackClient
 from recsys_mamba.config import hydra_entry
 from recsys_mamba.errors import RecsysError
 from recsys_mamba.files import write_text_atomic
-from recsys_mamba.schema import Bool, Choice, Int, IntList, Num, PathTo, Rule, Schema, Seed, Subset
+from recsys_mamba.schema import Bool, Check, Choice, Int, IntList, Num, PathTo, Rule, Schema, Seed, Subset
 
 # The latency goal is at 100 requests/s: 50 interactions/s of the rate phases (an event, then a top-10).
 GOALS = {
@@ -190,6 +190,7 @@ class Server:
     store: str
     folder: Path
     port: int
+    overrides: tuple[str, ...] = ()  # more key=value for the service (e.g. sqlite_synchronous=normal)
     proc: subprocess.Popen | None = None
     starts: list[float] = field(default_factory=list)
 
@@ -211,7 +212,7 @@ class Server:
             [
                 sys.executable, "-m", "recsys_mamba.serve", f"model={self.bundle}", f"port={self.port}",
                 f"state_store={self.store}", f"hydra.run.dir={self.folder / 'hydra'}", "threads=1",
-                "log_level=warning",
+                "log_level=warning", *self.overrides,
             ],
             stdout=log, stderr=log, env=env,
         )
@@ -466,7 +467,7 @@ def server_split(before: str, after: str, slow_s: float = 0.02) -> dict[str, dic
 
 async def load(bundle: Path, events: pl.DataFrame, cfg: DictConfig, folder: Path) -> dict[str, Any]:
     store = f"sqlite:///{folder / 'state.db'}"
-    server = Server(bundle, store, folder, free_port())
+    server = Server(bundle, store, folder, free_port(), tuple(str(o) for o in cfg.load.serve_overrides))
     start_s = await server.start()
     try:
         rows = events.drop("timestamp").to_dicts()
@@ -689,7 +690,17 @@ def markdown(result: dict[str, Any]) -> str:
 # ---- entry -----------------------------------------------------------------------------------------
 
 
+def _serve_overrides(cfg: DictConfig) -> None:
+    value = cfg.load.get("serve_overrides", [])
+    if not isinstance(value, (list, ListConfig)) or not all(isinstance(v, str) and "=" in v for v in value):
+        raise RecsysError(
+            f"load.serve_overrides={value!r} must be a list of key=value for the service, e.g. "
+            "\"load.serve_overrides=['sqlite_synchronous=normal']\""
+        )
+
+
 BENCH_SERVE = Schema(
+    Check(_serve_overrides),
     Rule("seed", Seed()),
     Rule("models", Subset(("mamba", "sasrec"))),
     Rule("faults.model", Choice(("mamba", "sasrec"))),

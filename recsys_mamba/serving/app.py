@@ -27,6 +27,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from recsys_mamba.errors import RecsysError
 from recsys_mamba.serving.ingest import WriteQueue
+from recsys_mamba.serving.metrics import GCTimer
 from recsys_mamba.serving.service import Service
 
 # A float id (1.0) is refused: a JSON encoder's float would not match "1"; an empty id names nobody.
@@ -112,14 +113,18 @@ def build_app(service: Service) -> FastAPI:
     settings = service.settings
     metrics = service.metrics
     writer = WriteQueue(service.applier, settings.write_batch_events)
+    writer.on_stage = service.observe_stage
+    gc_timer = GCTimer(metrics.gc_pause)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        gc_timer.install()
         writer.start()
         try:
             yield
         finally:
             await writer.stop()
+            gc_timer.remove()
             service.close()
 
     app = FastAPI(title="recsys-mamba", lifespan=lifespan)

@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -46,6 +47,7 @@ class Outcome:
     applied: int = 0
     duplicates: int = 0
     error: str | None = None
+    finished: float = field(default=0.0, repr=False, compare=False)  # perf_counter at the batch's end
 
 
 @dataclass
@@ -114,6 +116,7 @@ class Applier:
         self.store = store
         self.cache = cache
         self.on_commit: Callable[[int], None] = lambda events: None  # metrics: events per transaction
+        self.on_stage: Callable[[str, float], None] = lambda stage, seconds: None  # metrics: "step", "commit"
 
     def apply(self, requests: list[list[Event]]) -> list[Outcome]:
         """What became of each request. A store failure raises (nothing of the batch is stored); a
@@ -150,12 +153,16 @@ class Applier:
                 outcome.applied += 1
         if not queues:
             return outcomes
+        start = time.perf_counter()
         states = self.advance(queues)
         records = {
             u: UserRecord(self.encoder.save_state(st.state), UserRecord.pack_seen(st.seen))
             for u, st in states.items()
         }
+        stepped = time.perf_counter()
         self.store.commit(records, new_ids)
+        self.on_stage("step", stepped - start)
+        self.on_stage("commit", time.perf_counter() - stepped)
         self.cache.put(states)
         self.on_commit(sum(o.applied for o in outcomes))
         return outcomes
@@ -184,6 +191,15 @@ class Applier:
         return states
 
 
+@dataclass
+class Queued:
+    """A request waiting for the writer: its events, its acknowledgement, when it was queued."""
+
+    events: list[Event]
+    future: asyncio.Future[Outcome]
+    arrived: float
+
+
 class WriteQueue:
     """The single writer: requests queue here and are applied in batches of up to `max_events` events,
     in arrival order, by one thread (so one user's events never race)."""
@@ -191,7 +207,8 @@ class WriteQueue:
     def __init__(self, applier: Applier, max_events: int) -> None:
         self.applier = applier
         self.max_events = max_events
-        self._queue: asyncio.Queue[tuple[list[Event], asyncio.Future[Outcome]]] = asyncio.Queue()
+        self.on_stage: Callable[[str, float], None] = lambda stage, seconds: None  # "queue", "wake"
+        self._queue: asyncio.Queue[Queued] = asyncio.Queue()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="writer")
         self._task: asyncio.Task[None] | None = None
 
@@ -210,27 +227,34 @@ class WriteQueue:
     async def submit(self, events: list[Event]) -> Outcome:
         """Queue a request; returns once its events are committed (or raises what the write raised)."""
         future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait((events, future))
-        return await future
+        self._queue.put_nowait(Queued(events, future, time.perf_counter()))
+        outcome = await future
+        self.on_stage("wake", time.perf_counter() - outcome.finished)
+        return outcome
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             batch = [await self._queue.get()]
-            count = len(batch[0][0])
+            count = len(batch[0].events)
             # Whatever queued while the last batch was written joins this one: batching costs no wait.
             while count < self.max_events and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
-                count += len(batch[-1][0])
+                count += len(batch[-1].events)
+            start = time.perf_counter()
+            for queued in batch:
+                self.on_stage("queue", start - queued.arrived)
             try:
                 outcomes = await loop.run_in_executor(
-                    self._executor, self.applier.apply, [events for events, _ in batch]
+                    self._executor, self.applier.apply, [q.events for q in batch]
                 )
             except Exception as err:  # the store failed: nothing of this batch is acknowledged
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(err)
+                for queued in batch:
+                    if not queued.future.done():
+                        queued.future.set_exception(err)
                 continue
-            for (_, future), outcome in zip(batch, outcomes, strict=True):
-                if not future.done():
-                    future.set_result(outcome)
+            finished = time.perf_counter()
+            for queued, outcome in zip(batch, outcomes, strict=True):
+                outcome.finished = finished
+                if not queued.future.done():
+                    queued.future.set_result(outcome)

@@ -64,6 +64,7 @@ class Service:
         self.applier = Applier(self.encoder, store, self.cache)
         self.metrics = Metrics(store.n_users)
         self.applier.on_commit = self.metrics.commit_events.observe
+        self.applier.on_stage = self.observe_stage
         items = run.vocabulary.items
         self.item_index = items.index
         self.item_ids = items.ids
@@ -80,6 +81,9 @@ class Service:
             raise RecsysError(f"model={model}: its encoder cannot stream (no step); serve a sequence model")
         store = open_store(state_store, settings.redis_appendfsync, settings.sqlite_synchronous)
         return cls(run, store, settings)
+
+    def observe_stage(self, stage: str, seconds: float) -> None:
+        self.metrics.stage[stage].observe(seconds)
 
     def close(self) -> None:
         self.store.close()

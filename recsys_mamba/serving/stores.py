@@ -9,7 +9,11 @@ Durability: the service acknowledges an event only after `commit` returns, and `
 once the transaction is on disk. SQLite runs in WAL mode with synchronous=FULL by default (each commit
 fsyncs the log); `sqlite_synchronous=normal` skips that fsync: a killed process still loses nothing
 (the log is written before the commit returns), a power cut or OS crash may lose the last commits.
-Redis is only as durable as its append-only file: the store refuses a server whose `appendfsync` is
+The log is copied into the database (checkpointed) by a thread of the store's own, off the request
+path: a checkpoint inside a commit (SQLite's default, every 1,000 pages of log) made that one commit,
+and every request queued behind it, tens of milliseconds slower. The writer still checkpoints when the
+log passes `BACKSTOP_PAGES`, should the thread fall behind. Redis is only as durable as its append-only
+file: the store refuses a server whose `appendfsync` is
 weaker than `redis_appendfsync`.
 """
 
@@ -91,7 +95,11 @@ class StateStore(ABC):
 
 class SQLiteStore(StateStore):
     """An SQLite file in WAL mode: one connection writes, another reads (WAL lets readers run during a
-    write); a lock per connection because the service calls from several threads."""
+    write), a third checkpoints from a thread every `checkpoint_s` seconds (0: none, the writer
+    checkpoints at `BACKSTOP_PAGES`); a lock per connection because the service calls from several
+    threads."""
+
+    BACKSTOP_PAGES = 16384  # 64 MiB of log at 4 KiB pages
 
     SCHEMA = (
         "CREATE TABLE IF NOT EXISTS users "
@@ -100,7 +108,7 @@ class SQLiteStore(StateStore):
         "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
     )
 
-    def __init__(self, path: Path, url: str, synchronous: str = "full") -> None:
+    def __init__(self, path: Path, url: str, synchronous: str = "full", checkpoint_s: float = 0.5) -> None:
         if synchronous not in SQLITE_SYNCHRONOUS:
             raise RecsysError(f"sqlite_synchronous={synchronous!r} must be one of {list(SQLITE_SYNCHRONOUS)}")
         self.url = url
@@ -109,10 +117,12 @@ class SQLiteStore(StateStore):
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._write = self._connect()
+            self._write.execute(f"PRAGMA wal_autocheckpoint={self.BACKSTOP_PAGES}")
             with self._write:
                 for statement in self.SCHEMA:
                     self._write.execute(statement)
             self._read = self._connect()
+            self._checkpointer = Checkpointer(self._connect(), checkpoint_s) if checkpoint_s > 0 else None
         except (sqlite3.Error, OSError) as err:
             raise RecsysError(
                 f"state_store={url}: cannot open the SQLite database {path} ({err}); pass a writable "
@@ -179,9 +189,36 @@ class SQLiteStore(StateStore):
             self._write.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('model', ?)", (key,))
 
     def close(self) -> None:
+        if self._checkpointer is not None:
+            self._checkpointer.stop()
         with self._write_lock, self._read_lock:
             self._write.close()
             self._read.close()
+
+
+class Checkpointer:
+    """A daemon thread that checkpoints an SQLite WAL every `every_s` seconds on its own connection.
+    PASSIVE: it copies what no reader still needs and never blocks the writer, whose next transaction
+    then restarts the log from its beginning (a log of bounded size, overwritten in place)."""
+
+    def __init__(self, conn: sqlite3.Connection, every_s: float) -> None:
+        self.conn = conn
+        self.every_s = every_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="sqlite-checkpoint", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            try:
+                self.conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            except sqlite3.Error:  # a failed checkpoint loses nothing (the log keeps it); the next retries
+                pass
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.conn.close()
 
 
 class RedisStore(StateStore):

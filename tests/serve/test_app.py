@@ -122,6 +122,13 @@ def test_one_users_events_keep_their_order_under_concurrent_requests(mamba_bundl
     lines = metrics.splitlines()
     total = sum(float(line.split()[-1]) for line in lines if line.startswith("recsys_commit_events_count"))
     assert total < len(some)  # fewer transactions than events: concurrent events shared commits
+    stages = {
+        line.split('"')[1]: float(line.split()[-1])
+        for line in lines
+        if line.startswith("recsys_stage_seconds_count")
+    }
+    # Every request waited in the queue and was woken once; every transaction timed its step and commit.
+    assert stages == {"queue": len(some), "wake": len(some), "step": total, "commit": total}
 
 
 def test_bad_input_is_refused_and_changes_nothing(mamba_bundle, tmp_path: Path) -> None:

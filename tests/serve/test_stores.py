@@ -3,6 +3,7 @@ and a Redis whose append-only file is not fsynced as required is refused; the en
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import httpx
@@ -12,7 +13,7 @@ import pytest
 
 from recsys_mamba.config import compose
 from recsys_mamba.errors import RecsysError
-from recsys_mamba.serving.stores import UserRecord, open_store
+from recsys_mamba.serving.stores import SQLiteStore, UserRecord, open_store
 from tests.serve.conftest import events_of, serving
 
 
@@ -76,6 +77,37 @@ def test_sqlite_fsyncs_every_commit_unless_told_otherwise(tmp_path: Path) -> Non
             store.close()
     with pytest.raises(RecsysError, match="sqlite_synchronous"):
         open_store(f"sqlite:///{tmp_path}/x.db", sqlite_synchronous="off")
+
+
+def _commit_users(store: SQLiteStore, n: int) -> None:
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        state = rng.integers(0, 255, 20_000, dtype=np.uint8).tobytes()
+        store.commit({f"u{i}": UserRecord(state, UserRecord.pack_seen([i]))}, [f"e{i}"])
+
+
+def test_sqlite_checkpoints_off_the_commit_path(tmp_path: Path) -> None:
+    # 100 users of 20 KB: 2 MB of log, under the writer's own threshold, so only the thread copies it.
+    quiet = SQLiteStore(tmp_path / "quiet.db", "sqlite:///quiet", checkpoint_s=0)
+    busy = SQLiteStore(tmp_path / "busy.db", "sqlite:///busy", checkpoint_s=0.05)
+    try:
+        for store in (quiet, busy):
+            assert store._write.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == store.BACKSTOP_PAGES
+            _commit_users(store, 100)
+        deadline = time.monotonic() + 10
+        while (tmp_path / "busy.db").stat().st_size < 2_000_000 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert (tmp_path / "busy.db").stat().st_size > 2_000_000  # the log copied into the database
+        assert (tmp_path / "quiet.db").stat().st_size < 100_000  # no commit checkpointed on its own
+        assert len(busy.get([f"u{i}" for i in range(100)])) == 100
+    finally:
+        quiet.close()
+        busy.close()
+    again = open_store(f"sqlite:///{tmp_path}/busy.db")
+    try:
+        assert again.applied([f"e{i}" for i in range(100)]) == {f"e{i}" for i in range(100)}
+    finally:
+        again.close()
 
 
 def test_redis_without_fsync_per_write_is_refused(redis_url) -> None:

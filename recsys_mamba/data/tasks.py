@@ -111,7 +111,7 @@ def clean(ctx: Context, bucket: int) -> dict[str, Any]:
     if "timestamp" not in df.columns:
         df = ctx.collect(steps.positional_timestamps(df.lazy()))
     # the in-memory engine sorts faster than the streaming one; the frame is in memory already
-    df = steps.chrono_sort(df.lazy()).drop("_row").collect(engine="in-memory")
+    df = steps.chrono_sort(df.lazy(), keep_row=False).collect(engine="in-memory")
     if spec["duplicates"] != "keep":
         before = df.height
         df = ctx.collect(steps.deduplicate(df.lazy(), spec["duplicates"]))
@@ -141,14 +141,16 @@ def rating_event_types(df: pl.DataFrame) -> pl.Expr:
 
 
 def vocabulary(df: pl.DataFrame, spec: dict[str, Any]) -> dict[str, pl.Series]:
-    """Distinct categories and event types of `df` (nulls left out)."""
+    """Distinct categories and event types of `df` (nulls left out; the distinct values are found
+    before they are formatted or cast, which would otherwise touch every row)."""
     out: dict[str, pl.Series] = {}
     if "category" in df.columns:
         out["category"] = df.get_column("category").drop_nulls().unique()
     if spec["rating_events"] and "rating" in df.columns:
-        out["event_type"] = df.select(rating_event_types(df)).to_series().drop_nulls().unique()
+        ratings = df.select(pl.col("rating").drop_nulls().unique())
+        out["event_type"] = ratings.select(rating_event_types(ratings)).to_series().unique()
     elif "event_type" in df.columns:
-        out["event_type"] = df.get_column("event_type").cast(pl.String).drop_nulls().unique()
+        out["event_type"] = df.get_column("event_type").drop_nulls().unique().cast(pl.String)
     return out
 
 

@@ -177,8 +177,9 @@ def encode(lf: pl.LazyFrame, col: str, mapping: pl.DataFrame, idx_name: str) -> 
 
 
 def encode_names(lf: pl.LazyFrame, col: str, names: list[str], idx_name: str) -> pl.LazyFrame:
-    """Add `idx_name` = 1 + position of the string `col` in `names` (null -> 0)."""
-    enc = pl.col(col).cast(pl.String).cast(pl.Enum(names)).to_physical().cast(pl.Int32) + 1
+    """Add `idx_name` = 1 + position of the string `col` in `names` (null -> 0). A categorical column
+    is cast straight to the enum (through a string column it costs twice as much)."""
+    enc = pl.col(col).cast(pl.Enum(names)).to_physical().cast(pl.Int32) + 1
     return lf.with_columns(enc.fill_null(0).alias(idx_name))
 
 

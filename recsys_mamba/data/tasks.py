@@ -261,10 +261,7 @@ def index(
     write_ipc(steps.build_sequences(inter, fmt.SEQUENCE_COLUMNS), part_path(ctx.scratch, "sequences", bucket))
     write_ipc(user_map, part_path(ctx.scratch, "users", bucket))
     out: dict[str, Any] = {"bucket": bucket, "rows": inter.height, "users": users.len()}
-    out["items"] = inter.group_by("item_idx").agg(
-        pl.col("category_idx").first(),
-        (pl.col("split") == fmt.SPLIT_TRAIN).sum().cast(pl.Int64).alias("count"),
-    )
+    out["items"] = item_stats(inter)
     ctr = spec["ctr"]
     if ctr is not None:
         implicit = ctr["label_from"] == "none"
@@ -275,6 +272,16 @@ def index(
             out["samples"] = samples.height
             out["sample_positives"] = int(samples.get_column("label").sum())
     return out
+
+
+def item_stats(inter: pl.DataFrame) -> pl.DataFrame:
+    """Per item of `inter`: the category of its first row and its training rows. The indices are
+    dense, so the counts are a bincount (a group-by over the rows costs ~4x as much)."""
+    firsts = inter.select("item_idx", "category_idx").filter(pl.col("item_idx").is_first_distinct())
+    train = (inter.get_column("split") == fmt.SPLIT_TRAIN).to_numpy()
+    counts = np.bincount(inter.get_column("item_idx").to_numpy(), weights=train)
+    at = firsts.get_column("item_idx").to_numpy()
+    return firsts.with_columns(pl.Series("count", counts[at].astype(np.int64)))
 
 
 def interactions(ctx: Context, df: pl.DataFrame) -> pl.DataFrame:

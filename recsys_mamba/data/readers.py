@@ -35,6 +35,9 @@ _FIXED_DTYPES: dict[str, pl.DataType] = {
 
 
 _RECBOLE_TYPES = ("token", "token_seq", "float", "float_seq")
+# the Parquet scan's row index, renamed to `_row` once the file's own columns are picked (so a file column
+# called `_row` cannot clash with it)
+_PARQUET_ROW = "__recsys_mamba_row__"
 
 
 def id_dtype(spec: dict[str, Any]) -> pl.DataType:
@@ -156,9 +159,9 @@ def _finish(lf: pl.LazyFrame, spec: dict[str, Any], strings: bool, line_offset: 
     return lf.select(exprs)
 
 
-def _renamed(lf: pl.LazyFrame, spec: dict[str, Any], shown: Path) -> pl.LazyFrame:
-    """Pick and rename the configured columns of a headed file; missing ones are an error."""
-    have = lf.collect_schema().names()
+def _renamed(lf: pl.LazyFrame, spec: dict[str, Any], shown: Path, keep: str | None = None) -> pl.LazyFrame:
+    """Pick and rename the configured columns of a headed file (and `keep`); missing ones are an error."""
+    have = [name for name in lf.collect_schema().names() if name != keep]
     wanted = {std: name for std, name in spec["columns"].items() if name}
     missing = [f"{std} (column {name!r})" for std, name in wanted.items() if name not in have]
     if missing:
@@ -166,7 +169,8 @@ def _renamed(lf: pl.LazyFrame, spec: dict[str, Any], shown: Path) -> pl.LazyFram
             f"{shown}: missing columns {', '.join(missing)}; the file has {have}. Rename them in the "
             "file or map them, e.g. data.columns.user_id=<column name>"
         )
-    return lf.select([pl.col(name).alias(std) for std, name in wanted.items()])
+    kept = [pl.col(keep)] if keep is not None else []
+    return lf.select([pl.col(name).alias(std) for std, name in wanted.items()] + kept)
 
 
 def _check_parquet_types(lf: pl.LazyFrame, shown: Path) -> None:
@@ -202,11 +206,13 @@ def read_events(path: Path, spec: dict[str, Any], strings: bool = False) -> pl.L
     """Generic event log: Parquet (`.parquet`/`.pq`) or delimited text with a header row."""
     if path.suffix in (".parquet", ".pq"):
         try:
-            lf = pl.scan_parquet(path)
+            # the scan's own row index: a slice of it is read from where it starts, while a
+            # `with_row_index` above the scan counts every row before the slice (quadratic in slices)
+            lf = pl.scan_parquet(path, row_index_name=_PARQUET_ROW)
             lf.collect_schema()
         except (pl.exceptions.PolarsError, OSError) as err:
             raise RecsysError(f"{path}: not a readable Parquet file ({err}); check data.path") from err
-        lf = _renamed(lf, spec, path)
+        lf = _renamed(lf, spec, path, keep=_PARQUET_ROW).rename({_PARQUET_ROW: "_row"})
         _check_parquet_types(lf, path)
         return _finish(lf, spec, strings, line_offset=1)
     line = first_line(path, path)

@@ -111,7 +111,7 @@ def clean(ctx: Context, bucket: int) -> dict[str, Any]:
     if "timestamp" not in df.columns:
         df = ctx.collect(steps.positional_timestamps(df.lazy()))
     # the in-memory engine sorts faster than the streaming one; the frame is in memory already
-    df = steps.chrono_sort(df.lazy()).drop("_row").collect(engine="in-memory")
+    df = steps.chrono_sort(df.lazy(), keep_row=False).collect(engine="in-memory")
     if spec["duplicates"] != "keep":
         before = df.height
         df = ctx.collect(steps.deduplicate(df.lazy(), spec["duplicates"]))
@@ -141,14 +141,16 @@ def rating_event_types(df: pl.DataFrame) -> pl.Expr:
 
 
 def vocabulary(df: pl.DataFrame, spec: dict[str, Any]) -> dict[str, pl.Series]:
-    """Distinct categories and event types of `df` (nulls left out)."""
+    """Distinct categories and event types of `df` (nulls left out; the distinct values are found
+    before they are formatted or cast, which would otherwise touch every row)."""
     out: dict[str, pl.Series] = {}
     if "category" in df.columns:
         out["category"] = df.get_column("category").drop_nulls().unique()
     if spec["rating_events"] and "rating" in df.columns:
-        out["event_type"] = df.select(rating_event_types(df)).to_series().drop_nulls().unique()
+        ratings = df.select(pl.col("rating").drop_nulls().unique())
+        out["event_type"] = ratings.select(rating_event_types(ratings)).to_series().unique()
     elif "event_type" in df.columns:
-        out["event_type"] = df.get_column("event_type").cast(pl.String).drop_nulls().unique()
+        out["event_type"] = df.get_column("event_type").drop_nulls().unique().cast(pl.String)
     return out
 
 
@@ -259,10 +261,7 @@ def index(
     write_ipc(steps.build_sequences(inter, fmt.SEQUENCE_COLUMNS), part_path(ctx.scratch, "sequences", bucket))
     write_ipc(user_map, part_path(ctx.scratch, "users", bucket))
     out: dict[str, Any] = {"bucket": bucket, "rows": inter.height, "users": users.len()}
-    out["items"] = inter.group_by("item_idx").agg(
-        pl.col("category_idx").first(),
-        (pl.col("split") == fmt.SPLIT_TRAIN).sum().cast(pl.Int64).alias("count"),
-    )
+    out["items"] = item_stats(inter)
     ctr = spec["ctr"]
     if ctr is not None:
         implicit = ctr["label_from"] == "none"
@@ -273,6 +272,16 @@ def index(
             out["samples"] = samples.height
             out["sample_positives"] = int(samples.get_column("label").sum())
     return out
+
+
+def item_stats(inter: pl.DataFrame) -> pl.DataFrame:
+    """Per item of `inter`: the category of its first row and its training rows. The indices are
+    dense, so the counts are a bincount (a group-by over the rows costs ~4x as much)."""
+    firsts = inter.select("item_idx", "category_idx").filter(pl.col("item_idx").is_first_distinct())
+    train = (inter.get_column("split") == fmt.SPLIT_TRAIN).to_numpy()
+    counts = np.bincount(inter.get_column("item_idx").to_numpy(), weights=train)
+    at = firsts.get_column("item_idx").to_numpy()
+    return firsts.with_columns(pl.Series("count", counts[at].astype(np.int64)))
 
 
 def interactions(ctx: Context, df: pl.DataFrame) -> pl.DataFrame:

@@ -48,6 +48,17 @@ def test_events_parquet_and_renamed_columns(tmp_path):
     assert df["timestamp"].to_list() == TIMES
 
 
+def test_parquet_slice_is_read_from_its_start(tmp_path):
+    """A slice of a Parquet source keeps the file positions, read by the scan itself (not by
+    numbering every row before the slice), and a file column called `_row` does not clash."""
+    path = tmp_path / "log.parquet"
+    pl.read_csv(FIXTURES / "events.csv").with_columns(pl.lit(-1).alias("_row")).write_parquet(path)
+    lf = readers.read(path, make_spec(path=str(path)), tmp_path).slice(6, 3)
+    assert lf.collect()["_row"].to_list() == [6, 7, 8]
+    assert lf.collect()["item_id"].to_list() == [item for _, item in PAIRS[6:9]]
+    assert "ROW INDEX" not in lf.explain()
+
+
 def test_events_string_ids(tmp_path):
     path = tmp_path / "s.csv"
     path.write_text("user_id,item_id,timestamp\nu1,i9,3\nu2,i1,4\n")

@@ -144,3 +144,16 @@ def test_chrono_sort_of_a_bucket_whose_rows_are_far_into_the_file():
         {"user_id": [7, 7, 7, 7], "item_id": [10, 11, 12, 13], "timestamp": [2, 1, 1, 0]}
     ).with_columns(pl.Series("_row", [1000, 5, 999, 1003], dtype=pl.UInt32))
     assert steps.chrono_sort(lf).collect()["item_id"].to_list() == [13, 11, 12, 10]
+
+
+@pytest.mark.parametrize("shift", [0, 1 << 20])
+def test_chrono_sort_of_rows_in_file_order_matches_the_three_column_sort(shift):
+    # rows in file order (as in a bucket), so the position in the frame breaks ties; `_row`s far
+    # into the file change nothing
+    users = [(7 * i) % 5 for i in range(40)]
+    times = [(3 * i) % 4 for i in range(40)]
+    lf = pl.LazyFrame({"user_id": users, "item_id": list(range(40)), "timestamp": times}).with_columns(
+        (pl.int_range(pl.len(), dtype=pl.UInt32) * 3 + shift).alias("_row")
+    )
+    expected = lf.sort(steps.CHRONO).collect()
+    assert steps.chrono_sort(lf).collect().equals(expected)

@@ -149,9 +149,12 @@ def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     ("experiment", "sweep", "task"),
     [
         ("bench_ml1m_next_item", ["seed=1"], "next_item"),
-        ("bench_beauty_next_item", ["seed=1"], "next_item"),
+        # Same code paths as the two rows beside them, other configs: slow, to keep the default run short.
+        pytest.param("bench_beauty_next_item", ["seed=1"], "next_item", marks=pytest.mark.slow),
         # The synthetic stand-in has event types of its own: the MovieLens rating events are off.
-        ("bench_ml100k_ctr", ["seed=1", "data.rating_events=false"], "ctr"),
+        pytest.param(
+            "bench_ml100k_ctr", ["seed=1", "data.rating_events=false"], "ctr", marks=pytest.mark.slow
+        ),
         ("bench_ml1m_ctr", ["seed=1", "data.rating_events=false"], "ctr"),
     ],
 )

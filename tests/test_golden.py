@@ -23,7 +23,7 @@ SHARED = Path(
 )
 SINGLE_THREAD = {"OMP_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 # Defaults changed on purpose since the recording; the runs keep the settings they were recorded with.
-PINNED = {"ml100k_next_item": ["head.seen_bias=false", "head.transition_prior=false"]}
+PINNED = {"ml100k_next_item": ["head.seen_bias=false", "head.transition_prior=false", "model.ffn=true"]}
 
 
 def fingerprint() -> dict[str, str]:

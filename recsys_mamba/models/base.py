@@ -52,9 +52,12 @@ class SequenceEncoder(nn.Module):
         max_len: int = 200,
         gradient_checkpointing: bool = False,
         item_attributes: Tensor | None = None,
+        ffn: bool = False,
     ) -> None:
         """item_attributes: (n_items + 1, K) attribute ids per item (1..n_attributes, 0 = padding),
-        e.g. `recsys_mamba.data.load_item_attributes`; None for items without side features."""
+        e.g. `recsys_mamba.data.load_item_attributes`; None for items without side features.
+        ffn: encoders built of blocks (Mamba, SASRec) take it themselves (a feed-forward sub-block per
+        block); one without blocks accepts it here and has none, so an experiment can set it for any."""
         super().__init__()
         if n_items < 1:
             raise RecsysError(f"n_items must be >= 1, got {n_items}")

@@ -59,12 +59,12 @@ class CausalSelfAttention(nn.Module):
 
 
 class SASRecBlock(nn.Module):
-    def __init__(self, d_model: int, n_heads: int, ffn_mult: int, dropout: float) -> None:
+    def __init__(self, d_model: int, n_heads: int, ffn_mult: int, dropout: float, ffn: bool = True) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(d_model)
         self.attn = CausalSelfAttention(d_model, n_heads, dropout)
-        self.norm2 = nn.LayerNorm(d_model)
-        self.ffn = FeedForward(d_model, ffn_mult, dropout)
+        self.norm2 = nn.LayerNorm(d_model) if ffn else None
+        self.ffn = FeedForward(d_model, ffn_mult, dropout) if ffn else None
         self.dropout = Dropout(dropout)
 
     def forward(
@@ -72,7 +72,8 @@ class SASRecBlock(nn.Module):
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         a, kv = self.attn(self.norm1(h), past, visible)
         h = h + self.dropout(a)
-        h = h + self.dropout(self.ffn(self.norm2(h)))
+        if self.ffn is not None:
+            h = h + self.dropout(self.ffn(self.norm2(h)))
         return h, kv
 
 
@@ -82,6 +83,7 @@ class SASRecEncoder(SequenceEncoder):
         n_items: int,
         n_heads: int = 2,
         ffn_mult: int = 4,
+        ffn: bool = True,
         scale_embeddings: bool = False,
         **common: Any,
     ) -> None:
@@ -94,7 +96,7 @@ class SASRecEncoder(SequenceEncoder):
         self.pos_emb = nn.Embedding(self.max_len, d_model)
         self.emb_dropout = Dropout(dropout)
         self.blocks = nn.ModuleList(
-            SASRecBlock(d_model, n_heads, ffn_mult, dropout) for _ in range(self.n_layers)
+            SASRecBlock(d_model, n_heads, ffn_mult, dropout, ffn) for _ in range(self.n_layers)
         )
         self.norm = nn.LayerNorm(d_model)
         nn.init.normal_(self.pos_emb.weight, std=0.02)

@@ -51,6 +51,11 @@ class BatchDataset(Dataset):
         """Rows that make a batch of `batch_size` samples (fewer where rows share an encoded window)."""
         return batch_size
 
+    def targets_per_row(self) -> float | None:
+        """Mean loss targets per row where rows hold different numbers of them; None where every
+        sample is one target (each batch then weighs its targets equally whatever its rows)."""
+        return None
+
 
 class NextItemTrainDataset(BatchDataset):
     """Training rows for next-click: inputs are a user's training events, targets the same shifted by one.
@@ -95,6 +100,20 @@ class NextItemTrainDataset(BatchDataset):
 
     def lengths(self) -> np.ndarray:
         return self.length
+
+    def targets_per_row(self) -> float | None:
+        if not len(self.rows):
+            return None
+        trained = self.length - self.first_target
+        if not self.positive_only:
+            return float(trained.mean())
+        total, step = 0, max(1, 2**24 // max(self.max_len, 1))  # rows per chunk: bounded memory
+        for lo in range(0, len(self.rows), step):
+            part = slice(lo, lo + step)
+            first = self.store.start[self.rows[part]] + self.offset[part] + 1 + self.first_target[part]
+            labels = self.store.gather("labels", first, trained[part], max(int(trained[part].max()), 1))
+            total += int((labels != 0).sum())  # gather pads with 0: padding is never counted
+        return total / len(self.rows)
 
     def build(self, idx: np.ndarray) -> Batch:
         length = self.length[idx]

@@ -98,6 +98,10 @@ class Task(ABC):
     @abstractmethod
     def loss(self, model: Model, batch: Batch, item_log_probs: Tensor | None = None) -> Tensor: ...
 
+    def loss_targets(self, batch: Batch) -> int:
+        """How many targets the batch's mean loss averages over."""
+        return self.samples(batch)
+
     def train_logs(self, model: Model) -> dict[str, Tensor]:
         """Learned scalars worth following during training (e.g. a head's learned bias)."""
         return {}

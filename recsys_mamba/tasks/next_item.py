@@ -93,6 +93,9 @@ class NextItemTask(Task):
         history = History.causal(batch["items"], real, targets) if model.head.uses_history else None
         return model.head.loss(model.encoder, hidden[real], targets[real], history, item_log_probs)
 
+    def loss_targets(self, batch: Batch) -> int:
+        return int((batch["targets"] > 0).sum())
+
     def train_logs(self, model: Model) -> dict[str, Tensor]:
         head = model.head
         learned = {"seen_bias": head.seen_bias, "transition_weight": head.transition_weight}

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 
+from recsys_mamba.errors import RecsysError
 from recsys_mamba.tasks import get_task
 from recsys_mamba.tasks.base import unique_by_index
 
@@ -42,6 +43,11 @@ class RecLitModule(L.LightningModule):
     `optimizer` and `scheduler` are partials (`_partial_: true` configs): `optimizer(params)` and
     `scheduler(optimizer, total_steps=...)`. Parameters the encoder lists in `no_weight_decay()`, and
     every 1-D head parameter, are put in a group with weight decay 0.
+
+    `loss_weighting`: "batch" takes each batch's mean loss, so a batch of short rows (few targets)
+    weighs as much as one of long rows; "target" scales it by the batch's targets over its rows x the
+    training set's mean targets per row, so every target weighs the same wherever it is batched
+    (with `bucket_by_length` the batches differ in targets per row many times over).
     """
 
     def __init__(
@@ -53,8 +59,11 @@ class RecLitModule(L.LightningModule):
         task: str = "next_item",
         item_counts: Tensor | np.ndarray | None = None,
         seed: int = 42,
+        loss_weighting: str = "batch",
     ) -> None:
         super().__init__()
+        if loss_weighting not in ("batch", "target"):
+            raise RecsysError(f"module.loss_weighting={loss_weighting!r}: use batch or target")
         # The optimizer/scheduler partials stay out of the hyperparameters: pickled into checkpoints they
         # would make them unloadable with torch.load(weights_only=True).
         self.save_hyperparameters(
@@ -72,6 +81,7 @@ class RecLitModule(L.LightningModule):
         self.last_metrics: dict[str, dict[str, float]] = {}
         # Per-sample outputs of the last validation/test epoch (index-aligned), for evaluation reports.
         self.last_outputs: dict[str, dict[str, np.ndarray]] = {}
+        self.targets_per_row: float | None = None  # set at fit start with loss_weighting="target"
 
     # ---- training -------------------------------------------------------------------------------
 
@@ -82,9 +92,23 @@ class RecLitModule(L.LightningModule):
         step = self.current_epoch * 1_000_003 + batch_idx
         torch.manual_seed((self.hparams.seed * 1_000_033 + step) * 64 + self.global_rank)
 
+    def on_fit_start(self) -> None:
+        if self.hparams.loss_weighting != "target":
+            return
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is None or "train" not in getattr(datamodule, "datasets", {}):
+            raise RecsysError(
+                "module.loss_weighting=target reads the training set's targets per row from a "
+                "RecDataModule: fit with datamodule=..., or use loss_weighting=batch"
+            )
+        self.targets_per_row = datamodule.datasets["train"].targets_per_row()
+
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         loss = self.task.loss(self, batch, self.item_log_probs)
         n = self.task.samples(batch)
+        if self.targets_per_row:
+            rows = len(batch["index"])
+            loss = loss * (self.task.loss_targets(batch) / (rows * self.targets_per_row))
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=n)
         for name, value in self.task.train_logs(self).items():
             self.log(f"train/{name}", value, on_step=False, on_epoch=True, batch_size=n)

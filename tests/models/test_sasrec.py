@@ -11,15 +11,19 @@ from recsys_mamba.models.sasrec import CausalSelfAttention
 from tests.models.conftest import make_encoder, random_batch
 
 
-def sasrec_param_count(n_items: int, d_model: int, n_layers: int, max_len: int, ffn_mult: int = 4) -> int:
+def sasrec_param_count(
+    n_items: int, d_model: int, n_layers: int, max_len: int, ffn_mult: int = 4, ffn: bool = True
+) -> int:
     d = d_model
-    block = 4 * d + (3 * d * d + 3 * d) + (d * d + d) + (2 * ffn_mult * d * d + ffn_mult * d + d)
+    feed_forward = 2 * d + (2 * ffn_mult * d * d + ffn_mult * d + d) if ffn else 0  # its norm, two layers
+    block = 2 * d + (3 * d * d + 3 * d) + (d * d + d) + feed_forward
     return (n_items + 1) * d + max_len * d + n_layers * block + 2 * d
 
 
-def test_parameter_count() -> None:
-    model = SASRecEncoder(n_items=1682, d_model=64, n_layers=2, max_len=200)
-    assert sum(p.numel() for p in model.parameters()) == sasrec_param_count(1682, 64, 2, 200)
+@pytest.mark.parametrize("ffn", [True, False])
+def test_parameter_count(ffn: bool) -> None:
+    model = SASRecEncoder(n_items=1682, d_model=64, n_layers=2, max_len=200, ffn=ffn)
+    assert sum(p.numel() for p in model.parameters()) == sasrec_param_count(1682, 64, 2, 200, ffn=ffn)
 
 
 def test_longer_than_max_len_is_a_clear_error() -> None:
@@ -42,8 +46,9 @@ def test_kv_cache_grows_by_one_per_step() -> None:
     assert state["pos"].tolist() == [4, 4, 0]
 
 
-def test_scaled_embeddings_keep_the_contract() -> None:
-    model = make_encoder("sasrec", scale_embeddings=True)
+@pytest.mark.parametrize("options", [{"scale_embeddings": True}, {"ffn": False}])
+def test_variants_keep_the_streaming_contract(options: dict) -> None:
+    model = make_encoder("sasrec", **options)
     items, cats, events = random_batch()
     full = model(items, cats, events)
     state = model.init_state(4)

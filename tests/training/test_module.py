@@ -58,3 +58,72 @@ def test_eval_reports_both_protocols_and_masking_only_lifts_the_target(tiny, tmp
     assert (out["ranks"] == out[f"ranks_{primary}"]).all()
     assert metrics["ndcg@10"] == metrics[f"{primary}_ndcg@10"]
     assert metrics["masked_hr@10"] >= metrics["unmasked_hr@10"]
+
+
+def _epoch_loss(module, loader) -> float:
+    with torch.no_grad():
+        return sum(float(module.training_step(batch, i)) for i, batch in enumerate(loader))
+
+
+@pytest.mark.parametrize("weighting", ["batch", "target"])
+def test_target_weighting_makes_the_epoch_loss_independent_of_how_rows_are_batched(tiny, tmp_path, weighting):
+    from recsys_mamba.training.run import build
+
+    cfg = tiny(tmp_path, ["task=next_item", "datamodule.batch_size=4", f"module.loss_weighting={weighting}"])
+    dm, module = build(cfg)
+    module.eval()  # no dropout: the same targets must give the same losses in either order
+    with torch.no_grad():
+        module.encoder.item_emb.weight.mul_(30)  # untrained, every target's loss is about log(n_items)
+    module.log = lambda *a, **k: None
+    module.trainer = type("T", (), {"datamodule": dm})()
+    module.on_fit_start()
+    train = dm.datasets["train"]
+    rows = len(train) - len(train) % 4  # whole batches only: every batch has the same rows
+
+    def loader(order):
+        return [train[order[i : i + 4].tolist()] for i in range(0, rows, 4)]
+
+    shuffled = torch.randperm(len(train), generator=torch.Generator().manual_seed(0)).numpy()[:rows]
+    by_length = shuffled[train.lengths()[shuffled].argsort(kind="stable")]  # bucketing's extreme
+    targets = sum(module.task.loss_targets(b) for b in loader(shuffled))
+    assert train.targets_per_row() == pytest.approx(
+        sum(module.task.loss_targets(train[[i]]) for i in range(len(train))) / len(train)
+    )
+    random_total, bucketed_total = (
+        _epoch_loss(module, loader(shuffled)),
+        _epoch_loss(module, loader(by_length)),
+    )
+    if weighting == "target":
+        assert module.targets_per_row is not None and targets > 0
+        assert bucketed_total == pytest.approx(random_total, rel=1e-5)
+        # each target's loss counts 1 / (rows per batch x the training set's targets per row)
+        weight, module.targets_per_row = 1 / (4 * module.targets_per_row), None
+        single = [train[[int(i)]] for i in shuffled]
+        per_target = sum(_epoch_loss(module, [b]) * module.task.loss_targets(b) for b in single)
+        assert random_total == pytest.approx(per_target * weight, rel=1e-5)
+    else:
+        assert module.targets_per_row is None
+        assert bucketed_total != pytest.approx(random_total, rel=1e-4)  # (0.3% apart here)
+
+
+def test_target_weighting_needs_a_datamodule():
+    from functools import partial
+
+    from recsys_mamba.errors import RecsysError
+
+    module = RecLitModule(
+        MambaEncoder(n_items=10, d_model=8, n_layers=1),
+        NextItemHead(),
+        optimizer=partial(torch.optim.AdamW),
+        loss_weighting="target",
+    )
+    module.trainer = type("T", (), {"datamodule": None})()
+    with pytest.raises(RecsysError, match="loss_weighting=target"):
+        module.on_fit_start()
+    with pytest.raises(RecsysError, match="use batch or target"):
+        RecLitModule(
+            MambaEncoder(n_items=10, d_model=8, n_layers=1),
+            NextItemHead(),
+            optimizer=None,
+            loss_weighting="x",
+        )

@@ -37,9 +37,12 @@ def test_every_experiment_composes_and_instantiates(experiment, tmp_path):
     assert cfg.datamodule.max_len <= cfg.model.max_len
 
 
+@pytest.mark.parametrize("experiment", ["ctr", "next_item"])
 @pytest.mark.parametrize("model", MODELS)
-def test_model_swaps_in_alone(model, tmp_path):
-    cfg = compose("train", overrides=["experiment=ctr", f"model={model}", f"paths.output_dir={tmp_path}"])
+def test_model_swaps_in_alone(model, experiment, tmp_path):
+    # an experiment's model keys (next_item's ffn) must suit every encoder, not only Mamba and SASRec
+    overrides = [f"experiment={experiment}", f"model={model}", f"paths.output_dir={tmp_path}"]
+    cfg = compose("train", overrides=overrides)
     assert instantiate(cfg.model)(**SIZES).d_model == cfg.model.d_model
 
 

@@ -54,6 +54,11 @@ class NextItemHead(Head):
     With `transition_prior`, a learned weight times log(1 + how often each item followed the row's
     current item in the training sequences) is added too (`models.transitions`); the table is
     attached from the training data with `attach_transitions` and saved with the weights.
+
+    With `contrastive_weight` > 0, training adds that weight times a contrastive loss between two
+    encodings of the same batch that differ only in their dropout (`contrastive_loss`; the task
+    encodes twice): the unsupervised and supervised positives of DuoRec (Qiu et al., 2022), a
+    regulariser for sparse, short histories.
     """
 
     def __init__(
@@ -64,8 +69,15 @@ class NextItemHead(Head):
         mask_history: bool = False,
         seen_bias: bool = False,
         transition_prior: bool = False,
+        contrastive_weight: float = 0.0,
+        contrastive_temperature: float = 1.0,
     ) -> None:
         super().__init__()
+        if contrastive_weight < 0 or contrastive_temperature <= 0:
+            raise RecsysError(
+                f"NextItemHead needs contrastive_weight >= 0 and contrastive_temperature > 0, got "
+                f"{contrastive_weight} and {contrastive_temperature}"
+            )
         if loss not in ("ce", "sampled"):
             raise RecsysError(f"NextItemHead loss must be 'ce' or 'sampled', got {loss!r}")
         if loss == "sampled" and n_negatives < 1:
@@ -77,6 +89,18 @@ class NextItemHead(Head):
         self.seen_bias = nn.Parameter(torch.zeros(())) if seen_bias else None
         self.transition_weight = nn.Parameter(torch.zeros(())) if transition_prior else None
         self.transitions: TransitionTable | None = None
+        self.contrastive_weight = float(contrastive_weight)
+        self.contrastive_temperature = float(contrastive_temperature)
+
+    def contrastive_loss(self, first: Tensor, second: Tensor, targets: Tensor) -> Tensor:
+        """InfoNCE between two dropout views (N, d) of the same N positions: position i of one view
+        must pick out, among the N of the other, itself and every position with the same next item
+        (the positives; in-batch negatives otherwise), in both directions."""
+        logits = first @ second.T / self.contrastive_temperature
+        positive = (targets[:, None] == targets[None, :]).to(logits.dtype)
+        per_positive = positive / positive.sum(1, keepdim=True)
+        both = torch.cat([logits.log_softmax(1), logits.T.log_softmax(1)])
+        return -(both * per_positive.repeat(2, 1)).sum(1).mean()
 
     def attach_transitions(self, table: TransitionTable) -> None:
         """The training data's transition counts, for a head with transition_prior (before loading

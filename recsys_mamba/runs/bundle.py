@@ -54,6 +54,7 @@ _DATAMODULE_KEYS = (
     "positive_targets",
     "next_item_windows",
     "ctr_train_windows",
+    "train_on_valid",
     "eval_batch_size",
 )
 _ABSOLUTE = re.compile(r"^(/|~|[A-Za-z]:[\\/]|\\\\)")

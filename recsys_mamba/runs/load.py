@@ -86,6 +86,7 @@ def data_settings(cfg: DictConfig, max_len: int | None = None) -> DataSettings:
         positive_targets=bool(dm.get("positive_targets", True)),
         next_item_windows=bool(dm.get("next_item_windows", True)),
         ctr_train_windows=bool(dm.get("ctr_train_windows", True)),
+        train_on_valid=bool(dm.get("train_on_valid", False)),
     )
 
 

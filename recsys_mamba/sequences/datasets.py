@@ -79,6 +79,7 @@ class NextItemTrainDataset(BatchDataset):
     ) -> None:
         super().__init__(store, max_len)
         self.positive_only = positive_only and "labels" in store.flat
+        self.n_train = n_train
         users = np.flatnonzero(n_train >= 2)
         n_inputs = n_train[users] - 1
         stride = max(max_len // 2, 1)

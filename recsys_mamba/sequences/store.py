@@ -140,6 +140,12 @@ class SequenceStore:
         length = np.asarray(self.length, dtype=np.int64)
         return np.where(first[:, 1] >= 0, first[:, 1], np.where(first[:, 2] >= 0, first[:, 2], length))
 
+    def lengths_before_test(self) -> np.ndarray:
+        """Each user's events before their first test event (training and validation events), the
+        whole sequence for a user without one."""
+        first_test = self.split_positions()[:, 2]
+        return np.where(first_test >= 0, first_test, np.asarray(self.length, dtype=np.int64))
+
     def consecutive_pairs(self, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(source, next) item of every two consecutive events among the first `lengths[row]` events
         of each row (e.g. its training events)."""

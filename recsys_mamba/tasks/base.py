@@ -38,6 +38,7 @@ class DataSettings:
     positive_targets: bool = True  # next_item: events labelled 0 are history, never targets
     next_item_windows: bool = True  # next_item: overlapping rows train every target of long users
     ctr_train_windows: bool = True  # ctr: a user's samples share one encoded window in training
+    train_on_valid: bool = False  # next_item: the validation events are training targets too
 
     def __post_init__(self) -> None:
         MAX_LEN.check(self.max_len, "max_len")

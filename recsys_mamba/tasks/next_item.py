@@ -26,11 +26,22 @@ PROTOCOLS = ("unmasked", "masked")
 REPORT_KS: tuple[int, ...] = (1, 5, 10, 20)
 BASELINE_METRICS = ("hr@10", "ndcg@10", "mrr@10")
 BASELINE_CHUNK = 512  # test rows ranked at once by the popularity baseline
+# Positions per batch in the contrastive term: its cost is quadratic in them, and a thousand
+# in-batch negatives are already many (DuoRec uses a batch of 256).
+CONTRASTIVE_POSITIONS = 1024
 
 
 def history_without_target(items: Tensor, target: Tensor) -> Tensor:
     """The history with the target's own id blanked, so masking seen items never hides the answer."""
     return items.masked_fill(items == target.unsqueeze(1), 0)
+
+
+def trained_lengths(data: PreparedData, settings: DataSettings) -> np.ndarray:
+    """Each user's events the model trains on: those before the validation event, or with
+    `train_on_valid` (the protocol that retrains on the validation targets before the test) those
+    before the test event."""
+    store = data.store
+    return store.lengths_before_test() if settings.train_on_valid else store.training_lengths()
 
 
 def maskable_history(batch: Batch) -> Tensor:
@@ -62,7 +73,7 @@ class NextItemTask(Task):
     def datasets(self, data: PreparedData, settings: DataSettings) -> dict[str, BatchDataset]:
         store = data.store
         first = store.split_positions()
-        n_train = store.training_lengths()
+        n_train = trained_lengths(data, settings)
         return {
             "train": NextItemTrainDataset(
                 store, settings.max_len, n_train, settings.positive_targets, settings.next_item_windows
@@ -72,12 +83,13 @@ class NextItemTask(Task):
         }
 
     def head_inputs(self, data: PreparedData, datasets: dict[str, BatchDataset]) -> HeadInputs:
+        train = datasets["train"]
+        assert isinstance(train, NextItemTrainDataset)
+
         def transitions() -> TransitionTable:
-            """Counts of every pair of consecutive training events."""
-            store = data.store
-            return TransitionTable(
-                int(data.manifest["n_items"]), *store.consecutive_pairs(store.training_lengths())
-            )
+            """Counts of every pair of consecutive events the model trains on."""
+            pairs = data.store.consecutive_pairs(train.n_train)
+            return TransitionTable(int(data.manifest["n_items"]), *pairs)
 
         return HeadInputs(transitions=transitions)
 
@@ -91,7 +103,15 @@ class NextItemTask(Task):
         targets = batch["targets"]
         real = targets > 0
         history = History.causal(batch["items"], real, targets) if model.head.uses_history else None
-        return model.head.loss(model.encoder, hidden[real], targets[real], history, item_log_probs)
+        loss = model.head.loss(model.encoder, hidden[real], targets[real], history, item_log_probs)
+        weight = getattr(model.head, "contrastive_weight", 0.0)
+        if weight and model.training:
+            # A second encoding of the same rows draws other dropout masks: the two views to contrast.
+            second = model.encoder.encode(batch)[real]
+            picked = torch.randperm(second.shape[0], device=second.device)[:CONTRASTIVE_POSITIONS]
+            first, picked_targets = hidden[real][picked], targets[real][picked]
+            loss = loss + weight * model.head.contrastive_loss(first, second[picked], picked_targets)
+        return loss
 
     def loss_targets(self, batch: Batch) -> int:
         return int((batch["targets"] > 0).sum())

@@ -37,6 +37,7 @@ class RecDataModule(L.LightningDataModule):
         ctr_train_windows: bool = True,
         next_item_windows: bool = True,
         bucket_by_length: bool = False,
+        train_on_valid: bool = False,
         cache_dir: str | None = None,
         prepared_dir: str | None = None,
     ) -> None:
@@ -48,6 +49,7 @@ class RecDataModule(L.LightningDataModule):
             positive_targets=bool(positive_targets),
             next_item_windows=bool(next_item_windows),
             ctr_train_windows=bool(ctr_train_windows),
+            train_on_valid=bool(train_on_valid),
         )
         self.batch_size = int(batch_size)
         self.eval_batch_size = int(eval_batch_size)

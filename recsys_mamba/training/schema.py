@@ -197,8 +197,26 @@ TRAIN = Schema(
     Rule("datamodule.pin_memory", Bool(optional=True), present_only=True),
     [
         Rule(f"datamodule.{k}", Bool(), present_only=True)
-        for k in ("ctr_train_windows", "next_item_windows", "positive_targets", "bucket_by_length")
+        for k in (
+            "ctr_train_windows",
+            "next_item_windows",
+            "positive_targets",
+            "bucket_by_length",
+            "train_on_valid",
+        )
     ],
+    # Training on the validation targets leaves no held-out validation metric to pick an epoch by.
+    Relation(
+        ("datamodule.train_on_valid", "task.name"),
+        lambda on, task: not on or task == "next_item",
+        "{k0}=true is a next_item protocol ({k1}={v1}): set it to false",
+    ),
+    Relation(
+        ("datamodule.train_on_valid", "callbacks.model_checkpoint.monitor"),
+        lambda on, monitor: not on or not monitor,
+        "{k0}=true trains on the validation targets, so {v1} is no longer held out to pick the tested "
+        "epoch: set {k1}=null (the last epoch is tested), as experiment=bench_beauty_train_on_valid does",
+    ),
     Rule("paths.cache_dir", PathTo("out_dir")),
     Rule("datamodule.cache_dir", PathTo("out_dir", optional=True)),
     Rule("datamodule.prepared_dir", PathTo("prepared", optional=True)),

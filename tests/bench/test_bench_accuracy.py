@@ -98,6 +98,21 @@ def test_settings_that_vary_name_the_groups(tmp_path):
     assert labels == {"mamba d_state=8", "mamba d_state=16"}
 
 
+def test_runs_trained_on_the_validation_targets_are_labelled_and_kept_out_of_the_goals(tmp_path):
+    for name, ndcg, on_valid in (("held_out", 0.19, False), ("on_valid", 0.25, True)):
+        _fake_run(tmp_path / name, "mamba", 1, ndcg)
+        config = yaml.safe_load((tmp_path / name / "config.yaml").read_text())
+        config["datamodule"] = {"train_on_valid": on_valid}
+        (tmp_path / name / "config.yaml").write_text(yaml.safe_dump(config))
+    result = accuracy.tabulate([str(tmp_path)])
+    labels = {g["label"] for g in result["groups"]}
+    assert labels == {"mamba train_on_valid=False", "mamba train_on_valid=True"}
+    assert result["goals"]["ml1m: mamba unmasked NDCG@10 >= 0.2"]["met"] is False  # 0.19, not 0.25
+    alone = accuracy.tabulate([str(tmp_path / "on_valid")])
+    assert [g["label"] for g in alone["groups"]] == ["mamba train_on_valid=True"]
+    assert alone["goals"] == {}
+
+
 def test_checkpoint_file_settings_do_not_split_a_group(tmp_path):
     # Runs from before and after conf/callbacks/last_checkpoint.yaml existed are the same experiment.
     _fake_run(tmp_path / "old", "mamba", 1, 0.2)
@@ -151,6 +166,7 @@ def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
         ("bench_ml1m_next_item", ["seed=1"], "next_item"),
         # Same code paths as the two rows beside them, other configs: slow, to keep the default run short.
         pytest.param("bench_beauty_next_item", ["seed=1"], "next_item", marks=pytest.mark.slow),
+        pytest.param("bench_beauty_train_on_valid", ["seed=1"], "next_item", marks=pytest.mark.slow),
         # The synthetic stand-in has event types of its own: the MovieLens rating events are off.
         pytest.param(
             "bench_ml100k_ctr", ["seed=1", "data.rating_events=false"], "ctr", marks=pytest.mark.slow

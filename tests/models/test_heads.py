@@ -209,3 +209,32 @@ def test_ctr_probabilities_are_calibrated_on_ml100k(ml100k) -> None:
     assert abs(p.mean().item() - y.mean().item()) < 0.05
     assert ece < 0.06, f"expected calibration error {ece:.3f}"
     assert log_loss < base, f"log loss {log_loss:.4f} does not beat the base rate {base:.4f}"
+
+
+def test_contrastive_loss_rewards_agreeing_views_and_counts_same_target_positives() -> None:
+    torch.manual_seed(0)
+    head = NextItemHead(contrastive_weight=0.1)
+    views = torch.randn(8, 16) * 3
+    targets = torch.arange(1, 9)
+    agreeing = head.contrastive_loss(views, views, targets)
+    assert agreeing < head.contrastive_loss(views, views[torch.randperm(8)], targets)
+    # Distinct targets: each row's only positive is itself, a symmetric cross-entropy over the batch.
+    logits = views @ views.T
+    expected = (F.cross_entropy(logits, targets - 1) + F.cross_entropy(logits.T, targets - 1)) / 2
+    torch.testing.assert_close(agreeing, expected)
+    # Rows 0 and 1 share a next item: each is also a positive of the other.
+    shared = targets.clone()
+    shared[1] = shared[0]
+    assert head.contrastive_loss(views, views, shared) != agreeing
+    # Two rows, both positives of both: the mean log-probability over 2 positives x 2 rows x 2 directions.
+    pair = logits[:2, :2]
+    torch.testing.assert_close(
+        head.contrastive_loss(views[:2], views[:2], shared[:2]),
+        -(pair.log_softmax(1).sum() + pair.T.log_softmax(1).sum()) / 8,
+    )
+
+
+@pytest.mark.parametrize(("weight", "temperature"), [(-0.1, 1.0), (0.1, 0.0)])
+def test_contrastive_settings_are_checked(weight: float, temperature: float) -> None:
+    with pytest.raises(RecsysError, match="contrastive"):
+        NextItemHead(contrastive_weight=weight, contrastive_temperature=temperature)

@@ -104,3 +104,77 @@ def test_masked_protocol_removes_the_whole_history_not_only_the_encoded_window(t
         target = int(batch["target"][i])
         masked = set(torch.isneginf(scores[i]).nonzero().flatten().tolist()) - {0}
         assert masked == history - {target}
+
+
+def test_contrastive_term_encodes_twice_in_training_only_and_changes_the_loss(tiny, tmp_path):
+    from recsys_mamba.training.run import build
+
+    cfg = tiny(tmp_path, ["task=next_item", "head.contrastive_weight=0.5"])
+    dm, module = build(cfg)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    calls = []
+    encode = module.encoder.encode
+    module.encoder.encode = lambda b: calls.append(1) or encode(b)
+    module.train()
+    torch.manual_seed(0)
+    with_term = TASK.loss(module, batch)
+    assert len(calls) == 2
+    with_term.backward()
+    module.head.contrastive_weight = 0.0
+    torch.manual_seed(0)
+    plain = TASK.loss(module, batch)
+    assert len(calls) == 3 and not torch.isclose(with_term, plain)
+    module.head.contrastive_weight = 0.5
+    module.eval()
+    TASK.loss(module, batch)
+    assert len(calls) == 4  # no second view outside training
+
+
+def test_train_on_valid_trains_each_users_validation_event_and_counts_its_transition(tiny, tmp_path):
+    from recsys_mamba.training.run import build
+
+    datasets, tables = {}, {}
+    for flag in (False, True):
+        cfg = tiny(tmp_path / str(flag), ["task=next_item", "head.transition_prior=true"])
+        cfg.datamodule.train_on_valid = flag
+        dm, module = build(cfg)
+        datasets[flag], tables[flag] = dm.datasets, module.head.transitions
+    store = dm.prepared.store
+    first = store.split_positions()
+    with_valid = first[:, 1] >= 0
+    assert with_valid.any()
+    assert (datasets[False]["train"].n_train == store.training_lengths()).all()
+    # Each user with a validation event trains one more target: that event.
+    grown = datasets[True]["train"].n_train - datasets[False]["train"].n_train
+    assert (grown[with_valid] == first[with_valid, 2] - first[with_valid, 1]).all()
+    assert (grown[~with_valid] == 0).all()
+    # The transition prior counts the pairs ending in a validation event too.
+    assert tables[True].counts.sum() - tables[False].counts.sum() == grown[first[:, 1] >= 1].sum()
+    # The held-out test rows do not change.
+    for name in ("valid", "test"):
+        assert (datasets[True][name].target_pos == datasets[False][name].target_pos).all()
+
+
+ON_VALID = "datamodule.train_on_valid=true"
+UNMONITORED = "callbacks.model_checkpoint.monitor=null"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "refused"),
+    [
+        ([ON_VALID], UNMONITORED),
+        ([ON_VALID, UNMONITORED, "task=ctr"], "next_item"),
+        ([ON_VALID, UNMONITORED], None),
+    ],
+)
+def test_train_on_valid_needs_next_item_and_no_monitored_checkpoint(tiny, tmp_path, overrides, refused):
+    from recsys_mamba.errors import RecsysError
+    from recsys_mamba.training.schema import validate_config
+
+    cfg = tiny(tmp_path, overrides)
+    if refused is None:
+        validate_config(cfg)
+        return
+    with pytest.raises(RecsysError, match=refused):
+        validate_config(cfg)

@@ -18,8 +18,9 @@ which streaming keeps flat in the input's size (`peak_rss_max_over_min`). The in
 events is also scored with engine=ray and each of `score.ray_workers` workers (a local Ray the child
 starts): users/s and the speed-up over the first (the driver's RSS only: workers are other processes).
 
-`datamodule`: the training data's memory. A data set (`datamodule.data`, e.g. [data=ml1m]) is prepared
-once; then for each store in `datamodule.stores` a fresh child process sets up the `RecDataModule` on
+`datamodule`: the training data's memory. A data set (`datamodule.data`, e.g. [data=ml1m]) and a
+generated log of each size in `datamodule.generated` (the prepare section's generator and data
+overrides) are each prepared once; then for each store in `datamodule.stores` a fresh child process sets up the `RecDataModule` on
 it and reads one training epoch: `mapped` (the memory-mapped store training uses), `memory` (the same
 arrays read into memory) and `memory_int64` (in memory, every array int64: the store before it was
 mapped). Per store: RSS after the imports, after setup and after the epoch, split into anonymous
@@ -166,30 +167,49 @@ def _datamodule_case(prepared: Path, store: str, d: dict[str, Any]) -> dict[str,
     }
 
 
-def section_datamodule(cfg: DictConfig, work: Path) -> dict[str, Any]:
+def _datamodule_set(overrides: list[str], label: str, work: Path, d: dict[str, Any]) -> dict[str, Any]:
+    """One data set prepared from `overrides`, then one child per store; the prepared folder removed after."""
     from recsys_mamba.sequences.mapped import open_store
 
-    d = OmegaConf.to_container(cfg.datamodule, resolve=True)
-    assert isinstance(d, dict)
     prepared = work / "datamodule-prepared"
     try:
-        prepared_case = run_prepare(list(d["data"]), prepared, work / "hydra")
+        prepared_case = run_prepare(overrides, prepared, work / "hydra")
         open_store(prepared)  # built once here, so no child pays for it
         cases = [_datamodule_case(prepared, store, d) for store in d["stores"]]
     finally:
         shutil.rmtree(prepared, ignore_errors=True)
     for case in cases:
         print(
-            f"datamodule store={case['store']}: {case['datamodule_anon_mib']:,.1f} MiB anonymous memory "
-            f"added by setup and one epoch (RSS {case['epoch_rss_mib']:,.1f} MiB, of it mapped files "
+            f"datamodule {label} store={case['store']}: {case['datamodule_anon_mib']:,.1f} MiB anonymous "
+            f"memory added by setup and one epoch (RSS {case['epoch_rss_mib']:,.1f} MiB, of it mapped files "
             f"{case['epoch_file_mib']:,.1f} MiB), peak RSS {case['peak_rss_mib']:,.1f} MiB",
             flush=True,
         )
     return {
-        "command": "python -m recsys_mamba.prepare " + " ".join(d["data"]),
+        "data": label,
+        "command": "python -m recsys_mamba.prepare " + " ".join(overrides),
         "n_interactions": prepared_case["n_interactions"],
         "cases": cases,
     }
+
+
+def section_datamodule(cfg: DictConfig, work: Path) -> dict[str, Any]:
+    d = OmegaConf.to_container(cfg.datamodule, resolve=True)
+    p = OmegaConf.to_container(cfg.prepare, resolve=True)
+    assert isinstance(d, dict) and isinstance(p, dict)
+    sets = []
+    if d["data"]:
+        sets.append(_datamodule_set(list(d["data"]), " ".join(d["data"]), work, d))
+    for events in d["generated"]:
+        # the prepare section's generator and data overrides, so its logs and these are the same data
+        log, _ = _log(work, p, int(events))
+        overrides = ["data=events", f"data.path={log}", f"data.name=scale{events}", *p["data"]]
+        try:
+            sets.append(_datamodule_set(overrides, f"generated {int(events):,} events", work, d))
+        finally:
+            if not p["keep_logs"]:
+                log.unlink(missing_ok=True)
+    return {"sets": sets}
 
 
 def _train_scorer(work: Path, s: dict[str, Any]) -> Path:
@@ -301,6 +321,14 @@ def _sections(cfg: DictConfig) -> None:
         raise RecsysError(f"sections={sections!r} names a section twice; list each once, e.g. [prepare]")
 
 
+def _datamodule_sets(cfg: DictConfig) -> None:
+    if "datamodule" in cfg.sections and not cfg.datamodule.data and not cfg.datamodule.generated:
+        raise RecsysError(
+            "the datamodule section has no data set: set datamodule.data (e.g. [data=ml1m]) or "
+            "datamodule.generated (e.g. [100000000])"
+        )
+
+
 def _overrides(cfg: DictConfig) -> None:
     for key in ("prepare.data", "prepare.run", "datamodule.data", "score.data", "score.train", "score.run"):
         overrides = checks.select(cfg, key, None)
@@ -322,6 +350,7 @@ BENCH_SCALE = Schema(
     Rule("prepare.keep_logs", Bool()),
     Rule("prepare.goals.peak_rss_gb", Num(above=0, example=3)),
     Rule("prepare.goals.events_per_s", Num(above=0, example=2e6)),
+    Rule("datamodule.generated", IntList(1, 10**11, allow_empty=True, example="[100000000]")),
     Rule("datamodule.task", Choice(("next_item", "ctr"))),
     Rule("datamodule.max_len", Int(1, 10**6, example=200)),
     Rule("datamodule.batch_size", Int(1, 10**7, example=128)),
@@ -335,6 +364,7 @@ BENCH_SCALE = Schema(
     Rule("score.ray_size", Int(0, 10**11, example=2_000_000)),
     Rule("score.ray_workers", IntList(1, 1 << 16, example="[1, 2]")),
     Check(_overrides),
+    Check(_datamodule_sets),
 )
 
 

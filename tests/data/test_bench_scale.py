@@ -53,7 +53,8 @@ def test_miniature_datamodule_section(tmp_path):
         "datamodule.max_len=10",
         "datamodule.batch_size=16",
     )
-    cases = scale.bench(cfg)["sections"]["datamodule"]["cases"]
+    (named,) = scale.bench(cfg)["sections"]["datamodule"]["sets"]
+    cases = named["cases"]
     assert [c["store"] for c in cases] == ["mapped", "memory", "memory_int64"]
     # every store gives the same batches, and the mapped one's arrays are file pages, not anonymous memory
     assert len({c["train_batches"] for c in cases}) == 1 and cases[0]["train_batches"] > 1
@@ -86,3 +87,28 @@ def test_miniature_score_section(tmp_path):
     assert result["peak_rss_max_over_min"] >= 1.0
     assert not (tmp_path / "work").exists()
     json.dumps(result)
+
+
+def test_datamodule_section_on_a_generated_log(tmp_path):
+    cfg = _cfg(
+        tmp_path,
+        "sections=[datamodule]",
+        "datamodule.data=[]",
+        "datamodule.generated=[3000]",
+        "datamodule.stores=[mapped]",
+        "datamodule.max_len=10",
+        "datamodule.batch_size=16",
+    )
+    (generated,) = scale.bench(cfg)["sections"]["datamodule"]["sets"]
+    assert generated["data"] == "generated 3,000 events" and "data=events" in generated["command"]
+    # 3,000 events, 30 per user on average, all kept by the 5-core of the prepare block's data overrides
+    assert 0 < generated["n_interactions"] <= 3000
+    (case,) = generated["cases"]
+    assert case["store"] == "mapped" and case["train_batches"] >= 100 // 16
+    assert not (tmp_path / "work").exists()
+
+
+def test_datamodule_section_needs_a_data_set(tmp_path):
+    cfg = _cfg(tmp_path, "sections=[datamodule]", "datamodule.data=[]", f"out_file={tmp_path / 'out.json'}")
+    with pytest.raises(RecsysError, match="datamodule.generated"):
+        scale.validate_config(cfg)

@@ -110,5 +110,5 @@ def test_datamodule_section_on_a_generated_log(tmp_path):
 
 def test_datamodule_section_needs_a_data_set(tmp_path):
     cfg = _cfg(tmp_path, "sections=[datamodule]", "datamodule.data=[]", f"out_file={tmp_path / 'out.json'}")
-    with pytest.raises(RecsysError, match="datamodule.generated"):
+    with pytest.raises(RecsysError, match=r"datamodule\.generated"):
         scale.validate_config(cfg)

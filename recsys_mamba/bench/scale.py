@@ -23,9 +23,10 @@ generated log of each size in `datamodule.generated` (the prepare section's gene
 overrides) are each prepared once; then for each store in `datamodule.stores` a fresh child process
 sets up the `RecDataModule` on it and reads one training epoch: `mapped` (the memory-mapped store
 training uses), `memory` (the same arrays read into memory) and `memory_int64` (in memory, every
-array int64: the store before it was mapped). Per store: RSS after the imports, after setup and after the epoch, split into anonymous
-memory (the process's own) and file pages (mapped pages, shared with the page cache, which the
-kernel drops under pressure), and the child's peak RSS (`os.wait4`).
+array int64: the store before it was mapped). Per store: RSS after the imports, after setup and
+after the epoch, split into anonymous memory (the process's own) and file pages (mapped pages,
+shared with the page cache, which the kernel drops under pressure), and the child's peak RSS
+(`os.wait4`).
 """
 
 from __future__ import annotations

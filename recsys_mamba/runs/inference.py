@@ -24,11 +24,12 @@ HIDDEN = "_hidden"  # a streaming state keeps its last output here, so ranking n
 def _padded(run: Run, users: pl.DataFrame) -> dict[str, Tensor]:
     """The most recent `max_len` events of each user, right-padded: items and the side inputs."""
     width = max(1, min(run.max_len, int(users["items"].list.len().max() or 1)))
-    return {name: pad_right(users[name], width) for name in ("items", *SIDE_INPUTS)}
+    return {name: pad_right(users[name], width).to(run.device) for name in ("items", *SIDE_INPUTS)}
 
 
 def encode(run: Run, users: pl.DataFrame) -> tuple[Tensor, Tensor]:
-    """Hidden states (B, L, d) of users with at least one event, and the encoded items (B, L)."""
+    """Hidden states (B, L, d) of users with at least one event, and the encoded items (B, L), on the
+    model's device."""
     batch = _padded(run, users)
     with torch.no_grad():
         hidden = run.model.encoder.encode(batch)
@@ -52,15 +53,18 @@ def whole_history(run: Run, histories: pl.Series) -> History | None:
     items = pad_right(distinct, max(1, int(lengths.max()) if len(lengths) else 1))
     last = torch.from_numpy(histories.list.last().fill_null(0).to_numpy().astype(np.int64))
     rows = torch.arange(len(lengths))
-    return History(items, rows, (lengths - 1).clamp(min=0), last)
+    device = run.device
+    return History(items.to(device), rows.to(device), (lengths - 1).clamp(min=0).to(device), last.to(device))
 
 
 def next_item_scores(run: Run, hidden: Tensor, histories: pl.Series) -> Tensor:
     """Scores of every item (B, n_items + 1) from last hidden states (B, d) of the users of
     `histories`: the head's ranking scores, so a learned seen-item bias counts every item the user
-    has had, and a transition prior starts from the last one, as in evaluation."""
+    has had, and a transition prior starts from the last one, as in evaluation. On the CPU, wherever
+    the model is."""
     with torch.no_grad():
-        return run.model.head.rank_scores(run.model.encoder, hidden, whole_history(run, histories))
+        hidden = hidden.to(run.device)
+        return run.model.head.rank_scores(run.model.encoder, hidden, whole_history(run, histories)).cpu()
 
 
 def popularity_scores(run: Run) -> Tensor:
@@ -138,18 +142,20 @@ def candidate_chunk(run: Run, users: pl.DataFrame, pairs: pl.DataFrame) -> pl.Da
     if warm_rows.size:
         hidden, history = encode(run, users)
         lengths = (history != 0).sum(1)
+        device = run.device
+        users_idx = pair_users(run, pairs["user_id"], warm_rows)
         with torch.no_grad():
             value = run.task.score_pairs(
                 run.model,
                 hidden,
                 lengths,
                 whole_history(run, users["items"]),
-                torch.from_numpy(rows[warm_rows]),
-                torch.from_numpy(idx[warm_rows]),
-                torch.from_numpy(items_table.categories[idx[warm_rows]]),
-                pair_users(run, pairs["user_id"], warm_rows),
+                torch.from_numpy(rows[warm_rows]).to(device),
+                torch.from_numpy(idx[warm_rows]).to(device),
+                torch.from_numpy(items_table.categories[idx[warm_rows]]).to(device),
+                None if users_idx is None else users_idx.to(device),
             )
-        score[warm_rows] = value.float().numpy()
+        score[warm_rows] = value.float().cpu().numpy()
     return pl.DataFrame(
         {
             "user_id": pairs["user_id"],

@@ -33,14 +33,30 @@ from recsys_mamba.tasks.base import DataSettings, HeadInputs
 CONFIG = "config.yaml"
 
 
+def check_cuda(device: str) -> None:
+    """A RecsysError unless `device` (cuda or cuda:N) is a GPU this process can use."""
+    if not torch.cuda.is_available():
+        raise RecsysError(
+            f"device={device}: this machine has no CUDA GPU that torch can use ({torch.__version__}); set "
+            "device=cpu, or install a CUDA build of torch on a GPU machine"
+        )
+    index = int(device.split(":")[1]) if ":" in device else 0
+    if index >= torch.cuda.device_count():
+        raise RecsysError(
+            f"device={device}: only {torch.cuda.device_count()} GPU(s) here (cuda:0 to "
+            f"cuda:{torch.cuda.device_count() - 1}); pick one of them"
+        )
+
+
 Data = PreparedData | Vocabulary  # what a Run scores with: a prepared folder, or its model's vocabulary
 
 
 @dataclass
 class Run:
-    """A checkpoint or bundle ready to score: `model` is in eval mode on the CPU. `data` is the prepared
-    folder when one was given (or the checkpoint predates carried vocabularies), else the vocabulary the
-    checkpoint or bundle carries: enough to score, not to evaluate (`prepared_data`)."""
+    """A checkpoint or bundle ready to score: `model` is in eval mode, on the CPU unless moved (`to`).
+    `data` is the prepared folder when one was given (or the checkpoint predates carried vocabularies),
+    else the vocabulary the checkpoint or bundle carries: enough to score, not to evaluate
+    (`prepared_data`)."""
 
     ckpt_path: Path
     config: DictConfig
@@ -49,6 +65,18 @@ class Run:
     data: Data
     model: RecModel
     max_len: int
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model is: the inference paths put their inputs there and bring the scores back."""
+        return next(self.model.parameters()).device
+
+    def to(self, device: str | torch.device) -> Run:
+        """The model moved to `device` (e.g. "cuda"); this run, for chaining."""
+        if torch.device(device).type == "cuda":
+            check_cuda(str(device))
+        self.model.to(torch.device(device))
+        return self
 
     def data_settings(self) -> DataSettings:
         """How the run cut its data into samples (its `datamodule` settings)."""

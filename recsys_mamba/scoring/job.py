@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from recsys_mamba.data.engines import ENGINES
 from recsys_mamba.errors import RecsysError
 from recsys_mamba.runs import Run, load_run
 from recsys_mamba.runs.inference import topk_from_states
+from recsys_mamba.runs.load import check_cuda
 from recsys_mamba.schema import Bool, Check, Choice, Int, Num, PathTo, Rule, Schema
 from recsys_mamba.scoring import inputs, partitions, parts, ray_job
 from recsys_mamba.scoring.stream import StateStore
@@ -75,6 +77,7 @@ def _partitioned(run: Run, cfg: DictConfig, out: Path, prefix: str) -> tuple[lis
     plan, info = _plan(run, cfg, out, prefix)
     if cfg.engine == "ray":
         return ray_job.score_on_ray(plan, cfg), info
+    run.to(cfg.device)
     count = len(plan.partitions)
     written = []
     for index in tqdm(range(count), desc=prefix, unit="partition", disable=not cfg.progress):
@@ -120,6 +123,28 @@ def _engine(cfg: DictConfig) -> None:
         )
 
 
+def _device(cfg: DictConfig) -> None:
+    device = checks.select(cfg, "device", default="cpu")
+    if not isinstance(device, str) or not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        raise RecsysError(f"device={device!r} is not a device: use cpu, cuda or cuda:N (e.g. device=cuda:0)")
+    if device == "cpu":
+        return
+    mode, engine = checks.select(cfg, "mode", None), checks.select(cfg, "engine", default="local")
+    if mode == "stream":
+        raise RecsysError(
+            f"device={device}: mode=stream updates one event at a time, on the CPU; set device=cpu, or score "
+            "on a GPU with mode=topk or mode=candidates"
+        )
+    if engine == "ray":
+        if device != "cuda":
+            raise RecsysError(
+                f"device={device} with engine=ray: Ray gives each actor a GPU of its own, so name none; "
+                "set device=cuda"
+            )
+        return  # the driver needs no GPU: each actor checks its own
+    check_cuda(device)
+
+
 # Every value of conf/score.yaml, checked before the model is loaded or any input read.
 SCORE = Schema(
     Rule("mode", Choice(MODES)),
@@ -140,6 +165,7 @@ SCORE = Schema(
     Check(_engine),
     Rule("partition_events", Int(1, 1 << 40, example=2_000_000)),
     Rule("workers", Int(1, 1 << 16, example=2)),
+    Check(_device),
     Rule("state_in", PathTo("file", optional=True)),
     Rule("state_out", PathTo("out_file", optional=True)),
 )

@@ -28,9 +28,12 @@ from recsys_mamba.scoring.partitions import Plan, score_partition
 class PartitionScorer:
     """A Ray actor's model, loaded once, scoring one partition per call."""
 
-    def __init__(self, plan: Plan, ckpt_path: str, prepared: str | None, max_len: int | None) -> None:
+    def __init__(
+        self, plan: Plan, ckpt_path: str, prepared: str | None, max_len: int | None, device: str = "cpu"
+    ) -> None:
         self.plan = plan
-        self.run = load_run(ckpt_path, prepared, max_len)
+        # with device=cuda Ray gave this actor a GPU of its own (num_gpus=1): it sees it as cuda
+        self.run = load_run(ckpt_path, prepared, max_len).to(device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         files, rows = [], []
@@ -57,6 +60,11 @@ def _cause(err: BaseException) -> RecsysError | None:
     return None
 
 
+def actor_resources(device: str) -> dict[str, int]:
+    """What each scoring actor asks Ray for: a CPU, and a GPU of its own when it scores on one."""
+    return {"num_cpus": 1, "num_gpus": 0 if device == "cpu" else 1}
+
+
 def score_on_ray(plan: Plan, cfg: DictConfig) -> list[dict[str, Any]]:
     """Score every partition of `plan` on `cfg.workers` Ray actors; every part's rows, in part order."""
     if not plan.partitions:
@@ -77,8 +85,9 @@ def score_on_ray(plan: Plan, cfg: DictConfig) -> list[dict[str, Any]]:
                 "ckpt_path": str(Path(cfg.ckpt_path).absolute()),
                 "prepared": str(Path(cfg.prepared).absolute()) if cfg.prepared else None,
                 "max_len": cfg.max_len,
+                "device": str(cfg.device),
             },
-            num_cpus=1,
+            **actor_resources(str(cfg.device)),
             # Ray Data's default restarts a dying actor forever: a worker that always dies would hang the
             # job. (Passed as **ray_remote_args, deprecated in Ray 2.60 with no named parameter yet.)
             max_restarts=RAY_RETRIES,

@@ -127,7 +127,9 @@ class NextItemTask(Task):
         """Scores of every item (B, n_items + 1) after each evaluation row's history: with the
         history in the ranking (unmasked) and out of it (masked: the whole history, the target's own
         id excepted)."""
-        hidden = gather_last(model.encoder.encode(batch), batch["lengths"])
+        # encode_last: under no_grad Mamba encodes only the real events and runs its last block at the
+        # last one (the same state to float rounding, a quarter less validation time on ML-1M)
+        hidden = model.encoder.encode_last(batch)
         history = ranking_history(batch) if model.head.uses_history else None
         unmasked = model.head.rank_scores(model.encoder, hidden, history).float()
         return unmasked, unmasked.scatter(1, maskable_history(batch), float("-inf"))

@@ -324,3 +324,41 @@ def test_user_embeddings_score_as_in_training(trained_ctr_users, tmp_path: Path)
     # The user matters: the same item scores differently for different known users.
     first = got.filter(pl.col("item_id") == items[0])["score"]
     assert first.n_unique() == len(first)
+
+
+def test_device_cpu_named_gives_the_default_bytes(trained, tmp_path: Path) -> None:
+    default, named = tmp_path / "default", tmp_path / "named"
+    job(trained, default)
+    job(trained, named, "device=cpu")
+    names = sorted(p.name for p in default.iterdir())
+    assert names == sorted(p.name for p in named.iterdir())
+    assert all((default / n).read_bytes() == (named / n).read_bytes() for n in names)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        (["device=gpu"], "is not a device: use cpu, cuda or cuda:N"),
+        (["device=cuda", "mode=stream"], "mode=stream updates one event at a time"),
+        (["device=cuda:1", "engine=ray"], "Ray gives each actor a GPU of its own"),
+    ],
+)
+def test_device_settings_are_checked_before_the_model_loads(trained, tmp_path, overrides, match) -> None:
+    with pytest.raises(RecsysError, match=match):
+        job(trained, tmp_path / "out", *overrides)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message a machine without a GPU gives")
+def test_device_cuda_without_a_gpu_says_so(trained, tmp_path: Path) -> None:
+    with pytest.raises(RecsysError, match=r"device=cuda: this machine has no CUDA GPU.*set device=cpu"):
+        job(trained, tmp_path / "out", "device=cuda")
+    with pytest.raises(RecsysError, match="no CUDA GPU"):
+        load_run(trained["ckpt"]).to("cuda:0")
+
+
+def test_ray_actors_ask_for_a_gpu_only_on_cuda() -> None:
+    from recsys_mamba.scoring.ray_job import actor_resources
+
+    assert actor_resources("cpu") == {"num_cpus": 1, "num_gpus": 0}
+    assert actor_resources("cuda") == {"num_cpus": 1, "num_gpus": 1}

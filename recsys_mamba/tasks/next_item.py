@@ -128,7 +128,7 @@ class NextItemTask(Task):
         history in the ranking (unmasked) and out of it (masked: the whole history, the target's own
         id excepted)."""
         # encode_last: under no_grad Mamba encodes only the real events and runs its last block at the
-        # last one (the same state to float rounding, a quarter less validation time on ML-1M)
+        # last one alone (the same state to float rounding, less work; BENCHMARKS.md)
         hidden = model.encoder.encode_last(batch)
         history = ranking_history(batch) if model.head.uses_history else None
         unmasked = model.head.rank_scores(model.encoder, hidden, history).float()

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import json
 import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,39 @@ from recsys_mamba.errors import RecsysError
 
 WRITABLE_HINT = "free disk space or choose a writable folder"
 TMP_MARK = ".tmp-"  # temporary siblings are named .<name>.tmp-<pid>: a sweep can tell them apart
+
+
+@contextlib.contextmanager
+def exclusive(target: Path) -> Iterator[None]:
+    """One writer of `target` at a time on this machine: an flock on `.<name>.lock` beside it (best
+    effort on file systems without flock). A second writer waits, then finds the first one's result.
+    The holder removes the lock file before it lets go, so none is left behind; a waiter that got the
+    lock of a file removed meanwhile takes the new one."""
+    path = target.parent / f".{target.name}.lock"
+    while True:
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            lock = open(path, "a")
+        except OSError:
+            lock = None  # no lock where no file can be made: the write itself names the folder's problem
+            break
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        except OSError:
+            break  # no flock on this file system: go on without
+        try:
+            if os.fstat(lock.fileno()).st_ino == os.stat(path).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        lock.close()  # its holder removed this file after it was opened here: lock the new one
+    try:
+        yield
+    finally:
+        if lock is not None:
+            with contextlib.suppress(OSError):
+                path.unlink()
+            lock.close()
 
 
 def temporary_sibling(path: Path) -> Path:

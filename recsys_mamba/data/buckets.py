@@ -20,6 +20,7 @@ import math
 import os
 import shutil
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,22 @@ def write_ipc(df: pl.DataFrame, target: Path) -> None:
 
 def read_ipc(source: Path, columns: list[str] | None = None) -> pl.DataFrame:
     return pl.read_ipc(source, columns=columns)
+
+
+class Trash:
+    """Removes intermediate files on a background thread: freeing a file of a few hundred MB is kernel
+    work the next task need not wait for. `close` waits until every file handed over is gone, so the
+    scratch folder can be removed after it."""
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare-trash")
+
+    def discard(self, path: Path) -> None:
+        # a file that cannot be removed stays in the scratch folder, whose removal then reports it
+        self._pool.submit(path.unlink, missing_ok=True)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
 
 
 # ---- how many buckets ----------------------------------------------------------------------------

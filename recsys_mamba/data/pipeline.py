@@ -31,6 +31,7 @@ from recsys_mamba.data.buckets import DEFAULT_BUCKET_EVENTS
 from recsys_mamba.data.cache import atomic_folder, describe_source, known_sources, reusable
 from recsys_mamba.data.spec import check_source, config_hash, normalize
 from recsys_mamba.errors import RecsysError
+from recsys_mamba.files import exclusive
 from recsys_mamba.schema import Choice, Int, Rule, Schema
 from recsys_mamba.version import __version__
 
@@ -196,9 +197,10 @@ class _Stages:
     ) -> None:
         self.run, self.ctx, self.engine, self.work, self.target = run, ctx, engine, work, target
         self.spec = run.spec
+        self.trash = buckets.Trash()
 
     def _remove(self, kind: str, bucket: int, suffix: str = "") -> None:
-        buckets.path(self.ctx.scratch, kind, bucket, suffix).unlink(missing_ok=True)
+        self.trash.discard(buckets.path(self.ctx.scratch, kind, bucket, suffix))
 
     # ---- 1. partition + clean
 
@@ -226,11 +228,12 @@ class _Stages:
         self.vocabulary: dict[str, list[pl.Series]] = {}
         self.kept: dict[int, int] = {}
         self.users: dict[int, int] = {}
+        self.short_users = 0
         for r in self.engine.map(tasks.clean, [(ctx, b) for b in ids]):
             b = r["bucket"]
             if not ctx.single:
                 for path in buckets.raw_parts(ctx.scratch, b):
-                    path.unlink()
+                    self.trash.discard(path)
             total["rows"] += r["rows"]
             for col, n in r["nulls"].items():
                 nulls[col] = nulls.get(col, 0) + n
@@ -247,6 +250,7 @@ class _Stages:
             _union(self.vocabulary, r["vocabulary"])
             if r["kept"]:
                 self.kept[b], self.users[b] = r["kept"], r["users"]
+                self.short_users += r["short_users"]
         if ctx.single:
             run.record("read", total["rows"], total["rows"], {})
         for col in validate.required_columns(spec, ctx.timed):  # the order one pass checks them in
@@ -277,6 +281,9 @@ class _Stages:
         if min_user <= 1 and min_item <= 1:
             return live, None
         counts = self.items.fold()
+        fewest = counts.get_column("n").min()
+        if (min_item <= 1 or fewest is None or fewest >= min_item) and not self.short_users:
+            return live, None  # no item and no user under its threshold: no pass would drop a row
         gone_items = counts.get_column("item_id").head(0)
         dropped = {"min_item": 0, "min_user": 0}
         rounds = 0
@@ -408,9 +415,11 @@ def _run(
     buckets.check_disk(work, events, target)
     ctx = tasks.Context(spec, str(source_path), str(scratch), timed, n_buckets == 1, tuple(columns))
     runner = engines.start(engine, target)
+    stages = _Stages(run, ctx, runner, work, target)
     try:
-        body = _stages(_Stages(run, ctx, runner, work, target), source, n_buckets, events, attribute_pairs)
+        body = _stages(stages, source, n_buckets, events, attribute_pairs)
     finally:
+        stages.trash.close()
         runner.close()
     n_attributes, attribute_info, files = body.pop("_attributes")
     ctr_info = body.pop("ctr")
@@ -546,6 +555,24 @@ def prepare(
     target = target_folder(spec, out_dir, cache_dir, cfg_hash)
     if not overwrite and reusable(target, cfg_hash):
         return target
+    # runs that share a folder (a parallel sweep over one cache) prepare it once: the second waits,
+    # then reuses it; replacing it would pull it (and the sequence store being built in it) from
+    # under the first
+    with exclusive(target):
+        if not overwrite and reusable(target, cfg_hash):
+            return target
+        return _prepare_into(target, spec, cfg_hash, cache_dir, engine, buckets, bucket_events)
+
+
+def _prepare_into(
+    target: Path,
+    spec: dict[str, Any],
+    cfg_hash: str,
+    cache_dir: Path | str,
+    engine: str,
+    buckets: int | None,
+    bucket_events: int,
+) -> Path:
     with atomic_folder(target) as work:
         scratch = work / "_scratch"
         scratch.mkdir()

@@ -122,7 +122,10 @@ def clean(ctx: Context, bucket: int) -> dict[str, Any]:
         df = ctx.collect(steps.time_window(df.lazy(), window["start"], window["end"]))
         out["time_window"] = before - df.height
     out["kept"] = df.height
-    out["users"] = df.get_column("user_id").n_unique() if df.height else 0
+    # the rows are sorted by user: one run per user, whose lengths the frequency filter needs first
+    runs = df.get_column("user_id").rle().struct.field("len")
+    out["users"] = runs.len()
+    out["short_users"] = int((runs < spec["filter"]["min_user"]).sum())
     out["items"] = item_counts(df)
     out["vocabulary"] = vocabulary(df, spec)
     if df.height:

@@ -15,13 +15,10 @@ prepared folder's path and its sequences.parquet's size and mtime.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import os
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +29,7 @@ import pyarrow.parquet as pq
 from recsys_mamba.data.cache import _write_failure, atomic_folder
 from recsys_mamba.data.format import SEQUENCES
 from recsys_mamba.errors import RecsysError
+from recsys_mamba.files import exclusive
 from recsys_mamba.sequences.store import EVENT_ARRAYS, USER_ARRAYS, SequenceStore, event_dtypes, flatten
 
 STORE = "store"
@@ -186,16 +184,6 @@ def build(prepared: Path, target: Path) -> None:
         ) from err
 
 
-@contextlib.contextmanager
-def _locked(target: Path) -> Iterator[None]:
-    """One builder at a time per store on this machine (a lock file beside it; best effort elsewhere)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.parent / f".{target.name}.lock", "a") as lock:
-        with contextlib.suppress(OSError):
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
-
-
 def open_store(prepared: Path | str) -> SequenceStore:
     """The memory-mapped store of a prepared folder, built first if it is missing or stale."""
     prepared = Path(prepared)
@@ -209,7 +197,7 @@ def open_store(prepared: Path | str) -> SequenceStore:
     for _ in range(3):
         index = _current(target, sequences)
         if index is None:
-            with _locked(target):
+            with exclusive(target):
                 if _current(target, sequences) is None:  # not built by another process meanwhile
                     build(prepared, target)
             index = _current(target, sequences)

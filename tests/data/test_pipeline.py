@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 
 import polars as pl
 import pytest
@@ -115,6 +116,34 @@ def test_cache_is_reused_without_reading(tmp_path, monkeypatch):
     monkeypatch.setattr(readers, "read", boom)
     assert _prepare(tmp_path) == out
     assert (out / fmt.MANIFEST).stat().st_mtime_ns == stamp
+
+
+def test_two_prepares_of_one_config_at_once_prepare_it_once(tmp_path, monkeypatch):
+    """The second waits for the first and reuses its folder: replacing it would pull the folder (and the
+    sequence store being built in it) from under the process that made it."""
+    runs, started, release = [], threading.Event(), threading.Event()
+    run = pipeline._run
+
+    def held(*args, **kwargs):
+        runs.append(threading.current_thread().name)
+        started.set()
+        release.wait(30)
+        return run(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "_run", held)
+    found: dict[str, object] = {}
+    first = threading.Thread(target=lambda: found.update(first=_prepare(tmp_path)), name="first")
+    second = threading.Thread(target=lambda: found.update(second=_prepare(tmp_path)), name="second")
+    first.start()
+    assert started.wait(30)
+    second.start()
+    second.join(1.0)  # it is waiting for the lock, not preparing
+    assert second.is_alive() and runs == ["first"]
+    release.set()
+    first.join(30)
+    second.join(30)
+    assert runs == ["first"] and found["first"] == found["second"]
+    assert load_manifest(found["second"])["n_interactions"] == 10
 
 
 def test_changed_source_or_config_rebuilds(tmp_path):

@@ -219,11 +219,11 @@ def test_crash_between_files_leaves_nothing_trusted(tmp_path, monkeypatch, point
         with pytest.raises(Crash):
             prepare(spec, None, cache_dir)
     trusted = [p.name for p in cache_dir.iterdir() if cache.reusable(p, config_hash(spec))]
-    leftovers = [p.name for p in cache_dir.iterdir() if p.name.startswith(".")]
+    left = [p.name for p in cache_dir.iterdir() if p.name.startswith(".") and p.suffix != ".lock"]
     out = prepare(spec, None, cache_dir)
-    ok = not trusted and not leftovers and same(snapshot(out), expected)
+    ok = not trusted and not left and same(snapshot(out), expected)
     reliability.fault("prepare/crash-between-files", survived=ok, data_lost=bool(trusted))
-    assert not trusted and not leftovers
+    assert not trusted and not left
     assert same(snapshot(out), expected)
 
 
@@ -310,10 +310,12 @@ def bucket_spec(path: Path) -> dict:
 
 @pytest.fixture
 def bucket_log(tmp_path: Path) -> Path:
-    """A CSV log of 360 events, 40 users: every one of 4 buckets gets users."""
+    """A CSV log of 361 events, 40 users: every one of 4 buckets gets users, and one item is seen once,
+    so the frequency filter (min_item=2) has a row to drop and runs its passes."""
     rows = ["user_id,item_id,timestamp,event_type,rating,label,category"]
     events = [(u, i) for u in range(40) for i in range(9)]
     rows += [f"{u},{(u * 7 + i) % 23},{i},pv,{1 + i % 5}.0,{i % 2},c{i % 3}" for u, i in events]
+    rows.append("0,99,9,pv,1.0,0,c0")
     path = tmp_path / "log.csv"
     path.write_text("\n".join(rows) + "\n")
     return path
@@ -346,6 +348,35 @@ def test_a_run_killed_in_a_bucket_leaves_no_bucket_a_rerun_trusts(tmp_path, buck
     ok = same(snapshot(out), expected) and not list(tmp_path.glob(".out.*"))
     reliability.fault("prepare/killed-in-a-bucket", survived=ok, data_lost=not ok)
     assert ok
+
+
+@pytest.mark.parametrize(
+    ("rare_item", "threshold", "passes"),
+    [
+        (False, "data.filter.min_item=2", False),  # every item seen twice or more: nothing to drop
+        (True, "data.filter.min_item=2", True),  # item 99 is seen once
+        (False, "data.filter.min_user=10", True),  # 39 users have 9 events
+    ],
+)
+def test_the_frequency_filter_makes_a_pass_only_when_a_count_is_under_its_threshold(
+    tmp_path, bucket_log, rare_item, threshold, passes
+):
+    log = bucket_log
+    if not rare_item:
+        log = tmp_path / "common.csv"
+        log.write_text("".join(bucket_log.read_text().splitlines(keepends=True)[:-1]))
+    failpoints = tmp_path / "failpoints"
+    failpoints.mkdir()
+    for b in range(4):  # any pass over any bucket kills the run
+        (failpoints / f"kcore-{b}.always").touch()
+    args = ["data=events", f"data.path={log}", "data.name=b", threshold, f"out_dir={tmp_path / 'out'}"]
+    args += [*(f"data.columns.{k}={v}" for k, v in ALL_COLUMNS.items()), "buckets=4"]
+    env = {**os.environ, "RECSYS_PREPARE_FAILPOINTS": str(failpoints)}
+    res = subprocess.run(cli(tmp_path / "cache", *args), cwd=REPO, env=env, capture_output=True, timeout=120)
+    assert res.returncode == (70 if passes else 0), res.stderr[-2000:]
+    if not passes:
+        manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+        assert manifest["n_interactions"] == 360 and not manifest["dropped"]
 
 
 def test_disk_full_in_a_bucket_is_a_clear_error(tmp_path, monkeypatch, bucket_log, reliability):

@@ -143,12 +143,18 @@ def rating_event_types(df: pl.DataFrame) -> pl.Expr:
     return pl.format("rating={}", pl.col("rating").round(1)).alias("event_type")
 
 
+def _own(values: pl.Series) -> pl.Series:
+    """Distinct values copied to memory of their own: the result of `unique` can keep its whole source
+    column alive, and the driver holds one result per bucket until the last (BENCHMARKS.md)."""
+    return pl.Series(values.name, values.to_list(), dtype=values.dtype)
+
+
 def vocabulary(df: pl.DataFrame, spec: dict[str, Any]) -> dict[str, pl.Series]:
     """Distinct categories and event types of `df` (nulls left out; the distinct values are found
     before they are formatted or cast, which would otherwise touch every row)."""
     out: dict[str, pl.Series] = {}
     if "category" in df.columns:
-        out["category"] = df.get_column("category").drop_nulls().unique()
+        out["category"] = _own(df.get_column("category").drop_nulls().unique())
     if spec["rating_events"] and "rating" in df.columns:
         ratings = df.select(pl.col("rating").drop_nulls().unique())
         out["event_type"] = ratings.select(rating_event_types(ratings)).to_series().unique()

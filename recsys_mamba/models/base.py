@@ -183,11 +183,19 @@ class SequenceEncoder(nn.Module):
         scores[..., 0] = float("-inf")
         return scores
 
-    def cross_entropy_all(self, hidden: Tensor, targets: Tensor, terms: Sequence[SparseScore] = ()) -> Tensor:
+    def cross_entropy_all(
+        self,
+        hidden: Tensor,
+        targets: Tensor,
+        terms: Sequence[SparseScore] = (),
+        label_smoothing: float = 0.0,
+    ) -> Tensor:
         """Mean cross-entropy of `score_all(hidden)` (plus the sparse `terms`, one row per target)
         against targets (N,) in [1, n_items], without the (N, n_items + 1) score matrix
         (`ops.linear_cross_entropy`). An encoder that overrides score_all overrides this too."""
-        return linear_cross_entropy(hidden, self.item_vectors(), targets, terms=terms)
+        return linear_cross_entropy(
+            hidden, self.item_vectors(), targets, terms=terms, label_smoothing=label_smoothing
+        )
 
     def score_candidates(self, hidden: Tensor, items: Tensor) -> Tensor:
         """Scores of given candidates: hidden (..., d_model), items (..., K) -> (..., K)."""

@@ -59,6 +59,10 @@ class NextItemHead(Head):
     encodings of the same batch that differ only in their dropout (`contrastive_loss`; the task
     encodes twice): the unsupervised and supervised positives of DuoRec (Qiu et al., 2022), a
     regulariser for sparse, short histories.
+
+    With `label_smoothing` eps > 0 (full softmax only), the training target keeps 1 - eps on the
+    next item and spreads eps evenly over every item: a cap on how far any one item's score is pushed
+    above the rest, another regulariser for sparse data (Szegedy et al., 2016).
     """
 
     def __init__(
@@ -71,6 +75,7 @@ class NextItemHead(Head):
         transition_prior: bool = False,
         contrastive_weight: float = 0.0,
         contrastive_temperature: float = 1.0,
+        label_smoothing: float = 0.0,
     ) -> None:
         super().__init__()
         if contrastive_weight < 0 or contrastive_temperature <= 0:
@@ -80,6 +85,11 @@ class NextItemHead(Head):
             )
         if loss not in ("ce", "sampled"):
             raise RecsysError(f"NextItemHead loss must be 'ce' or 'sampled', got {loss!r}")
+        if not 0.0 <= label_smoothing < 1.0:
+            raise RecsysError(f"NextItemHead needs 0 <= label_smoothing < 1, got {label_smoothing}")
+        if label_smoothing and loss != "ce":
+            # sampled negatives are a different set per batch and accidental hits score -inf
+            raise RecsysError("NextItemHead label_smoothing works with loss='ce' (the full softmax) only")
         if loss == "sampled" and n_negatives < 1:
             raise RecsysError(f"sampled softmax needs n_negatives >= 1, got {n_negatives}")
         self.loss_type = loss
@@ -91,6 +101,7 @@ class NextItemHead(Head):
         self.transitions: TransitionTable | None = None
         self.contrastive_weight = float(contrastive_weight)
         self.contrastive_temperature = float(contrastive_temperature)
+        self.label_smoothing = float(label_smoothing)
 
     def contrastive_loss(self, first: Tensor, second: Tensor, targets: Tensor) -> Tensor:
         """InfoNCE between two dropout views (N, d) of the same N positions: position i of one view
@@ -159,7 +170,7 @@ class NextItemHead(Head):
         if targets.numel() == 0:
             return hidden.sum() * 0.0 + sum(term.weight * 0.0 for term in terms)
         if self.loss_type == "ce":
-            return encoder.cross_entropy_all(hidden, targets, terms)
+            return encoder.cross_entropy_all(hidden, targets, terms, self.label_smoothing)
         return self._sampled_loss(encoder, hidden, targets, item_log_probs, terms)
 
     def _sampled_loss(

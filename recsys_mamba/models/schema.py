@@ -59,6 +59,7 @@ HEAD = Schema(
     Rule("dropout", Num(minimum=0, below=1, example=0.1), present_only=True),
     Rule("contrastive_weight", Num(minimum=0, example=0.1), present_only=True),
     Rule("contrastive_temperature", Num(above=0, example=1.0), present_only=True),
+    Rule("label_smoothing", Num(minimum=0, below=1, example=0.1), present_only=True),
     Rule("attention_dim", Int(1, LIMIT), present_only=True),
     Rule("base_rate", Num(above=0, below=1, optional=True), present_only=True),
     Rule("n_users", Int(0, 1 << 40, optional=True, example="null"), present_only=True),

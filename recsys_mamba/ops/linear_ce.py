@@ -104,12 +104,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
         weight: Tensor,
         targets: Tensor,
         chunk_rows: int,
+        label_smoothing: float,
         terms: Sequence[SparseScore],
         *term_weights: Tensor,
     ) -> Tensor:
         want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        want_t = [ctx.needs_input_grad[5 + i] for i in range(len(terms))]
-        n = hidden.shape[0]
+        want_t = [ctx.needs_input_grad[6 + i] for i in range(len(terms))]
+        n, eps = hidden.shape[0], float(label_smoothing)
         with torch.autocast(hidden.device.type, enabled=False):
             ct = torch.promote_types(torch.promote_types(hidden.dtype, weight.dtype), torch.float32)
             h_all, w = hidden.to(ct), weight.to(ct)
@@ -129,11 +130,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     scores.scatter_add_(1, cols, added * tw)
                 scores[:, 0] = float("-inf")  # column 0 is the padding item, never a class
                 lse = torch.logsumexp(scores, 1, keepdim=True)
-                total += (lse - scores.gather(1, t)).sum()
+                total += (lse - (1.0 - eps) * scores.gather(1, t)).sum()
+                if eps:
+                    total -= eps * scores[:, 1:].mean(1).sum()
                 if not (want_h or want_w or any(want_t)):
                     continue
                 grad = scores.sub_(lse).exp_()  # softmax, in place of the scores
-                grad.scatter_add_(1, t, grad.new_full(t.shape, -1.0))
+                grad.scatter_add_(1, t, grad.new_full(t.shape, eps - 1.0))
+                if eps:
+                    grad[:, 1:] -= eps / (w.shape[0] - 1)
                 if want_h:
                     torch.mm(grad, w, out=grad_h[start : start + chunk_rows])
                 if want_w:
@@ -158,7 +163,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             (g * scale).to(dtype) if wanted and g is not None else None
             for g, dtype, wanted in zip(ctx.saved_tensors, ctx.dtypes, ctx.wanted, strict=True)
         ]
-        return grads[0], grads[1], None, None, None, *grads[2:]
+        return grads[0], grads[1], None, None, None, None, *grads[2:]
 
 
 def linear_cross_entropy(
@@ -167,12 +172,15 @@ def linear_cross_entropy(
     targets: Tensor,
     chunk_rows: int = CHUNK_ROWS,
     terms: Sequence[SparseScore] = (),
+    label_smoothing: float = 0.0,
 ) -> Tensor:
     """Mean cross-entropy of the scores `hidden @ weight.T` against targets, with column 0 (the
     padding item) excluded from the softmax: hidden (N, d), weight (V, d), targets (N,) in [1, V).
 
     Each of `terms` adds its scalar weight times its values at its columns of each row (one row per
-    target), e.g. a learned bias on the items a row has already seen. Computed in float32, or float64
+    target), e.g. a learned bias on the items a row has already seen. With `label_smoothing` eps the
+    target is (1 - eps) on the true item plus eps spread evenly over the real items (1..V-1), as
+    `F.cross_entropy(..., label_smoothing=eps)` over those columns. Computed in float32, or float64
     for float64 inputs. Not twice differentiable (the gradient is taken in the forward pass).
     """
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
@@ -184,6 +192,8 @@ def linear_cross_entropy(
         raise RecsysError(f"targets must be (N,) = ({hidden.shape[0]},), got {tuple(targets.shape)}")
     if chunk_rows < 1:
         raise RecsysError(f"chunk_rows must be >= 1, got {chunk_rows}")
+    if not 0.0 <= label_smoothing < 1.0:
+        raise RecsysError(f"label_smoothing must lie in [0, 1), got {label_smoothing}")
     if targets.numel():
         low, high = (int(v) for v in torch.aminmax(targets))
         if low < 1 or high >= weight.shape[0]:
@@ -198,4 +208,6 @@ def linear_cross_entropy(
                 f"terms[{i}] must have one row per target ({targets.shape[0]}), got {term.columns.n_rows}"
             )
     weights = [term.weight.reshape(()) for term in terms]
-    return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_rows, tuple(terms), *weights)
+    return _LinearCrossEntropy.apply(
+        hidden, weight, targets, chunk_rows, float(label_smoothing), tuple(terms), *weights
+    )

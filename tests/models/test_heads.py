@@ -238,3 +238,18 @@ def test_contrastive_loss_rewards_agreeing_views_and_counts_same_target_positive
 def test_contrastive_settings_are_checked(weight: float, temperature: float) -> None:
     with pytest.raises(RecsysError, match="contrastive"):
         NextItemHead(contrastive_weight=weight, contrastive_temperature=temperature)
+
+
+def test_label_smoothing_reaches_the_full_softmax_loss(encoder) -> None:
+    hidden = torch.randn(6, 16)
+    targets = torch.tensor([3, 0, 7, 30, 0, 2])
+    keep = targets != 0
+    loss = NextItemHead("ce", label_smoothing=0.2).loss(encoder, hidden, targets)
+    scores = encoder.score_all(hidden[keep])[:, 1:]  # the padding column is no class
+    torch.testing.assert_close(loss, F.cross_entropy(scores, targets[keep] - 1, label_smoothing=0.2))
+
+
+@pytest.mark.parametrize(("loss", "eps"), [("ce", -0.1), ("ce", 1.0), ("sampled", 0.1)])
+def test_label_smoothing_settings_are_checked(loss: str, eps: float) -> None:
+    with pytest.raises(RecsysError, match="label_smoothing"):
+        NextItemHead(loss, label_smoothing=eps)

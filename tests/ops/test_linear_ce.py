@@ -175,3 +175,32 @@ def test_weighted_values_and_a_seen_term_match_the_full_score_matrix(chunk_rows)
         torch.testing.assert_close(g_got, g_want)
     assert want[3].abs() > 1e-3
     torch.testing.assert_close(fixed.at(items), values * (items > 0))  # lookups find each row's own values
+
+
+@pytest.mark.parametrize("eps, chunk_rows", [(0.1, 256), (0.3, 3)])
+def test_label_smoothing_matches_torch_over_the_real_items_with_terms(eps, chunk_rows):
+    """Smoothing spreads eps over items 1..V-1 (never the padding column), with the sparse terms in
+    the scores it averages: torch's label-smoothed cross-entropy of the columns 1.. of the same scores."""
+    g = torch.Generator().manual_seed(9)
+    hidden, weight, targets = leaves(11, 6, 15, torch.float64, seed=10)
+    seen = History.last(torch.randint(1, 15, (11, 4), generator=g), torch.full((11,), 4))
+    bias = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
+    scores = hidden @ weight.t() + bias * dense(SeenColumns(seen), 15)
+    expected = F.cross_entropy(scores[:, 1:], targets - 1, label_smoothing=eps)
+    want = torch.autograd.grad(expected, (hidden, weight, bias))
+    terms = [SparseScore(bias, SeenColumns(seen))]
+    loss = linear_cross_entropy(hidden, weight, targets, chunk_rows, terms, label_smoothing=eps)
+    got = torch.autograd.grad(loss, (hidden, weight, bias))
+    torch.testing.assert_close(loss, expected)
+    for g_got, g_want in zip(got, want, strict=True):
+        torch.testing.assert_close(g_got, g_want)
+    assert got[1][0].abs().max() == 0  # still no gradient into the padding item
+    plain = linear_cross_entropy(hidden, weight, targets, chunk_rows, terms)
+    assert abs(loss.item() - plain.item()) > 1e-3  # the option changes the loss
+
+
+@pytest.mark.parametrize("eps", [-0.1, 1.0])
+def test_label_smoothing_outside_zero_to_one_is_refused(eps):
+    hidden, weight, targets = leaves(4, 3, 6, torch.float32)
+    with pytest.raises(RecsysError, match="label_smoothing"):
+        linear_cross_entropy(hidden, weight, targets, label_smoothing=eps)

@@ -53,11 +53,14 @@ class SequenceEncoder(nn.Module):
         gradient_checkpointing: bool = False,
         item_attributes: Tensor | None = None,
         ffn: bool = False,
+        item_dropout: float = 0.0,
     ) -> None:
         """item_attributes: (n_items + 1, K) attribute ids per item (1..n_attributes, 0 = padding),
         e.g. `recsys_mamba.data.load_item_attributes`; None for items without side features.
         ffn: encoders built of blocks (Mamba, SASRec) take it themselves (a feed-forward sub-block per
-        block); one without blocks accepts it here and has none, so an experiment can set it for any."""
+        block); one without blocks accepts it here and has none, so an experiment can set it for any.
+        item_dropout: in training, the probability that an event's item vector (embedding and
+        attributes) is zeroed as a whole; its side features stay."""
         super().__init__()
         if n_items < 1:
             raise RecsysError(f"n_items must be >= 1, got {n_items}")
@@ -67,6 +70,9 @@ class SequenceEncoder(nn.Module):
         self.d_model = d_model
         self.n_layers = n_layers
         self.dropout_p = dropout
+        if not 0.0 <= item_dropout < 1.0:
+            raise RecsysError(f"item_dropout must be in [0, 1), got {item_dropout}")
+        self.item_dropout = item_dropout
         self.max_len = max_len
         self.gradient_checkpointing = gradient_checkpointing
         # Row 0 is padding everywhere, so id i is row i and padded positions embed to zero.
@@ -138,6 +144,11 @@ class SequenceEncoder(nn.Module):
     ) -> Tensor:
         """Item vector plus whichever side-feature embeddings this encoder has and were given."""
         x = self.item_vectors(items)
+        if self.training and self.item_dropout > 0:
+            # Whole items, not channels: the encoder learns to read an event from its context, as it
+            # must for items seen too rarely in training to have a useful vector.
+            kept = torch.rand(items.shape, device=x.device) >= self.item_dropout
+            x = x * kept.to(x.dtype)[..., None]
         if categories is not None and self.category_emb is not None:
             x = x + self.category_emb(categories)
         if event_types is not None and self.event_type_emb is not None:

@@ -28,6 +28,7 @@ MODEL = Schema(
     ],
     Rule("max_len", Int(1, LENGTH_LIMIT, example=200)),
     Rule("dropout", Num(minimum=0, below=1, example=0.2), present_only=True),
+    Rule("item_dropout", Num(minimum=0, below=1, example=0.2), present_only=True),
     [Rule(key, Bool(), present_only=True) for key in ("gradient_checkpointing", "ffn", "scale_embeddings")],
     Relation(
         ("d_model", "n_heads"),

@@ -104,6 +104,11 @@ def expected(metadata: dict[str, Any]) -> dict[str, Any]:
     return {key: metadata.get(key) for key in EXPECTABLE}
 
 
+# Weight sets a checkpoint may hold, each with its digest: the weights, and with weight averaging
+# (callbacks=ema) the raw weights Lightning keeps beside the averaged ones, which resuming loads.
+WEIGHT_KEYS = ("state_dict", "current_model_state")
+
+
 def state_digest(state_dict: dict[str, Tensor]) -> str:
     """SHA-256 over the weights (names, dtypes, shapes, bytes): catches weights changed after saving."""
     sha = hashlib.sha256()
@@ -175,12 +180,14 @@ def _check_metadata(path: Any, saved: Any, expect: dict[str, Any] | None) -> dic
             f"{meta.get('package_version')}; this recsys-mamba {__version__} reads format "
             f"{FORMAT_VERSION} at most: upgrade recsys-mamba (pip install -U recsys-mamba) to load it"
         )
-    digest = meta.get("state_dict_sha256")
-    if digest is not None and digest != state_digest(saved["state_dict"]):
-        raise RecsysError(
-            f"checkpoint {path}: its weights do not match the digest recorded when it was saved, so "
-            "the file is corrupted or was tampered with; it was NOT used: use another checkpoint or retrain"
-        )
+    for key in WEIGHT_KEYS:
+        digest = meta.get(f"{key}_sha256")
+        if digest is not None and (key not in saved or digest != state_digest(saved[key])):
+            raise RecsysError(
+                f"checkpoint {path}: its weights ({key}) do not match the digest recorded when it was "
+                "saved, so the file is corrupted or was tampered with; it was NOT used: use another "
+                "checkpoint or retrain"
+            )
     vocabulary = saved.get(VOCABULARY_KEY)
     if vocabulary is not None and meta.get("vocabulary_sha256") != _vocabulary_digest(path, vocabulary):
         raise RecsysError(
@@ -259,7 +266,10 @@ def stamp(
 ) -> dict[str, Any]:
     """`checkpoint` with `metadata` (and the digest of its weights) embedded as JSON, and the data's
     `Vocabulary.payload()` (with its digest) when given."""
-    meta = {**metadata, "state_dict_sha256": state_digest(checkpoint["state_dict"])}
+    meta = {**metadata}
+    for key in WEIGHT_KEYS:
+        if key in checkpoint:
+            meta[f"{key}_sha256"] = state_digest(checkpoint[key])
     extra: dict[str, Any] = {}
     if vocabulary is not None:
         meta["vocabulary_sha256"] = payload_digest(vocabulary)

@@ -272,3 +272,28 @@ def test_dropout_masks_follow_the_seed():
         torch.manual_seed(7)
         masks.append(Dropout(0.3).train()(x) != 0)
     assert torch.equal(masks[0], masks[1]) and not masks[0].all()
+
+
+def test_item_dropout_zeroes_whole_items_in_training_only(encoder_name: str) -> None:
+    model = make_encoder(encoder_name, item_dropout=0.5)
+    items, cats, events = random_batch(lengths=(12, 12, 12, 12))
+    full = model.item_vectors(items)
+    with torch.no_grad():
+        assert torch.equal(model.embed(items), full)  # eval: no dropout
+        model.train()
+        torch.manual_seed(3)
+        dropped = model.embed(items)
+    zero_rows = (dropped == 0).all(-1)
+    # every position is either its whole item vector or all zeros, never a part of one
+    assert torch.equal(dropped[~zero_rows], full[~zero_rows])
+    assert 0.3 < zero_rows.float().mean().item() < 0.7
+    with torch.no_grad():
+        side = model.embed(items, cats, events)
+    # side features are kept where the item is dropped
+    assert (side.abs().sum(-1) > 0).all()
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.0])
+def test_item_dropout_out_of_range_is_refused(bad: float) -> None:
+    with pytest.raises(RecsysError, match="item_dropout"):
+        make_encoder("mamba", item_dropout=bad)

@@ -323,7 +323,7 @@ def values_of(kind: Kind) -> st.SearchStrategy:
 # Variants of an entry point's config: a key that only an encoder, a head or a data format has is
 # fuzzed in the first variant that has it.
 VARIANTS: dict[str, list[tuple[str, ...]]] = {
-    "train": [(), ("model=sasrec",), ("task=ctr",), EVENTS],
+    "train": [(), ("model=sasrec",), ("task=ctr",), EVENTS, ("callbacks=ema",)],
     "prepare": [(), EVENTS],
 }
 

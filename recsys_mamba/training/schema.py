@@ -189,6 +189,7 @@ TRAIN = Schema(
     Rule("module.optimizer.weight_decay", Num(minimum=0), present_only=True),
     Check(_betas),
     Rule("module.loss_weighting", Choice(("batch", "target")), present_only=True),
+    Rule("callbacks.ema.decay", Num(minimum=0, below=1, example=0.999), present_only=True),
     [
         Rule(f"module.scheduler.{k}", Num(minimum=0, maximum=1, example=0.1), present_only=True)
         for k in ("warmup_frac", "min_lr_ratio")

@@ -64,3 +64,18 @@ def test_a_training_run_saves_both_weight_sets_under_digests(tmp_path: Path, cac
     save_checkpoint(saved, doctored)
     with pytest.raises(RecsysError, match="current_model_state"):
         load_checkpoint(doctored)
+
+
+@pytest.mark.parametrize("decay", [1.0, -0.1, 1.5])
+def test_a_decay_outside_0_1_is_refused(decay: float) -> None:
+    with pytest.raises(RecsysError, match=r"callbacks\.ema\.decay"):
+        WeightEMA(decay=decay)
+
+
+def test_the_config_check_refuses_a_bad_decay_before_any_work() -> None:
+    from recsys_mamba.config import compose
+    from recsys_mamba.training.schema import validate_config
+
+    validate_config(compose("train", overrides=["callbacks=ema"]))
+    with pytest.raises(RecsysError, match=r"callbacks\.ema\.decay=1\.5 must be"):
+        validate_config(compose("train", overrides=["callbacks=ema", "callbacks.ema.decay=1.5"]))

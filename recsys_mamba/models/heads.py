@@ -63,6 +63,12 @@ class NextItemHead(Head):
     With `label_smoothing` eps > 0 (full softmax only), the training target keeps 1 - eps on the
     next item and spreads eps evenly over every item: a cap on how far any one item's score is pushed
     above the rest, another regulariser for sparse data (Szegedy et al., 2016).
+
+    With `future_steps` k > 0, training adds `future_weight` times the same loss for the items 2..k+1
+    events ahead of each position, from the same hidden state and without the sparse terms (they
+    describe the next event only): targets further ahead that ask each state to carry the user's
+    lasting interests, not only the next click (PinnerFormer's dense all-action loss, Pancha et al.,
+    2022, cut to a few steps).
     """
 
     def __init__(
@@ -76,8 +82,14 @@ class NextItemHead(Head):
         contrastive_weight: float = 0.0,
         contrastive_temperature: float = 1.0,
         label_smoothing: float = 0.0,
+        future_steps: int = 0,
+        future_weight: float = 0.0,
     ) -> None:
         super().__init__()
+        if isinstance(future_steps, bool) or not isinstance(future_steps, int) or future_steps < 0:
+            raise RecsysError(f"NextItemHead needs an integer future_steps >= 0, got {future_steps!r}")
+        if future_weight < 0:
+            raise RecsysError(f"NextItemHead needs future_weight >= 0, got {future_weight}")
         if contrastive_weight < 0 or contrastive_temperature <= 0:
             raise RecsysError(
                 f"NextItemHead needs contrastive_weight >= 0 and contrastive_temperature > 0, got "
@@ -102,6 +114,8 @@ class NextItemHead(Head):
         self.contrastive_weight = float(contrastive_weight)
         self.contrastive_temperature = float(contrastive_temperature)
         self.label_smoothing = float(label_smoothing)
+        self.future_steps = future_steps
+        self.future_weight = float(future_weight)
 
     def contrastive_loss(self, first: Tensor, second: Tensor, targets: Tensor) -> Tensor:
         """InfoNCE between two dropout views (N, d) of the same N positions: position i of one view
@@ -172,6 +186,33 @@ class NextItemHead(Head):
         if self.loss_type == "ce":
             return encoder.cross_entropy_all(hidden, targets, terms, self.label_smoothing)
         return self._sampled_loss(encoder, hidden, targets, item_log_probs, terms)
+
+    def future_loss(
+        self,
+        encoder: SequenceEncoder,
+        hidden: Tensor,
+        targets: Tensor,
+        item_log_probs: Tensor | None = None,
+    ) -> Tensor:
+        """The auxiliary loss of `future_steps`: hidden (B, L, d) of a training batch and its targets
+        (B, L) (each position's next item, 0 where none), `future_weight` times the mean loss of each
+        position against the item `step` events after its next one, for step 1..future_steps; 0 where
+        there is none (the end of the row or padding)."""
+        total = hidden.sum() * 0.0
+        if not self.future_steps or not self.future_weight:
+            return total
+        for step in range(1, self.future_steps + 1):
+            later = torch.zeros_like(targets)
+            later[:, :-step] = targets[:, step:]
+            ahead = (targets > 0) & (later > 0)
+            if not ahead.any():
+                continue
+            if self.loss_type == "ce":
+                loss = encoder.cross_entropy_all(hidden[ahead], later[ahead], (), self.label_smoothing)
+            else:
+                loss = self._sampled_loss(encoder, hidden[ahead], later[ahead], item_log_probs, [])
+            total = total + self.future_weight * loss
+        return total
 
     def _sampled_loss(
         self,

@@ -61,6 +61,8 @@ HEAD = Schema(
     Rule("contrastive_weight", Num(minimum=0, example=0.1), present_only=True),
     Rule("contrastive_temperature", Num(above=0, example=1.0), present_only=True),
     Rule("label_smoothing", Num(minimum=0, below=1, example=0.1), present_only=True),
+    Rule("future_steps", Int(0, 64, example=1), present_only=True),
+    Rule("future_weight", Num(minimum=0, example=0.3), present_only=True),
     Rule("attention_dim", Int(1, LIMIT), present_only=True),
     Rule("base_rate", Num(above=0, below=1, optional=True), present_only=True),
     Rule("n_users", Int(0, 1 << 40, optional=True, example="null"), present_only=True),

@@ -104,6 +104,8 @@ class NextItemTask(Task):
         real = targets > 0
         history = History.causal(batch["items"], real, targets) if model.head.uses_history else None
         loss = model.head.loss(model.encoder, hidden[real], targets[real], history, item_log_probs)
+        if getattr(model.head, "future_steps", 0) and model.training:
+            loss = loss + model.head.future_loss(model.encoder, hidden, targets, item_log_probs)
         weight = getattr(model.head, "contrastive_weight", 0.0)
         if weight and model.training:
             # A second encoding of the same rows draws other dropout masks: the two views to contrast.

@@ -253,3 +253,28 @@ def test_label_smoothing_reaches_the_full_softmax_loss(encoder) -> None:
 def test_label_smoothing_settings_are_checked(loss: str, eps: float) -> None:
     with pytest.raises(RecsysError, match="label_smoothing"):
         NextItemHead(loss, label_smoothing=eps)
+
+
+def test_future_loss_scores_each_position_against_the_items_further_ahead(encoder) -> None:
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 5, 16)
+    # row 0: next items 4, 9, 2, then padding; row 1: a single target
+    targets = torch.tensor([[4, 9, 2, 0, 0], [7, 0, 0, 0, 0]])
+    head = NextItemHead("ce", future_steps=2, future_weight=0.5)
+
+    def ce(rows: list[tuple[int, int]], items: list[int]) -> torch.Tensor:
+        h = torch.stack([hidden[r, p] for r, p in rows])
+        return F.cross_entropy(encoder.score_all(h), torch.tensor(items))
+
+    # step 1: position 0 -> 9, position 1 -> 2; step 2: position 0 -> 2; row 1 has nothing ahead
+    expected = 0.5 * ce([(0, 0), (0, 1)], [9, 2]) + 0.5 * ce([(0, 0)], [2])
+    torch.testing.assert_close(head.future_loss(encoder, hidden, targets), expected)
+    assert NextItemHead("ce", future_steps=1, future_weight=0.0).future_loss(encoder, hidden, targets) == 0
+    lone = torch.tensor([[4, 0, 0, 0, 0], [7, 0, 0, 0, 0]])
+    assert head.future_loss(encoder, hidden, lone) == 0  # nothing beyond the next item
+
+
+@pytest.mark.parametrize(("steps", "weight"), [(-1, 0.3), (1.5, 0.3), (True, 0.3), (1, -0.1)])
+def test_future_settings_are_checked(steps, weight) -> None:
+    with pytest.raises(RecsysError, match="future_"):
+        NextItemHead(future_steps=steps, future_weight=weight)

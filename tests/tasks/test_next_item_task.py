@@ -178,3 +178,21 @@ def test_train_on_valid_needs_next_item_and_no_monitored_checkpoint(tiny, tmp_pa
         return
     with pytest.raises(RecsysError, match=refused):
         validate_config(cfg)
+
+
+def test_future_steps_add_to_the_training_loss_only(tiny, tmp_path):
+    from recsys_mamba.training.run import build
+
+    cfg = tiny(tmp_path, ["task=next_item", "head.future_steps=2", "head.future_weight=0.5"])
+    dm, module = build(cfg)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert ((batch["targets"][:, 2:] > 0) & (batch["targets"][:, :-2] > 0)).any()  # something two ahead
+    module.eval()  # the same encoding in both modes: only the future term differs
+    plain = TASK.loss(module, batch)
+    module.training = True
+    with_term = TASK.loss(module, batch)
+    hidden = module.encoder.encode(batch)
+    extra = module.head.future_loss(module.encoder, hidden, batch["targets"])
+    assert extra > 0
+    torch.testing.assert_close(with_term, plain + extra)

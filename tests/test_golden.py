@@ -23,7 +23,22 @@ SHARED = Path(
 )
 SINGLE_THREAD = {"OMP_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 # Defaults changed on purpose since the recording; the runs keep the settings they were recorded with.
-PINNED = {"ml100k_next_item": ["head.seen_bias=false", "head.transition_prior=false", "model.ffn=true"]}
+PINNED = {
+    "ml100k_next_item": [
+        "head.seen_bias=false",
+        "head.transition_prior=false",
+        "model.ffn=true",
+        "model.d_model=32",
+        "model.n_layers=1",
+        "model.dropout=0.1",
+        "model.expand=2",
+        "trainer.max_epochs=3",
+        "callbacks.early_stopping.patience=3",
+        "datamodule.bucket_by_length=false",
+        "module.loss_weighting=batch",
+        "module.optimizer.lr=0.003",
+    ]
+}
 
 
 def fingerprint() -> dict[str, str]:

@@ -7,6 +7,7 @@ import lightning as L
 import pytest
 import torch
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from recsys_mamba.config import compose, config_dir
 from recsys_mamba.errors import RecsysError
@@ -35,6 +36,40 @@ def test_every_experiment_composes_and_instantiates(experiment, tmp_path):
     assert isinstance(trainer, L.Trainer)
     assert cfg.task.monitor.removeprefix("val/") in get_task(cfg.task.name).metric_names
     assert cfg.datamodule.max_len <= cfg.model.max_len
+
+
+RECIPES = sorted(p.stem for p in (config_dir() / "recipe").glob("*.yaml"))
+
+
+def _leaves(node, prefix=""):
+    """(dotted key, value) of every leaf of a plain nested dict."""
+    for key, value in node.items():
+        if isinstance(value, dict):
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_a_recipe_applies_to_its_own_experiment_and_encoder_only(recipe, tmp_path):
+    # A misnamed recipe would be skipped silently (the defaults entry is optional): each file must be
+    # <an experiment>_<a model>, change something for that pair, leave every other encoder alone,
+    # and give way to the command line.
+    pairs = [(e, m) for e in EXPERIMENTS for m in MODELS if recipe == f"{e}_{m}"]
+    assert len(pairs) == 1, f"conf/recipe/{recipe}.yaml names no <experiment>_<model> pair"
+    experiment, model = pairs[0]
+    leaves = dict(_leaves(OmegaConf.to_container(OmegaConf.load(config_dir() / "recipe" / f"{recipe}.yaml"))))
+    assert leaves
+    base = [f"experiment={experiment}", f"paths.output_dir={tmp_path}"]
+    own = compose("train", overrides=[*base, f"model={model}"])
+    for other in (m for m in MODELS if m != model):
+        cfg = compose("train", overrides=[*base, f"model={other}"])
+        for key, value in leaves.items():
+            assert OmegaConf.select(own, key) == value, key
+            assert OmegaConf.select(cfg, key) != value, f"{key} reaches model={other}"
+    key, value = next(iter(leaves.items()))
+    changed = compose("train", overrides=[*base, f"model={model}", f"{key}={value * 2}"])
+    assert OmegaConf.select(changed, key) == value * 2
 
 
 @pytest.mark.parametrize("experiment", ["ctr", "next_item"])

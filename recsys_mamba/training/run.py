@@ -22,6 +22,7 @@ from lightning.pytorch.callbacks import (
 from omegaconf import DictConfig, OmegaConf
 
 from recsys_mamba import checks, logs
+from recsys_mamba.config import config_dir
 from recsys_mamba.errors import RecsysError
 from recsys_mamba.files import write_json_atomic
 from recsys_mamba.runs.build import build_model
@@ -151,7 +152,12 @@ def _choices(cfg: DictConfig) -> dict[str, str]:
     choices = OmegaConf.select(cfg, "hydra.runtime.choices", default=None)
     if choices is None and HydraConfig.initialized():
         choices = HydraConfig.get().runtime.choices
-    return {str(k): str(v) for k, v in (choices or {}).items() if not str(k).startswith("hydra")}
+    picked = {str(k): str(v) for k, v in (choices or {}).items() if not str(k).startswith("hydra")}
+    # The recipe entry is optional: most <experiment>_<model> pairs have none, and naming one that
+    # does not exist would tell a tracker's reader that settings were applied when none were.
+    if "recipe" in picked and not (config_dir() / "recipe" / f"{picked['recipe']}.yaml").is_file():
+        del picked["recipe"]
+    return picked
 
 
 def tracking_params(cfg: DictConfig) -> dict[str, Any]:

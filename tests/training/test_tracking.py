@@ -101,3 +101,19 @@ def test_missing_tracker_package_names_the_extra(tiny, tmp_path, monkeypatch, lo
 def test_many_loggers_compose(tiny, tmp_path):
     cfg = tiny(tmp_path / "run", ["logger=many_loggers"])
     assert set(cfg.logger) == {"csv", "tensorboard", "mlflow"}
+
+
+@pytest.mark.parametrize(("model", "recipe"), [("mamba", "next_item_mamba"), ("sasrec", None)])
+def test_tracked_choices_name_only_a_recipe_that_exists(model, recipe, tmp_path):
+    from recsys_mamba.config import compose
+    from recsys_mamba.training.run import tracking_params
+
+    overrides = ["experiment=next_item", f"model={model}", f"paths.output_dir={tmp_path}"]
+    params = tracking_params(compose("train", overrides=overrides, return_hydra_config=True))
+    assert params["choice/experiment"] == "next_item" and params["choice/model"] == model
+    assert params.get("choice/recipe") == recipe  # next_item_sasrec.yaml does not exist: nothing applied
+    # MLflow refuses parameter names outside [A-Za-z0-9_-. :/]
+    assert all(
+        set(key) <= set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-. :/")
+        for key in params
+    )

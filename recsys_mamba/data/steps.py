@@ -156,6 +156,16 @@ def user_index(lf: pl.LazyFrame) -> pl.LazyFrame:
 _LOOKUP_LIMIT = 1 << 26
 
 
+def lookup(col: str, lo: int, table: np.ndarray, below: int, above: int) -> pl.Expr:
+    """`table[col - lo]` for integer values in [lo, lo + len(table)), `below` / `above` outside that
+    range: one gather, no hashing or search per row. Null stays null."""
+    hi = lo + len(table) - 1
+    inside = pl.col(col).is_between(lo, hi)
+    offset = pl.when(inside).then(pl.col(col) - lo).otherwise(0)  # gather must not see an index outside
+    value = pl.lit(pl.Series(table)).gather(offset)
+    return pl.when(inside).then(value).when(pl.col(col) < lo).then(below).otherwise(above)
+
+
 def encode(lf: pl.LazyFrame, col: str, mapping: pl.DataFrame, idx_name: str) -> pl.LazyFrame:
     """Add `idx_name`, the index of `col` in `mapping` (columns idx_name, value); unknown/null -> 0.
 
@@ -168,9 +178,7 @@ def encode(lf: pl.LazyFrame, col: str, mapping: pl.DataFrame, idx_name: str) -> 
         lo, hi = values.min(), values.max()
         table = np.zeros(hi - lo + 1, dtype=np.int32)
         table[(values - lo).to_numpy()] = idx.to_numpy()
-        inside = pl.col(col).is_between(lo, hi)
-        offset = pl.when(inside).then(pl.col(col) - lo).otherwise(0)
-        enc = pl.when(inside).then(pl.lit(pl.Series(table)).gather(offset)).otherwise(0)
+        enc = lookup(col, lo, table, below=0, above=0)
     else:
         enc = pl.col(col).replace_strict(values, idx, default=0, return_dtype=pl.Int32)
     return lf.with_columns(enc.fill_null(0).cast(pl.Int32).alias(idx_name))

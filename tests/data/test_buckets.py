@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import polars as pl
+import pytest
 
 from recsys_mamba.data import buckets
 from recsys_mamba.data.spec import normalize
@@ -34,3 +35,22 @@ def test_partition_in_slices_keeps_every_row_once_in_file_order(tmp_path: Path, 
             assert df["user_id"].max() < bounds[b]
         seen += df["_row"].to_list()
     assert sorted(seen) == [r for r in range(30) if r != 11]
+
+
+@pytest.mark.parametrize(
+    "bounds",
+    [
+        pl.Series([-3, 4, 4, 9]),  # integer ids: the lookup table over [-3, 9]
+        pl.Series([5]),  # a single boundary: a table of one entry
+        pl.Series([0, 1 << 40]),  # a range too wide for a table: the binary search
+        pl.Series(["b", "d"]),  # string ids: the binary search
+    ],
+)
+def test_bucket_key_counts_the_boundaries_at_or_below_each_id(bounds: pl.Series) -> None:
+    if bounds.dtype == pl.String:
+        ids = pl.Series("user_id", ["a", "b", "c", "d", "e", None])
+    else:
+        ids = pl.Series("user_id", [-10, -3, -2, 3, 4, 5, 8, 9, 10, 1 << 41, None], dtype=pl.Int64)
+    got = pl.DataFrame(ids).select(buckets.bucket_key(bounds)).to_series().to_list()
+    expected = [None if x is None else sum(b <= x for b in bounds.to_list()) for x in ids.to_list()]
+    assert got == expected

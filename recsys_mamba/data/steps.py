@@ -158,7 +158,8 @@ _LOOKUP_LIMIT = 1 << 26
 
 def lookup(col: str, lo: int, table: np.ndarray, below: int, above: int) -> pl.Expr:
     """`table[col - lo]` for integer values in [lo, lo + len(table)), `below` / `above` outside that
-    range: one gather, no hashing or search per row. Null stays null."""
+    range: one gather, no hashing or search per row. A null value gets `above`: callers that keep
+    nulls apart test for them first."""
     hi = lo + len(table) - 1
     inside = pl.col(col).is_between(lo, hi)
     offset = pl.when(inside).then(pl.col(col) - lo).otherwise(0)  # gather must not see an index outside

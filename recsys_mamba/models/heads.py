@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from recsys_mamba.errors import RecsysError
 from recsys_mamba.models.base import Dropout, SequenceEncoder
-from recsys_mamba.models.score_terms import History, SeenColumns, TransitionColumns
+from recsys_mamba.models.score_terms import EARLIER, History, SeenColumns, TransitionColumns
 from recsys_mamba.models.transitions import TransitionTable
 from recsys_mamba.ops.linear_ce import SparseScore, add_sparse_scores, sparse_scores_at
 
@@ -53,7 +53,11 @@ class NextItemHead(Head):
 
     With `transition_prior`, a learned weight times log(1 + how often each item followed the row's
     current item in the training sequences) is added too (`models.transitions`); the table is
-    attached from the training data with `attach_transitions` and saved with the weights.
+    attached from the training data with `attach_transitions` and saved with the weights. With
+    `transition_lags` k > 1, the successors of each of the k - 1 items before the current one add
+    their own log(1 + count), each lag with its own learned weight: on short histories the pair
+    (an item two or three events back -> the next one) is the same kind of exact evidence an
+    embedding cannot hold pair by pair, and the encoder's state blurs it.
 
     With `contrastive_weight` > 0, training adds that weight times a contrastive loss between two
     encodings of the same batch that differ only in their dropout (`contrastive_loss`; the task
@@ -79,6 +83,7 @@ class NextItemHead(Head):
         mask_history: bool = False,
         seen_bias: bool = False,
         transition_prior: bool = False,
+        transition_lags: int = 1,
         contrastive_weight: float = 0.0,
         contrastive_temperature: float = 1.0,
         label_smoothing: float = 0.0,
@@ -90,6 +95,12 @@ class NextItemHead(Head):
             raise RecsysError(f"NextItemHead needs an integer future_steps >= 0, got {future_steps!r}")
         if future_weight < 0:
             raise RecsysError(f"NextItemHead needs future_weight >= 0, got {future_weight}")
+        if isinstance(transition_lags, bool) or not isinstance(transition_lags, int):
+            raise RecsysError(f"NextItemHead needs an integer transition_lags, got {transition_lags!r}")
+        if not 1 <= transition_lags <= 1 + EARLIER:
+            raise RecsysError(
+                f"NextItemHead needs 1 <= transition_lags <= {1 + EARLIER}, got {transition_lags}"
+            )
         if contrastive_weight < 0 or contrastive_temperature <= 0:
             raise RecsysError(
                 f"NextItemHead needs contrastive_weight >= 0 and contrastive_temperature > 0, got "
@@ -110,6 +121,10 @@ class NextItemHead(Head):
         self.mask_history = mask_history
         self.seen_bias = nn.Parameter(torch.zeros(())) if seen_bias else None
         self.transition_weight = nn.Parameter(torch.zeros(())) if transition_prior else None
+        # one weight per lag 2..transition_lags (without the prior, as n_negatives without loss=sampled,
+        # the lags are unused); a separate parameter, so runs without lags load as before
+        lags = transition_lags if transition_prior else 1
+        self.earlier_transition_weights = nn.Parameter(torch.zeros(lags - 1)) if lags > 1 else None
         self.transitions: TransitionTable | None = None
         self.contrastive_weight = float(contrastive_weight)
         self.contrastive_temperature = float(contrastive_temperature)
@@ -160,6 +175,9 @@ class NextItemHead(Head):
                     "with the training data's counts (runs.build_model does)"
                 )
             terms.append(SparseScore(self.transition_weight, TransitionColumns(self.transitions, history)))
+            if self.earlier_transition_weights is not None:
+                for i, weight in enumerate(self.earlier_transition_weights):
+                    terms.append(SparseScore(weight, TransitionColumns(self.transitions, history, lag=i + 2)))
         return terms
 
     def loss(

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+from recsys_mamba.models.score_terms import EARLIER
 from recsys_mamba.ops.backend import BACKENDS
 from recsys_mamba.schema import Bool, Choice, Int, IntList, Num, Relation, Rule, Schema
 
@@ -61,6 +62,7 @@ HEAD = Schema(
     Rule("contrastive_weight", Num(minimum=0, example=0.1), present_only=True),
     Rule("contrastive_temperature", Num(above=0, example=1.0), present_only=True),
     Rule("label_smoothing", Num(minimum=0, below=1, example=0.1), present_only=True),
+    Rule("transition_lags", Int(1, 1 + EARLIER, example=3), present_only=True),
     Rule("future_steps", Int(0, 64, example=1), present_only=True),
     Rule("future_weight", Num(minimum=0, example=0.3), present_only=True),
     Rule("attention_dim", Int(1, LIMIT), present_only=True),

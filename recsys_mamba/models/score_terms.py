@@ -15,8 +15,18 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from recsys_mamba.errors import RecsysError
 from recsys_mamba.models.transitions import TransitionTable
 from recsys_mamba.ops.linear_ce import values_at
+
+EARLIER = 3  # items before the current one that a History carries: a transition prior reaches that far back
+
+
+def items_before(sequences: Tensor, rows: Tensor, positions: Tensor, depth: int = EARLIER) -> Tensor:
+    """(N, depth) the items 1..depth events before position positions[i] of sequences[rows[i]], the
+    most recent first, 0 where the sequence starts later."""
+    at = positions[:, None] - torch.arange(1, depth + 1, device=positions.device)
+    return torch.where(at >= 0, sequences[rows[:, None], at.clamp(min=0)], 0)
 
 
 def first_occurrences(items: Tensor) -> Tensor:
@@ -31,8 +41,10 @@ def first_occurrences(items: Tensor) -> Tensor:
 @dataclass(frozen=True)
 class History:
     """What each scored row has seen: row i is position positions[i] of the right-padded sequence
-    sequences[rows[i]], its current item (the one it has just seen) is current[i], and in training
-    exclude[i] is the item it must predict, left out of its own transition count (leave-one-out).
+    sequences[rows[i]], its current item (the one it has just seen) is current[i], the items just
+    before it earlier[i] (most recent first, 0 where there are none; None: not known), and in
+    training exclude[i] is the item it must predict, left out of its own transition count
+    (leave-one-out).
     """
 
     sequences: Tensor
@@ -40,6 +52,7 @@ class History:
     positions: Tensor
     current: Tensor
     exclude: Tensor | None = None
+    earlier: Tensor | None = None
 
     @classmethod
     def causal(cls, items: Tensor, where: Tensor, targets: Tensor | None = None) -> History:
@@ -47,7 +60,8 @@ class History:
         targets (B, L): what each position predicts."""
         rows, positions = where.nonzero(as_tuple=True)
         exclude = None if targets is None else targets[rows, positions]
-        return cls(items, rows, positions, items[rows, positions], exclude)
+        earlier = items_before(items, rows, positions)
+        return cls(items, rows, positions, items[rows, positions], exclude, earlier)
 
     @classmethod
     def last(cls, items: Tensor, lengths: Tensor | None = None) -> History:
@@ -55,7 +69,8 @@ class History:
         lengths = (items != 0).sum(1) if lengths is None else lengths
         rows = torch.arange(items.shape[0], device=items.device)
         positions = (lengths.long() - 1).clamp(min=0)
-        return cls(items, rows, positions, items[rows, positions])
+        earlier = items_before(items, rows, positions)
+        return cls(items, rows, positions, items[rows, positions], earlier=earlier)
 
     @functools.cached_property
     def firsts(self) -> Tensor:
@@ -67,7 +82,9 @@ class History:
 
     def subset(self, keep: Tensor) -> History:
         exclude = None if self.exclude is None else self.exclude[keep]
-        return History(self.sequences, self.rows[keep], self.positions[keep], self.current[keep], exclude)
+        earlier = None if self.earlier is None else self.earlier[keep]
+        rows, positions, current = self.rows[keep], self.positions[keep], self.current[keep]
+        return History(self.sequences, rows, positions, current, exclude, earlier)
 
     def seen(self, start: int = 0, stop: int | None = None) -> Tensor:
         """(rows, L) ids of the items each row start:stop has seen, each once, 0 in the other slots."""
@@ -95,25 +112,43 @@ class SeenColumns:
 
 @dataclass(frozen=True)
 class TransitionColumns:
-    """The successors of each row's current item in `table`, valued log(1 + count); the pair
-    (current, exclude) counts once less (leave-one-out in training)."""
+    """The successors in `table` of the item `lag` events back in each row (1: its current item),
+    valued log(1 + count). At lag 1 the pair (current, exclude) counts once less (leave-one-out in
+    training); from further back the pair being predicted is not a consecutive pair of the sequence,
+    so the table does not hold it from this row."""
 
     table: TransitionTable
     history: History
+    lag: int = 1
 
     @property
     def n_rows(self) -> int:
         return self.history.n_rows
 
+    @property
+    def sources(self) -> Tensor:
+        if self.lag == 1:
+            return self.history.current
+        if self.history.earlier is None or self.history.earlier.shape[1] < self.lag - 1:
+            raise RecsysError(
+                f"a transition prior from {self.lag} events back needs a History that carries the "
+                f"{self.lag - 1} items before the current one (History.earlier)"
+            )
+        return self.history.earlier[:, self.lag - 2]
+
+    @property
+    def exclude(self) -> Tensor | None:
+        return self.history.exclude if self.lag == 1 else None
+
     def part(self, start: int = 0, stop: int | None = None) -> tuple[Tensor, Tensor]:
         rows = slice(start, stop)
-        exclude = None if self.history.exclude is None else self.history.exclude[rows]
-        return self.table.successors(self.history.current[rows], exclude=exclude)
+        exclude = None if self.exclude is None else self.exclude[rows]
+        return self.table.successors(self.sources[rows], exclude=exclude)
 
     def at(self, candidates: Tensor) -> Tensor:
-        values = self.table.values(self.history.current, candidates)
-        if self.history.exclude is None:
+        values = self.table.values(self.sources, candidates)
+        if self.exclude is None:
             return values
         # log(1 + count - 1) where the candidate is the pair being predicted
         left_out = values.expm1().sub(1).clamp(min=0).log1p()
-        return torch.where(candidates == self.history.exclude[:, None], left_out, values)
+        return torch.where(candidates == self.exclude[:, None], left_out, values)

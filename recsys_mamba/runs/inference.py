@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from recsys_mamba.models.base import SequenceEncoder, State
-from recsys_mamba.models.score_terms import History
+from recsys_mamba.models.score_terms import EARLIER, History
 from recsys_mamba.runs.load import Run
 from recsys_mamba.sequences import pad_right
 from recsys_mamba.sequences.store import SIDE_INPUTS
@@ -45,16 +45,24 @@ def encode_last(run: Run, users: pl.DataFrame) -> Tensor:
 
 def whole_history(run: Run, histories: pl.Series) -> History | None:
     """What each user of `histories` (lists of item indices) has had, when the head's scores depend on
-    it: every distinct item (the whole history, not only the encoded window) and the last one."""
+    it: every distinct item (the whole history, not only the encoded window), the last one and the
+    few before it (for a transition prior over several lags)."""
     if not run.model.head.uses_history:
         return None
     distinct = histories.list.unique()
     lengths = torch.from_numpy(distinct.list.len().to_numpy().astype(np.int64))
     items = pad_right(distinct, max(1, int(lengths.max()) if len(lengths) else 1))
     last = torch.from_numpy(histories.list.last().fill_null(0).to_numpy().astype(np.int64))
+    earlier = pad_right(histories.list.reverse().list.slice(1, EARLIER), EARLIER)
     rows = torch.arange(len(lengths))
     device = run.device
-    return History(items.to(device), rows.to(device), (lengths - 1).clamp(min=0).to(device), last.to(device))
+    return History(
+        items.to(device),
+        rows.to(device),
+        (lengths - 1).clamp(min=0).to(device),
+        last.to(device),
+        earlier=earlier.to(device),
+    )
 
 
 def next_item_scores(run: Run, hidden: Tensor, histories: pl.Series) -> Tensor:

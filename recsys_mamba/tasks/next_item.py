@@ -121,7 +121,11 @@ class NextItemTask(Task):
     def train_logs(self, model: Model) -> dict[str, Tensor]:
         head = model.head
         learned = {"seen_bias": head.seen_bias, "transition_weight": head.transition_weight}
-        return {name: value.detach() for name, value in learned.items() if value is not None}
+        logs = {name: value.detach() for name, value in learned.items() if value is not None}
+        earlier = getattr(head, "earlier_transition_weights", None)
+        for i, weight in enumerate(() if earlier is None else earlier.detach()):
+            logs[f"transition_weight_lag{i + 2}"] = weight
+        return logs
 
     # ---- evaluation ----------------------------------------------------------------------------
 

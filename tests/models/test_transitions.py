@@ -117,3 +117,58 @@ def test_the_loss_sees_the_counts_without_the_predicted_pair(loss: str) -> None:
     assert head.transition_weight.grad is not None and head.transition_weight.grad != 0
     with pytest.raises(RecsysError, match="History"):
         head.loss(encoder, hidden, targets)
+
+
+def test_history_carries_the_items_just_before_each_scored_position() -> None:
+    items = torch.tensor([[4, 1, 2, 3, 0], [5, 0, 0, 0, 0]])
+    causal = History.causal(items, items > 0)
+    assert causal.earlier.tolist() == [[0, 0, 0], [4, 0, 0], [1, 4, 0], [2, 1, 4], [0, 0, 0]]
+    assert History.last(items).earlier.tolist() == [[2, 1, 4], [0, 0, 0]]
+    assert causal.subset(torch.tensor([False, True, False, True, False])).earlier.tolist() == [
+        [4, 0, 0],
+        [2, 1, 4],
+    ]
+
+
+def test_each_lag_adds_its_own_weight_times_the_counts_of_the_item_that_far_back() -> None:
+    """Lag 1 leaves the predicted pair out; lags 2 and 3 read the table as it is (the pair being
+    predicted is not a consecutive pair of the row, so the table holds it only from other rows)."""
+    torch.manual_seed(0)
+    encoder = make_encoder("mamba", n_items=5)
+    head = NextItemHead(transition_prior=True, transition_lags=3)
+    head.attach_transitions(TransitionTable(5, SOURCES, TARGETS))
+    with torch.no_grad():
+        head.transition_weight.fill_(0.8)
+        head.earlier_transition_weights.copy_(torch.tensor([0.5, -0.3]))
+    items = torch.tensor([[3, 1, 1, 2], [2, 1, 0, 0]])
+    logs = brute_counts().log1p()
+    hidden = torch.randn(2, encoder.d_model)
+    expected = encoder.score_all(hidden) + 0.8 * logs[[2, 1]] + 0.5 * logs[[1, 2]] - 0.3 * logs[[1, 0]]
+    torch.testing.assert_close(head.rank_scores(encoder, hidden, History.last(items)), expected)
+
+    targets = torch.tensor([[1, 1, 2, 0], [1, 0, 0, 0]])
+    history = History.causal(items, targets > 0, targets)
+    rows_hidden = torch.randn(4, encoder.d_model)
+    flat_targets = targets[targets > 0]
+    last, back2, back3 = torch.tensor([3, 1, 1, 2]), torch.tensor([0, 3, 1, 0]), torch.tensor([0, 0, 3, 0])
+    lag1 = brute_counts()[last]
+    lag1[torch.arange(4), flat_targets] -= 1
+    prior = 0.8 * lag1.clamp(min=0).log1p() + 0.5 * logs[back2] - 0.3 * logs[back3]
+    scores = encoder.score_all(rows_hidden) + prior
+    got = head.loss(encoder, rows_hidden, flat_targets, history)
+    torch.testing.assert_close(got, F.cross_entropy(scores[:, 1:], flat_targets - 1))
+    got.backward()
+    assert (head.earlier_transition_weights.grad != 0).all()
+    with pytest.raises(RecsysError, match="earlier"):
+        head.rank_scores(encoder, hidden, History(items, torch.arange(2), torch.tensor([3, 1]), items[:, 0]))
+
+
+@pytest.mark.parametrize("lags", [0, 5, 2.0, True])
+def test_transition_lags_out_of_range_are_refused(lags) -> None:
+    with pytest.raises(RecsysError, match="transition_lags"):
+        NextItemHead(transition_prior=True, transition_lags=lags)
+
+
+def test_without_the_prior_the_lags_add_nothing() -> None:
+    head = NextItemHead(transition_lags=3)
+    assert head.earlier_transition_weights is None and not head.uses_history

@@ -35,7 +35,9 @@ def trained_seen_bias(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Pat
 
 @pytest.fixture(scope="session")
 def trained_transitions(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    return train_tiny(tmp_path_factory, "head.transition_prior=true", "head.seen_bias=true")
+    return train_tiny(
+        tmp_path_factory, "head.transition_prior=true", "head.transition_lags=3", "head.seen_bias=true"
+    )
 
 
 @pytest.fixture(scope="session")

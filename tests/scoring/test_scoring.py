@@ -55,9 +55,15 @@ def model_scores(trained: dict[str, Path], user_id: str, max_len: int = 20) -> t
         scores[torch.tensor(seq["items"][0].to_list()).unique()] += bias
     weight = module_state.get("head.transition_weight")
     if weight is not None:
-        following = transition_counts(trained["prepared"]).get(seq["items"][0].to_list()[-1], {})
-        for item, count in following.items():
-            scores[item] += weight * math.log1p(count)
+        # the last item's successors, then (with transition_lags) those of the items before it
+        earlier = module_state.get("head.earlier_transition_weights", torch.zeros(0))
+        history = seq["items"][0].to_list()
+        counts = transition_counts(trained["prepared"])
+        for lag, lag_weight in enumerate([weight, *earlier], start=1):
+            if lag > len(history):
+                break
+            for item, count in counts.get(history[-lag], {}).items():
+                scores[item] += lag_weight * math.log1p(count)
     return scores
 
 
@@ -120,7 +126,8 @@ def test_a_learned_seen_bias_scores_as_in_training(trained_seen_bias, tmp_path: 
 
 def test_a_learned_transition_prior_scores_as_in_training(trained_transitions, tmp_path: Path) -> None:
     state = torch.load(trained_transitions["ckpt"], map_location="cpu", weights_only=True)["state_dict"]
-    assert state["head.transition_weight"] != 0  # trained, so the checks below see the prior at work
+    # trained, so the checks below see the prior at work, from the last item and the two before it
+    assert state["head.transition_weight"] != 0 and (state["head.earlier_transition_weights"] != 0).all()
     job(trained_transitions, tmp_path / "t", "top_k=50", "exclude_seen=false")
     out = read(tmp_path / "t")
     model = load_run(trained_transitions["ckpt"])

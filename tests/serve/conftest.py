@@ -30,7 +30,10 @@ def export_tiny(tmp_path_factory: pytest.TempPathFactory, *overrides: str) -> di
 
 @pytest.fixture(scope="session")
 def mamba_bundle(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    return export_tiny(tmp_path_factory, "head.seen_bias=true")
+    # the transition prior over three lags: the service must rank with the user's last items as the job does
+    return export_tiny(
+        tmp_path_factory, "head.seen_bias=true", "head.transition_prior=true", "head.transition_lags=3"
+    )
 
 
 @pytest.fixture(scope="session")

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from recsys_mamba.errors import RecsysError
 from recsys_mamba.models.base import Dropout, SequenceEncoder
 from recsys_mamba.models.score_terms import EARLIER, History, SeenColumns, TransitionColumns
+from recsys_mamba.models.shared_attributes import check_max_items, shared_attribute_table
 from recsys_mamba.models.transitions import TransitionTable
 from recsys_mamba.ops.linear_ce import SparseScore, add_sparse_scores, sparse_scores_at
 
@@ -32,6 +33,11 @@ class Head(nn.Module):
     @property
     def needs_transitions(self) -> bool:
         """Whether the head needs the training data's transition counts (`attach_transitions`)."""
+        return False
+
+    @property
+    def needs_attributes(self) -> bool:
+        """Whether the head needs the encoder's item attributes (`attach_attributes`)."""
         return False
 
     def rank_scores(self, encoder: SequenceEncoder, hidden: Tensor, history: History | None = None) -> Tensor:
@@ -59,6 +65,12 @@ class NextItemHead(Head):
     (an item two or three events back -> the next one) is the same kind of exact evidence an
     embedding cannot hold pair by pair, and the encoder's state blurs it.
 
+    With `attribute_prior`, a learned weight times log(1 + how many attributes each item shares with
+    the row's current item) is added (`models.shared_attributes`; attributes held by more than
+    `attribute_max_items` items are not counted). The table is built from the encoder's item
+    attributes with `attach_attributes`; nothing in it is counted from events, so it needs no
+    leave-one-out.
+
     With `contrastive_weight` > 0, training adds that weight times a contrastive loss between two
     encodings of the same batch that differ only in their dropout (`contrastive_loss`; the task
     encodes twice): the unsupervised and supervised positives of DuoRec (Qiu et al., 2022), a
@@ -84,6 +96,8 @@ class NextItemHead(Head):
         seen_bias: bool = False,
         transition_prior: bool = False,
         transition_lags: int = 1,
+        attribute_prior: bool = False,
+        attribute_max_items: int = 300,
         contrastive_weight: float = 0.0,
         contrastive_temperature: float = 1.0,
         label_smoothing: float = 0.0,
@@ -126,6 +140,9 @@ class NextItemHead(Head):
         lags = transition_lags if transition_prior else 1
         self.earlier_transition_weights = nn.Parameter(torch.zeros(lags - 1)) if lags > 1 else None
         self.transitions: TransitionTable | None = None
+        self.attribute_weight = nn.Parameter(torch.zeros(())) if attribute_prior else None
+        self.attribute_max_items = check_max_items(attribute_max_items)
+        self.shared_attributes: TransitionTable | None = None
         self.contrastive_weight = float(contrastive_weight)
         self.contrastive_temperature = float(contrastive_temperature)
         self.label_smoothing = float(label_smoothing)
@@ -147,9 +164,23 @@ class NextItemHead(Head):
         a checkpoint into it: the table's size must match the saved one)."""
         self.transitions = table
 
+    def attach_attributes(self, item_attributes: Tensor | None) -> None:
+        """The encoder's (n_items + 1, K) item attributes, for a head with attribute_prior: the
+        table of items sharing them is built here (and again wherever the model is loaded)."""
+        if item_attributes is None:
+            raise RecsysError(
+                "head.attribute_prior=true needs item attributes: set data.item_attributes (an item -> "
+                "attribute ids file), or head.attribute_prior=false"
+            )
+        self.shared_attributes = shared_attribute_table(item_attributes, self.attribute_max_items)
+
     @property
     def uses_history(self) -> bool:
-        return self.seen_bias is not None or self.transition_weight is not None
+        return any(w is not None for w in (self.seen_bias, self.transition_weight, self.attribute_weight))
+
+    @property
+    def needs_attributes(self) -> bool:
+        return self.attribute_weight is not None
 
     @property
     def needs_transitions(self) -> bool:
@@ -162,8 +193,8 @@ class NextItemHead(Head):
             return []
         if history is None:
             raise RecsysError(
-                "NextItemHead with seen_bias or transition_prior scores with a History: what each row has "
-                "seen (models.score_terms.History)"
+                "NextItemHead with seen_bias, transition_prior or attribute_prior scores with a History: "
+                "what each row has seen (models.score_terms.History)"
             )
         terms = []
         if self.seen_bias is not None:
@@ -178,6 +209,14 @@ class NextItemHead(Head):
             if self.earlier_transition_weights is not None:
                 for i, weight in enumerate(self.earlier_transition_weights):
                     terms.append(SparseScore(weight, TransitionColumns(self.transitions, history, lag=i + 2)))
+        if self.attribute_weight is not None:
+            if self.shared_attributes is None:
+                raise RecsysError(
+                    "NextItemHead(attribute_prior=True) has no shared-attribute table: attach_attributes"
+                    "(encoder.item_attributes) (runs.build_model does)"
+                )
+            columns = TransitionColumns(self.shared_attributes, history, leave_one_out=False)
+            terms.append(SparseScore(self.attribute_weight, columns))
         return terms
 
     def loss(

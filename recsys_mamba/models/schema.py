@@ -55,7 +55,9 @@ HEAD = Schema(
     Rule("n_negatives", Int(1, LIMIT, example=1024), present_only=True),
     [
         Rule(key, Bool(), present_only=True)
-        for key in ("logq", "mask_history", "seen_bias", "transition_prior", "target_attention")
+        for key in (
+            "logq", "mask_history", "seen_bias", "transition_prior", "attribute_prior", "target_attention"
+        )
     ],
     Rule("mlp_dims", IntList(1, LIMIT, example="[200,80]", allow_empty=True), present_only=True),
     Rule("dropout", Num(minimum=0, below=1, example=0.1), present_only=True),
@@ -63,6 +65,7 @@ HEAD = Schema(
     Rule("contrastive_temperature", Num(above=0, example=1.0), present_only=True),
     Rule("label_smoothing", Num(minimum=0, below=1, example=0.1), present_only=True),
     Rule("transition_lags", Int(1, 1 + EARLIER, example=3), present_only=True),
+    Rule("attribute_max_items", Int(2, 1 << 40, example=300), present_only=True),
     Rule("future_steps", Int(0, 64, example=1), present_only=True),
     Rule("future_weight", Num(minimum=0, example=0.3), present_only=True),
     Rule("attention_dim", Int(1, LIMIT), present_only=True),

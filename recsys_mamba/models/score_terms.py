@@ -115,11 +115,13 @@ class TransitionColumns:
     """The successors in `table` of the item `lag` events back in each row (1: its current item),
     valued log(1 + count). At lag 1 the pair (current, exclude) counts once less (leave-one-out in
     training); from further back the pair being predicted is not a consecutive pair of the sequence,
-    so the table does not hold it from this row."""
+    so the table does not hold it from this row. leave_one_out=False: a table not counted from the
+    training events (items sharing attributes), which holds nothing of the row to leave out."""
 
     table: TransitionTable
     history: History
     lag: int = 1
+    leave_one_out: bool = True
 
     @property
     def n_rows(self) -> int:
@@ -138,7 +140,7 @@ class TransitionColumns:
 
     @property
     def exclude(self) -> Tensor | None:
-        return self.history.exclude if self.lag == 1 else None
+        return self.history.exclude if self.lag == 1 and self.leave_one_out else None
 
     def part(self, start: int = 0, stop: int | None = None) -> tuple[Tensor, Tensor]:
         rows = slice(start, stop)

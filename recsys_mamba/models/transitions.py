@@ -21,7 +21,15 @@ class TransitionTable(nn.Module):
     """Counts of (source item -> next item) pairs in CSR form: the successors of item a are
     `indices[indptr[a]:indptr[a + 1]]` (ascending) with `counts` beside them. Saved with the weights."""
 
-    def __init__(self, n_items: int, sources: Tensor | np.ndarray, targets: Tensor | np.ndarray) -> None:
+    def __init__(
+        self,
+        n_items: int,
+        sources: Tensor | np.ndarray,
+        targets: Tensor | np.ndarray,
+        persistent: bool = True,
+    ) -> None:
+        """persistent=False: the table is left out of the state dict (one rebuilt from what the
+        weights already hold, e.g. the encoder's item attributes)."""
         super().__init__()
         src = torch.as_tensor(np.asarray(sources), dtype=torch.long).reshape(-1)
         dst = torch.as_tensor(np.asarray(targets), dtype=torch.long).reshape(-1)
@@ -33,9 +41,10 @@ class TransitionTable(nn.Module):
         self.n_items = n_items
         keys, counts = torch.unique(src * (n_items + 1) + dst, return_counts=True)  # sorted: CSR order
         per_source = torch.bincount(keys // (n_items + 1), minlength=n_items + 1)
-        self.register_buffer("indptr", torch.cat([torch.zeros(1, dtype=torch.long), per_source.cumsum(0)]))
-        self.register_buffer("keys", keys)
-        self.register_buffer("counts", counts.float())
+        indptr = torch.cat([torch.zeros(1, dtype=torch.long), per_source.cumsum(0)])
+        self.register_buffer("indptr", indptr, persistent=persistent)
+        self.register_buffer("keys", keys, persistent=persistent)
+        self.register_buffer("counts", counts.float(), persistent=persistent)
 
     @classmethod
     def empty(cls, n_items: int, n_pairs: int) -> TransitionTable:

@@ -39,6 +39,8 @@ def build_head(head_cfg: DictConfig, encoder: SequenceEncoder, inputs: HeadInput
         head = head(**kwargs)
     if head.needs_transitions:
         head.attach_transitions(inputs.transitions())
+    if head.needs_attributes:
+        head.attach_attributes(getattr(encoder, "item_attributes", None))
     return head
 
 

@@ -120,7 +120,11 @@ class NextItemTask(Task):
 
     def train_logs(self, model: Model) -> dict[str, Tensor]:
         head = model.head
-        learned = {"seen_bias": head.seen_bias, "transition_weight": head.transition_weight}
+        learned = {
+            "seen_bias": head.seen_bias,
+            "transition_weight": head.transition_weight,
+            "attribute_weight": getattr(head, "attribute_weight", None),
+        }
         logs = {name: value.detach() for name, value in learned.items() if value is not None}
         earlier = getattr(head, "earlier_transition_weights", None)
         for i, weight in enumerate(() if earlier is None else earlier.detach()):

@@ -42,13 +42,14 @@ def trained_transitions(tmp_path_factory: pytest.TempPathFactory) -> dict[str, P
 
 @pytest.fixture(scope="session")
 def trained_attributes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Trained with item attributes: item i has "shape" i % 3 and, for every fourth item, "large".
-    The file covers the generator's whole id range (100,000 + 20 ids per item), most of it unused."""
+    """Trained with item attributes: item i has "shape" i % 3 and, for every fourth item, "large";
+    the head adds the attribute prior. The file covers the generator's whole id range (100,000 + 20
+    ids per item), most of it unused."""
     path = tmp_path_factory.mktemp("attributes") / "item_attributes.json"
     ids = range(100_000, 100_000 + 20 * TINY["data.synthetic"]["n_items"])
     table = {str(i): [f"shape{i % 3}"] + (["large"] if i % 4 == 0 else []) for i in ids}
     path.write_text(json.dumps(table))
-    return train_tiny(tmp_path_factory, f"data.item_attributes={path}")
+    return train_tiny(tmp_path_factory, f"data.item_attributes={path}", "head.attribute_prior=true")
 
 
 @pytest.fixture(scope="session")

@@ -280,11 +280,27 @@ def test_item_attributes_are_trained_saved_and_scored(trained_attributes, tmp_pa
     batch = {k: torch.tensor([seq[k][0].to_list()[-20:]]) for k in ("items", "categories", "event_types")}
     with torch.no_grad():
         hidden = model.model.encoder.encode(batch)[0, -1]
-    expected = hidden @ vectors[1:].t()
+    # the attribute prior: a learned weight on log(1 + attributes each item shares with the last one)
+    weight = state["head.attribute_weight"]
+    assert weight != 0 and not any(k.startswith("head.shared_attributes") for k in state)
+    last = seq["items"][0].to_list()[-1]
+    held = [set(row.tolist()) - {0} for row in table]
+    shared = torch.tensor([float(len(held[last] & held[c])) * (c != last) for c in range(len(held))])
+    expected = hidden @ vectors[1:].t() + weight * shared[1:].log1p()
     rows = out.filter(pl.col("user_id") == user)
     idx = [model.data.items.index[i] - 1 for i in rows["item_id"]]
     np.testing.assert_allclose(rows["score"].to_numpy(), expected[idx].numpy(), rtol=1e-4, atol=1e-5)
     assert rows["score"][0] == pytest.approx(float(expected.max()), rel=1e-4)
+    # an exported bundle rebuilds the shared-attribute table from the attributes it carries
+    from recsys_mamba.export import export
+
+    bundle = tmp_path / "bundle"
+    export(compose("export", overrides=[f"ckpt_path={trained_attributes['ckpt']}", f"out_dir={bundle}"]))
+    job({**trained_attributes, "ckpt": bundle}, tmp_path / "b", "top_k=10", "exclude_seen=false")
+    from_bundle = read(tmp_path / "b").filter(pl.col("user_id") == user)
+    assert from_bundle["item_id"].to_list() == rows["item_id"].to_list()
+    got, want = from_bundle["score"].to_numpy(), rows["score"].to_numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
 def test_user_embeddings_score_as_in_training(trained_ctr_users, tmp_path: Path) -> None:

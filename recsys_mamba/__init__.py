@@ -7,10 +7,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from recsys_mamba.allocator import retain_freed_pages
 from recsys_mamba.openmp import prefer_passive_wait
 from recsys_mamba.version import __version__
 
 prefer_passive_wait()  # before torch or numba load their OpenMP runtimes (recsys_mamba.openmp)
+retain_freed_pages()  # before Polars loads its jemalloc (recsys_mamba.allocator)
 
 __all__ = ["Recommender", "__version__"]
 

@@ -53,6 +53,7 @@ def main(cfg: DictConfig) -> Path:
         engine=cfg.engine,
         buckets=cfg.buckets,
         bucket_events=cfg.bucket_events,
+        workers=cfg.workers,
     )
     log.info(summary(folder))
     return folder

@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "recsys_mamba"
 # is listed in SEPARATE.
 LAYERS: dict[str, int] = {
     "errors": 0, "checks": 0, "files": 0, "metrics": 0, "figures": 0, "config": 0, "schema": 0,
-    "version": 0, "logs": 0, "helptext": 0, "openmp": 0,
+    "version": 0, "logs": 0, "helptext": 0, "openmp": 0, "allocator": 0,
     "ops": 1, "data": 1,
     "sequences": 2,
     "models": 3,

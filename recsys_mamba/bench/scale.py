@@ -49,6 +49,7 @@ from recsys_mamba import checks
 from recsys_mamba.bench._harness import machine, write_result
 from recsys_mamba.bench.pipeline import generate_log, run_child, run_prepare
 from recsys_mamba.config import hydra_entry
+from recsys_mamba.data.engines import DEFAULT_WORKERS
 from recsys_mamba.errors import RecsysError
 from recsys_mamba.schema import Bool, Check, Choice, Int, IntList, Num, PathTo, Rule, Schema, Seed, Subset
 
@@ -93,10 +94,14 @@ def section_prepare(cfg: DictConfig, work: Path) -> dict[str, Any]:
             (int(o.split("=", 1)[1]) for o in p["run"] if o.startswith("bucket_events=")), 4_000_000
         )
         buckets = next((o.split("=", 1)[1] for o in p["run"] if o.startswith("buckets=")), "null")
+        workers = next(
+            (int(o.split("=", 1)[1]) for o in p["run"] if o.startswith("workers=")), DEFAULT_WORKERS
+        )
         case = {
             "events": int(events),
             "command": "python -m recsys_mamba.prepare " + " ".join(overrides),
             "buckets": math.ceil(case["events_in"] / bucket_events) if buckets == "null" else int(buckets),
+            "workers": workers,
             **case,
             "generate_s": generated,
         }

@@ -1,7 +1,8 @@
 """Where `prepare` runs its bucket tasks: in this process (`engine=local`) or as Ray tasks (`engine=ray`).
 
 Both run the same functions (`recsys_mamba.data.tasks`) on the same files and give back their results
-in bucket order, so the outputs do not depend on the engine. Ray connects to the cluster at
+in bucket order, so the outputs do not depend on the engine (nor on how many buckets engine=local
+works on at once, `workers`). Ray connects to the cluster at
 `$RAY_ADDRESS` when it is set, joins a Ray already started in this process (tests start one with
 `ray.init(num_cpus=2)`), and else starts a local one. Every task must see the run's scratch folder:
 on a cluster, `out_dir` / `paths.cache_dir` must be on storage all nodes share.
@@ -16,22 +17,42 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from recsys_mamba.errors import RecsysError
 
 ENGINES = ("local", "ray")
+# engine=local: buckets worked on at once (two keep both cores of a laptop busy)
+DEFAULT_WORKERS = 2
 RAY_RETRIES = 3
 
 
 class Local:
-    """Tasks one after another in this process (Polars uses the cores inside each)."""
+    """Tasks in this process, `workers` buckets at a time on threads; results in bucket order.
+
+    Polars and numpy release the GIL, but a task still has stretches that use one core (Python glue,
+    numpy's sort, the IPC writes): a second task fills the other core then (BENCHMARKS.md, "Data
+    pipeline at scale"). Each running task holds its bucket in memory, so peak memory grows with
+    `workers`."""
 
     name = "local"
 
+    def __init__(self, workers: int = 1) -> None:
+        self.workers = workers
+
     def map(self, fn: Callable[..., Any], calls: Sequence[tuple[Any, ...]]) -> Iterator[Any]:
-        for args in calls:
-            yield fn(*args)
+        if self.workers <= 1 or len(calls) <= 1:
+            for args in calls:
+                yield fn(*args)
+            return
+        pool = ThreadPoolExecutor(self.workers, thread_name_prefix=f"prepare-{fn.__name__}")
+        try:
+            # pool.map raises a task's error where its result is due: the first failing bucket in
+            # bucket order, as one task after another would
+            yield from pool.map(lambda args: fn(*args), calls)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)  # a failed stage starts no further task
 
     def put(self, value: Any) -> Any:
         return value
@@ -116,7 +137,8 @@ class Ray:
             self.ray.shutdown()
 
 
-def start(name: str, target: Any) -> Local | Ray:
+def start(name: str, target: Any, workers: int = DEFAULT_WORKERS) -> Local | Ray:
+    """The engine `name`; `workers` applies to engine=local (Ray places its tasks itself)."""
     if name not in ENGINES:
         raise RecsysError(f"engine={name!r} is not one of {list(ENGINES)}")
-    return Local() if name == "local" else Ray(str(target))
+    return Local(workers) if name == "local" else Ray(str(target))

@@ -399,6 +399,7 @@ def _run(
     requested: int | None = None,
     bucket_events: int = DEFAULT_BUCKET_EVENTS,
     target: Path | None = None,
+    workers: int = engines.DEFAULT_WORKERS,
 ) -> dict[str, Any]:
     started = time.perf_counter()
     target = work if target is None else target
@@ -414,7 +415,7 @@ def _run(
     n_buckets = buckets.choose(requested, events, bucket_events)
     buckets.check_disk(work, events, target)
     ctx = tasks.Context(spec, str(source_path), str(scratch), timed, n_buckets == 1, tuple(columns))
-    runner = engines.start(engine, target)
+    runner = engines.start(engine, target, workers)
     stages = _Stages(run, ctx, runner, work, target)
     try:
         body = _stages(stages, source, n_buckets, events, attribute_pairs)
@@ -460,7 +461,8 @@ def _stages(
     attribute_pairs: tuple[pl.Series, pl.DataFrame] | None,
 ) -> dict[str, Any]:
     spec, work = stages.spec, stages.work
-    done = _Progress(n_buckets, events, stages.engine.name)
+    workers = getattr(stages.engine, "workers", None)
+    done = _Progress(n_buckets, events, stages.engine.name + (f", workers={workers}" if workers else ""))
     live = stages.clean(source, n_buckets, events)
     done("partition + clean")
     live, kcore = stages.kcore(live)
@@ -510,11 +512,16 @@ SCALE = Schema(
     Rule("engine", Choice(engines.ENGINES)),
     Rule("buckets", Int(1, 1 << 20, optional=True, example=16)),
     Rule("bucket_events", Int(1, example=DEFAULT_BUCKET_EVENTS)),
+    Rule("workers", Int(1, 1024, example=engines.DEFAULT_WORKERS)),
 )
 
 
-def check_scale(engine: Any, n_buckets: Any, bucket_events: Any) -> None:
-    SCALE.validate({"engine": engine, "buckets": n_buckets, "bucket_events": bucket_events})
+def check_scale(
+    engine: Any, n_buckets: Any, bucket_events: Any, workers: Any = engines.DEFAULT_WORKERS
+) -> None:
+    SCALE.validate(
+        {"engine": engine, "buckets": n_buckets, "bucket_events": bucket_events, "workers": workers}
+    )
 
 
 def target_folder(
@@ -535,6 +542,7 @@ def prepare(
     engine: str = "local",
     buckets: int | None = None,
     bucket_events: int = DEFAULT_BUCKET_EVENTS,
+    workers: int = engines.DEFAULT_WORKERS,
 ) -> Path:
     """Prepare the data described by `cfg_data` and return the prepared folder.
 
@@ -543,11 +551,11 @@ def prepare(
     replaces the target only when complete; the buckets live inside it, so a killed run leaves no
     bucket that a later run could trust (the next run sweeps the folder away).
 
-    `engine` runs the bucket tasks in this process ("local") or as Ray tasks ("ray"); `buckets` fixes
-    their number (None: one per `bucket_events` events of the input). Neither changes a byte of the
-    output, so neither is part of the config hash.
+    `engine` runs the bucket tasks in this process ("local", `workers` buckets at a time) or as Ray
+    tasks ("ray"); `buckets` fixes their number (None: one per `bucket_events` events of the input).
+    None of these changes a byte of the output, so none is part of the config hash.
     """
-    check_scale(engine, buckets, bucket_events)
+    check_scale(engine, buckets, bucket_events, workers)
     spec = normalize(cfg_data)
     check_source(spec)  # before hashing them: a missing file is named as the config key that gives it
     # the sources' sha256 recorded by earlier runs: a cache hit hashes without reading the log
@@ -561,7 +569,7 @@ def prepare(
     with exclusive(target):
         if not overwrite and reusable(target, cfg_hash):
             return target
-        return _prepare_into(target, spec, cfg_hash, cache_dir, engine, buckets, bucket_events)
+        return _prepare_into(target, spec, cfg_hash, cache_dir, engine, buckets, bucket_events, workers)
 
 
 def _prepare_into(
@@ -572,6 +580,7 @@ def _prepare_into(
     engine: str,
     buckets: int | None,
     bucket_events: int,
+    workers: int,
 ) -> Path:
     with atomic_folder(target) as work:
         scratch = work / "_scratch"
@@ -580,7 +589,7 @@ def _prepare_into(
             source = synthetic.ensure_log(spec["synthetic"], Path(cache_dir))
         else:
             source = Path(spec["path"]).expanduser()
-        body = _run(spec, source, work, scratch, engine, buckets, bucket_events, target)
+        body = _run(spec, source, work, scratch, engine, buckets, bucket_events, target, workers)
         shutil.rmtree(scratch)
         manifest = {
             "format_version": fmt.FORMAT_VERSION,

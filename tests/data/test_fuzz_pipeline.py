@@ -787,10 +787,12 @@ def folder_bytes(folder: Path) -> dict[str, Any]:
     return out
 
 
-def outcome(spec: dict[str, Any], folder: Path, n_buckets: int) -> Any:
-    """The bytes `prepare` writes with `n_buckets` buckets, or the error it gives."""
+def outcome(spec: dict[str, Any], folder: Path, n_buckets: int, workers: int = 1) -> Any:
+    """The bytes `prepare` writes with `n_buckets` buckets, `workers` at a time, or the error it gives."""
     try:
-        out = prepare(spec, folder / f"out{n_buckets}", folder / "cache", buckets=n_buckets)
+        out = prepare(
+            spec, folder / f"out{n_buckets}-{workers}", folder / "cache", buckets=n_buckets, workers=workers
+        )
     except RecsysError as err:
         return f"error: {err}"
     return folder_bytes(out)
@@ -808,8 +810,8 @@ CTR_OPTIONS = st.one_of(
 
 @pytest.mark.parametrize("form", FORMATS, ids=lambda f: f"{f.name}-{f.kind}-{f.sep!r}")
 def test_bucket_count_does_not_change_a_byte(form: Format, reliability) -> None:
-    """1, 3 and 16 buckets (most of them empty or holding one user here) give byte-identical files and
-    the same manifest, or the same error."""
+    """1, 3 and 16 buckets (most of them empty or holding one user here), one or several at a time,
+    give byte-identical files and the same manifest, or the same error."""
 
     @fuzz_settings(default=4)
     @given(log=logs(form), ctr=CTR_OPTIONS, small_times=st.booleans())
@@ -825,6 +827,7 @@ def test_bucket_count_does_not_change_a_byte(form: Format, reliability) -> None:
             one = outcome(spec, folder, 1)
             assert outcome(spec, folder, 3) == one
             assert outcome(spec, folder, 16) == one
+            assert outcome(spec, folder, 16, workers=3) == one
 
     check()
 
@@ -839,4 +842,6 @@ def test_bucket_count_does_not_change_what_a_corrupted_log_gives(case, reliabili
         src = write(log, folder)
         corrupt(log, kind, detail, src)
         spec = data_spec(log, src)
-        assert outcome(spec, folder, 3) == outcome(spec, folder, 1)
+        one = outcome(spec, folder, 1)
+        assert outcome(spec, folder, 3) == one
+        assert outcome(spec, folder, 3, workers=2) == one
